@@ -1,0 +1,55 @@
+//! `inferwatch`: the host agent and its commands.
+//!
+//! Data flows one way (see README): kernel probes → ring buffer → [`events`] decoding →
+//! a channel → the [`aggregator`], sole owner of state → the [`server`]'s exporters.
+
+mod aggregator;
+mod cli;
+mod events;
+mod metrics;
+mod preflight;
+mod probes;
+mod procfs;
+mod run;
+mod server;
+mod syscalls;
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    let run_args = cli.run_args();
+    if let Err(e) = init_tracing(&run_args.log_level) {
+        eprintln!("inferwatch: {e}");
+        return std::process::ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("inferwatch: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run::run(run_args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line a person can act on: the outermost context first, causes after.
+            eprintln!("inferwatch: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| anyhow::anyhow!("--log-level {level:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}

@@ -1,0 +1,165 @@
+//! Loading, attaching and feeding the kernel programs, and reading what they produce.
+//!
+//! The programs are dropped (and so detached) with [`Probes`]; nothing is pinned.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Btf, Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::BtfTracePoint,
+};
+use inferwatch_common::{EVENTS_MAP, LOST_MAP, LostReason, WATCHED_TGIDS_MAP, WatchFlags};
+use tokio::{
+    io::{Interest, unix::AsyncFd},
+    sync::mpsc,
+};
+
+use crate::{
+    events::{self, AgentEvent},
+    metrics::{LOST_AGENT_QUEUE_FULL, LOST_RING_BUFFER_FULL},
+    procfs,
+};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferwatch.bpf.o"));
+
+/// The socket-level BTF tracepoints (Linux >= 6.3), each a program of the same name.
+const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
+pub struct Probes {
+    // Owns the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+    watched: HashMap<MapData, u32, WatchFlags>,
+}
+
+/// The readable ends of the kernel maps, handed to their reader tasks.
+pub struct Outputs {
+    pub events: RingBuf<MapData>,
+    pub lost: PerCpuArray<MapData, u64>,
+}
+
+impl Probes {
+    pub fn load() -> Result<(Self, Outputs)> {
+        if OBJECT.is_empty() {
+            bail!("this inferwatch binary was built without its kernel programs: build it with `cargo xtask build`");
+        }
+        let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let mut ebpf = Ebpf::load(OBJECT).context("loading inferwatch's eBPF object")?;
+        init_kernel_log(&mut ebpf);
+        for name in SOCKET_TRACEPOINTS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no program {name}"))?
+                .try_into()?;
+            program.load(name, &btf).with_context(|| {
+                format!("loading the {name} BTF tracepoint (it needs Linux >= 6.3 with BTF)")
+            })?;
+            program.attach().with_context(|| format!("attaching the {name} BTF tracepoint"))?;
+        }
+        let watched = HashMap::try_from(take_map(&mut ebpf, WATCHED_TGIDS_MAP)?)?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
+        let lost = PerCpuArray::try_from(take_map(&mut ebpf, LOST_MAP)?)?;
+        Ok((Self { _ebpf: ebpf, watched }, Outputs { events, lost }))
+    }
+
+    /// Starts watching a process: its socket I/O reaches the ring buffer from now on.
+    pub fn watch(&mut self, tgid: u32) -> Result<String> {
+        let comm = procfs::comm(tgid).with_context(|| format!("process {tgid} is not running"))?;
+        self.watched
+            .insert(&tgid, &WatchFlags::default(), 0)
+            .with_context(|| format!("adding process {tgid} to the watch map"))?;
+        Ok(comm)
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))
+}
+
+/// Forwards the programs' own log lines (aya-log) to ours. They log only on unexpected paths.
+fn init_kernel_log(ebpf: &mut Ebpf) {
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => logger,
+        Err(e) => {
+            tracing::debug!("kernel-side logging unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the logger owns its map's fd, and flushing neither closes nor replaces it.
+    let mut logger = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("kernel-side logging unavailable: {}", e.into_parts().1);
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = logger.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+/// Drains the ring buffer into the aggregator's channel. A full channel drops the event and
+/// counts it in `dropped`: the kernel must never wait on us.
+pub async fn read_events(
+    ring: RingBuf<MapData>,
+    tx: mpsc::Sender<AgentEvent>,
+    dropped: Arc<AtomicU64>,
+) -> Result<()> {
+    // SAFETY: the RingBuf owns its map's fd for as long as the AsyncFd holds it.
+    let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
+        .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    loop {
+        let mut guard = ring.readable_mut().await.context("polling the ring buffer")?;
+        let ring = guard.get_inner_mut();
+        while let Some(record) = ring.next() {
+            let event = match events::decode(&record) {
+                Ok(op) => AgentEvent::Sock(op),
+                Err(e) => {
+                    tracing::debug!("dropping a ring-buffer record: {e}");
+                    AgentEvent::Malformed
+                }
+            };
+            if tx.try_send(event).is_err() {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        guard.clear_ready();
+    }
+}
+
+/// Reports cumulative losses (kernel and queue) to the aggregator once a second.
+pub async fn report_losses(
+    lost: PerCpuArray<MapData, u64>,
+    tx: mpsc::Sender<AgentEvent>,
+    dropped: Arc<AtomicU64>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        match lost.get(&(LostReason::RingFull as u32), 0) {
+            Ok(per_cpu) => {
+                let total = per_cpu.iter().sum();
+                let event = AgentEvent::KernelLost { reason: LOST_RING_BUFFER_FULL, total };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => tracing::warn!("reading the kernel's loss counters: {e}"),
+        }
+        let total = dropped.load(Ordering::Relaxed);
+        let event = AgentEvent::KernelLost { reason: LOST_AGENT_QUEUE_FULL, total };
+        if tx.send(event).await.is_err() {
+            return;
+        }
+    }
+}
