@@ -7,12 +7,10 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     println!("cargo::rerun-if-env-changed=INFERWATCH_EBPF_OBJECT");
-    let object = env::var_os("INFERWATCH_EBPF_OBJECT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/ebpf/bpfel-unknown-none/release/inferwatch-ebpf")
-        });
+    let object = env::var_os("INFERWATCH_EBPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/ebpf/bpfel-unknown-none/release/inferwatch-ebpf")
+    });
     println!("cargo::rerun-if-changed={}", object.display());
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("inferwatch.bpf.o");
     match fs::read(&object) {

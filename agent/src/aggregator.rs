@@ -52,11 +52,8 @@ impl Aggregator {
 
     fn sock_op(&mut self, op: SockOp) {
         self.metrics.events.inc();
-        let comm = self
-            .comms
-            .entry(op.tgid)
-            .or_insert_with(|| procfs::comm(op.tgid).unwrap_or_default())
-            .clone();
+        let comm =
+            self.comms.entry(op.tgid).or_insert_with(|| procfs::comm(op.tgid).unwrap_or_default()).clone();
         self.metrics
             .socket_ops
             .get_or_create(&SocketOpLabels { pid: op.tgid, comm: comm.clone(), syscall: op.syscall })
@@ -95,13 +92,21 @@ mod tests {
         agg.apply(op(10, "read", Direction::Received, 7));
         let text = metrics.encode().unwrap();
         let ops = |s: &str| {
-            value(&text, &format!("inferwatch_process_socket_ops_total{{pid=\"10\",comm=\"vllm\",syscall=\"{s}\"}}"))
+            value(
+                &text,
+                &format!("inferwatch_process_socket_ops_total{{pid=\"10\",comm=\"vllm\",syscall=\"{s}\"}}"),
+            )
         };
         assert_eq!(ops("write"), Some(3));
         assert_eq!(ops("sendto"), Some(1), "failed calls are operations too");
         assert_eq!(ops("read"), Some(1));
         let bytes = |d: &str| {
-            value(&text, &format!("inferwatch_process_socket_bytes_total{{pid=\"10\",comm=\"vllm\",direction=\"{d}\"}}"))
+            value(
+                &text,
+                &format!(
+                    "inferwatch_process_socket_bytes_total{{pid=\"10\",comm=\"vllm\",direction=\"{d}\"}}"
+                ),
+            )
         };
         assert_eq!(bytes("sent"), Some(300), "errors move no bytes");
         assert_eq!(bytes("received"), Some(7));

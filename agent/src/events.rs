@@ -41,9 +41,15 @@ pub struct SockOp {
 pub enum AgentEvent {
     Sock(SockOp),
     /// A process is now watched by the kernel programs.
-    Watched { tgid: u32, comm: String },
+    Watched {
+        tgid: u32,
+        comm: String,
+    },
     /// Cumulative count of events the kernel dropped, per reason (read from a per-CPU map).
-    KernelLost { reason: &'static str, total: u64 },
+    KernelLost {
+        reason: &'static str,
+        total: u64,
+    },
     /// A ring-buffer record that did not decode.
     Malformed,
 }
@@ -93,8 +99,7 @@ mod tests {
 
     fn bytes_of(ev: &SockEvent) -> Vec<u8> {
         // SAFETY: SockEvent is #[repr(C)] with explicit padding, so all its bytes are initialised.
-        unsafe { std::slice::from_raw_parts((ev as *const SockEvent).cast::<u8>(), SOCK_EVENT_SIZE) }
-            .to_vec()
+        unsafe { std::slice::from_raw_parts((ev as *const SockEvent).cast::<u8>(), SOCK_EVENT_SIZE) }.to_vec()
     }
 
     fn sample(kind: u8, nr: i32) -> SockEvent {

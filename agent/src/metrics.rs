@@ -61,11 +61,7 @@ impl Metrics {
             socket_bytes.clone(),
         );
         let events = Counter::default();
-        registry.register(
-            "inferwatch_agent_events",
-            "Kernel events received by the agent",
-            events.clone(),
-        );
+        registry.register("inferwatch_agent_events", "Kernel events received by the agent", events.clone());
         let events_lost = Family::<LostLabels, Counter>::default();
         for reason in [LOST_RING_BUFFER_FULL, LOST_AGENT_QUEUE_FULL, LOST_MALFORMED] {
             // Present from the start at 0, so `rate()` and alerts work before the first loss.

@@ -48,7 +48,9 @@ pub struct Outputs {
 impl Probes {
     pub fn load() -> Result<(Self, Outputs)> {
         if OBJECT.is_empty() {
-            bail!("this inferwatch binary was built without its kernel programs: build it with `cargo xtask build`");
+            bail!(
+                "this inferwatch binary was built without its kernel programs: build it with `cargo xtask build`"
+            );
         }
         let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         let mut ebpf = Ebpf::load(OBJECT).context("loading inferwatch's eBPF object")?;

@@ -24,6 +24,8 @@ pub fn router(metrics: Arc<Metrics>) -> Router {
 async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> Response {
     match metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")).into_response(),
+        Err(e) => {
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")).into_response()
+        }
     }
 }

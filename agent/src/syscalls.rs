@@ -27,10 +27,7 @@ pub fn name(nr: i32) -> &'static str {
     if nr == NO_SYSCALL {
         return "none";
     }
-    X86_64
-        .iter()
-        .find(|(n, _)| *n == nr)
-        .map_or("other", |(_, name)| name)
+    X86_64.iter().find(|(n, _)| *n == nr).map_or("other", |(_, name)| name)
 }
 
 #[cfg(test)]

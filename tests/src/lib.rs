@@ -1,1 +1,228 @@
-//! Helpers for the integration tests.
+//! Helpers for the integration tests: start the real agent, read its metrics over HTTP,
+//! and drive helper processes whose socket I/O is known exactly.
+//!
+//! The agent binary is `$INFERWATCH_BIN` (set by `cargo xtask test`), else `target/debug/inferwatch`.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub fn agent_binary() -> PathBuf {
+    std::env::var_os("INFERWATCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/inferwatch"))
+}
+
+/// Fails loudly when not root: these tests load BPF programs and are meant to run, not skip.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the kernel integration tests need root: run them with `cargo xtask test`");
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running agent, stopped with SIGTERM (or killed) when dropped.
+pub struct Agent {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent watching `pids` and waits until `/healthz` answers.
+    pub fn start(pids: &[u32]) -> Agent {
+        Self::start_with(pids, &[])
+    }
+
+    pub fn start_with(pids: &[u32], extra: &[&str]) -> Agent {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log =
+            std::env::temp_dir().join(format!("inferwatch-test-{}-{}.log", std::process::id(), addr.port()));
+        let mut cmd = Command::new(agent_binary());
+        cmd.arg("--listen").arg(addr.to_string()).args(extra);
+        for pid in pids {
+            cmd.arg("--pid").arg(pid.to_string());
+        }
+        let child = cmd
+            .env("INFERWATCH_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", agent_binary().display()));
+        let mut agent = Agent { child: Some(child), addr, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok((200, body)) = agent.try_get("/healthz") {
+                assert_eq!(body, "ok\n");
+                return agent;
+            }
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the agent exited early ({status}):\n{}", agent.log());
+            }
+            assert!(Instant::now() < deadline, "the agent did not answer /healthz in 20 s:\n{}", agent.log());
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        http_get(self.addr, path)
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, body) = self.try_get("/metrics").expect("GET /metrics");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Polls /metrics until `done` holds for the text, or panics after `timeout`.
+    pub fn wait_for_metrics(&self, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.metrics();
+            if done(&text) {
+                return text;
+            }
+            assert!(Instant::now() < deadline, "metrics never reached the expected state:\n{text}");
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: kill with a pid we own and a valid signal.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the agent ignored SIGTERM for 10 s:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET (Connection: close), returning status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no end of headers"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no status"))?;
+    Ok((status, body.to_string()))
+}
+
+/// The value of the series whose name and labels are exactly `series` (e.g. `m{a="1"}`).
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+/// Every series line of a metric family whose labels contain `needle`.
+pub fn series_matching<'a>(text: &'a str, family: &str, needle: &str) -> Vec<&'a str> {
+    text.lines().filter(|l| l.starts_with(family) && l.contains(needle)).collect()
+}
+
+/// A `sockload` helper process: connects to `target`, waits for "go", then makes exactly
+/// `writes` `write()`s and `sendtos` `sendto()`s of `size` bytes each on that socket.
+pub struct SockLoad {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl SockLoad {
+    /// `binary` is `env!("CARGO_BIN_EXE_sockload")`, which only integration tests can name.
+    pub fn spawn(binary: &str, target: SocketAddr, writes: u32, sendtos: u32, size: usize) -> SockLoad {
+        let mut child = Command::new(binary)
+            .args([target.to_string(), writes.to_string(), sendtos.to_string(), size.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn sockload");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "connected\n");
+        SockLoad { child, stdin, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Makes the calls and waits until they are all done.
+    pub fn go(&mut self) {
+        self.stdin.write_all(b"go\n").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        assert_eq!(line, "done\n");
+    }
+}
+
+impl Drop for SockLoad {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Accepts connections on `listener` and reads everything sent to them, in a thread.
+pub fn drain_connections(listener: TcpListener, count: usize) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let mut readers = Vec::new();
+        for _ in 0..count {
+            let (mut s, _) = listener.accept().unwrap();
+            readers.push(thread::spawn(move || {
+                let mut buf = [0u8; 65536];
+                let mut total = 0u64;
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                total
+            }));
+        }
+        readers.into_iter().map(|r| r.join().unwrap()).sum()
+    })
+}

@@ -16,14 +16,14 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
+use aya_log_ebpf::warn;
 use inferwatch_common::{
-    EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_WATCHED_TGIDS, NO_SYSCALL, SockEvent,
-    SockEventKind, WatchFlags,
+    EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_WATCHED_TGIDS, NO_SYSCALL, SockEvent, SockEventKind,
+    WatchFlags,
 };
 
 #[map]
-static WATCHED_TGIDS: HashMap<u32, WatchFlags> =
-    HashMap::with_max_entries(MAX_WATCHED_TGIDS, 0);
+static WATCHED_TGIDS: HashMap<u32, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED_TGIDS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
@@ -70,7 +70,7 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
         tgid,
         tid: pid_tgid as u32,
         ret,
-        syscall_nr: current_syscall_nr(),
+        syscall_nr: current_syscall_nr(ctx),
         kind: kind as u8,
         _pad: [0; 7],
     });
@@ -80,12 +80,14 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
 
 /// The system call this task is in, from its saved user registers (`orig_ax` on x86-64).
 #[inline(always)]
-fn current_syscall_nr() -> i32 {
+fn current_syscall_nr(ctx: &BtfTracePointContext) -> i32 {
     // SAFETY: both helpers are valid in tracing programs; the verifier knows the returned
     // pointer is a `struct pt_regs` (PTR_TO_BTF_ID) and checks the field load against BTF.
     unsafe {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
         if regs.is_null() {
+            // Not expected for a task in process context: say so once per occurrence.
+            warn!(ctx, "socket I/O without saved user registers");
             return NO_SYSCALL;
         }
         syscall_nr_of(&*regs)
@@ -99,7 +101,9 @@ fn syscall_nr_of(regs: &pt_regs) -> i32 {
 }
 
 #[cfg(not(bpf_target_arch = "x86_64"))]
-compile_error!("inferwatch's kernel programs read x86-64 registers; other architectures are not supported yet");
+compile_error!(
+    "inferwatch's kernel programs read x86-64 registers; other architectures are not supported yet"
+);
 
 #[inline(always)]
 fn count_lost(reason: LostReason) {

@@ -1,0 +1,159 @@
+//! The agent on the real kernel: real programs, real sockets, real processes. Needs root.
+
+use std::{
+    collections::BTreeSet, net::TcpListener, os::unix::process::CommandExt, process::Command, time::Duration,
+};
+
+use inferwatch_tests::{
+    Agent, SockLoad, agent_binary, drain_connections, require_root, series_matching, series_value,
+};
+
+const SOCKLOAD: &str = env!("CARGO_BIN_EXE_sockload");
+const OPS: &str = "inferwatch_process_socket_ops_total";
+
+fn ops_series(pid: u32, syscall: &str) -> String {
+    format!("{OPS}{{pid=\"{pid}\",comm=\"sockload\",syscall=\"{syscall}\"}}")
+}
+
+#[test]
+fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
+    require_root();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    let drained = drain_connections(listener, 2);
+    let (writes, sendtos, size) = (1000u32, 500u32, 64usize);
+    let mut watched = SockLoad::spawn(SOCKLOAD, target, writes, sendtos, size);
+    let mut unwatched = SockLoad::spawn(SOCKLOAD, target, 300, 200, size);
+    let agent = Agent::start(&[watched.pid()]);
+
+    watched.go();
+    unwatched.go();
+    let (w, s) = (ops_series(watched.pid(), "write"), ops_series(watched.pid(), "sendto"));
+    agent.wait_for_metrics(Duration::from_secs(15), |t| {
+        series_value(t, &w) == Some(writes as f64) && series_value(t, &s) == Some(sendtos as f64)
+    });
+    // Give stragglers time to show up: the counts must stay exact, not merely reach the target.
+    std::thread::sleep(Duration::from_millis(500));
+    let text = agent.metrics();
+    assert_eq!(series_value(&text, &w), Some(writes as f64), "{text}");
+    assert_eq!(series_value(&text, &s), Some(sendtos as f64), "{text}");
+    let watched_series = series_matching(&text, OPS, &format!("pid=\"{}\"", watched.pid()));
+    assert_eq!(watched_series.len(), 2, "only write and sendto were made: {watched_series:?}");
+    let bytes = format!(
+        "inferwatch_process_socket_bytes_total{{pid=\"{}\",comm=\"sockload\",direction=\"sent\"}}",
+        watched.pid()
+    );
+    assert_eq!(series_value(&text, &bytes), Some(((writes + sendtos) as usize * size) as f64), "{text}");
+    assert!(
+        series_matching(&text, "inferwatch_process_socket", &format!("pid=\"{}\"", unwatched.pid()))
+            .is_empty(),
+        "an unwatched process was counted:\n{text}"
+    );
+    assert_eq!(series_value(&text, "inferwatch_watched_processes"), Some(1.0));
+    let events = series_value(&text, "inferwatch_agent_events_total").unwrap();
+    assert_eq!(events, (writes + sendtos) as f64, "every event is one of the watched calls");
+    for reason in ["ring_buffer_full", "agent_queue_full", "malformed"] {
+        let lost = format!("inferwatch_agent_events_lost_total{{reason=\"{reason}\"}}");
+        assert_eq!(series_value(&text, &lost), Some(0.0), "{text}");
+    }
+
+    drop(watched);
+    drop(unwatched);
+    let received = drained.join().unwrap();
+    assert_eq!(received, ((writes + sendtos + 300 + 200) as usize * size) as u64);
+    assert!(agent.stop().success());
+}
+
+/// Ids of the BPF programs a process holds (from the `prog_id:` lines of its fdinfo).
+fn program_ids_held_by(pid: u32) -> BTreeSet<u32> {
+    let dir = format!("/proc/{pid}/fdinfo");
+    std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path()).ok())
+        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok()))
+        .collect()
+}
+
+/// Names of the loaded programs among `ids` (names are cut to 15 bytes by the kernel).
+fn loaded_program_names(ids: &BTreeSet<u32>) -> Vec<String> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|p| ids.contains(&p.id()))
+        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// Waits for the kernel to free `ids` (it does so asynchronously after the last fd closes).
+fn assert_programs_freed(ids: &BTreeSet<u32>, what: &str) {
+    for _ in 0..200 {
+        if loaded_program_names(ids).is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("{what}: programs still loaded 5 s after exit: {:?}", loaded_program_names(ids));
+}
+
+#[test]
+fn starts_serves_and_detaches_everything_on_sigterm() {
+    require_root();
+    let agent = Agent::start(&[]);
+    let ids = program_ids_held_by(agent.pid());
+    let mut names = loaded_program_names(&ids);
+    names.sort();
+    assert_eq!(names, ["sock_recv_lengt", "sock_send_lengt"], "both socket tracepoints are attached");
+    let (status, body) = agent.try_get("/healthz").unwrap();
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, _) = agent.try_get("/nope").unwrap();
+    assert_eq!(status, 404);
+    let text = agent.metrics();
+    assert!(text.contains("inferwatch_build_info{version=\""), "{text}");
+    assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    let log = agent.log();
+    let status = agent.stop();
+    assert_eq!(status.code(), Some(0), "SIGTERM exits 0:\n{log}");
+    assert_programs_freed(&ids, "SIGTERM");
+
+    let agent = Agent::start(&[]);
+    let ids = program_ids_held_by(agent.pid());
+    assert_eq!(loaded_program_names(&ids).len(), 2);
+    // SAFETY: signalling a child we own.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGINT) };
+    assert_programs_freed(&ids, "SIGINT");
+}
+
+#[test]
+fn a_pid_that_does_not_exist_is_a_clear_error() {
+    require_root();
+    let out = Command::new(agent_binary())
+        .args(["--listen", "127.0.0.1:0", "--pid", "999999999"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("inferwatch: --pid 999999999: process 999999999 is not running"), "{stderr}");
+}
+
+#[test]
+fn without_privileges_it_says_what_is_missing() {
+    require_root();
+    // Copy the binary where an unprivileged user can run it, whatever the checkout's permissions.
+    let dir = std::env::temp_dir().join(format!("inferwatch-nopriv-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("inferwatch");
+    std::fs::copy(agent_binary(), &bin).unwrap();
+    Command::new("chmod").args(["-R", "a+rx"]).arg(&dir).status().unwrap();
+    let out = Command::new(&bin)
+        .args(["--listen", "127.0.0.1:0"])
+        .uid(65534)
+        .gid(65534)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"), "{stderr}");
+}

@@ -1,0 +1,230 @@
+//! `cargo xtask setup`: make this machine able to build and test inferwatch.
+//!
+//! Idempotent: each requirement is checked first and installed only when missing. The pins
+//! are read from the files that already state them, so there is one place for each:
+//! the userspace toolchain is `rust-version` in the workspace `Cargo.toml`, the eBPF
+//! toolchain is `ebpf/inferwatch-ebpf/rust-toolchain.toml`.
+
+use std::{fs, path::PathBuf};
+
+use crate::cmd::{self, Result, command, output, run};
+
+pub const BPF_LINKER_VERSION: &str = "0.13.0";
+pub const LLVM_MAJOR: u32 = 22;
+const USERSPACE_COMPONENTS: &[&str] = &["clippy", "rustfmt"];
+const EBPF_COMPONENTS: &[&str] = &["rust-src", "clippy"];
+
+/// The pinned userspace toolchain (`rust-version` of the workspace).
+pub fn userspace_toolchain() -> String {
+    let manifest = read(&cmd::root().join("Cargo.toml"));
+    value_of(&manifest, "rust-version").expect("the workspace Cargo.toml pins rust-version")
+}
+
+/// The pinned eBPF toolchain (`channel` of the eBPF crate's rust-toolchain.toml).
+pub fn ebpf_toolchain() -> String {
+    let file = read(&cmd::root().join("ebpf/inferwatch-ebpf/rust-toolchain.toml"));
+    value_of(&file, "channel").expect("ebpf/inferwatch-ebpf/rust-toolchain.toml pins a channel")
+}
+
+pub fn llvm_prefix() -> PathBuf {
+    PathBuf::from(format!("/usr/lib/llvm-{LLVM_MAJOR}"))
+}
+
+/// Where `cargo install` puts binaries; prepended to PATH for builds that need bpf-linker.
+pub fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// PATH with cargo's bin directory first, so the bpf-linker we installed is the one used.
+pub fn path_with_cargo_bin() -> std::ffi::OsString {
+    let mut paths = vec![cargo_bin_dir()];
+    if let Some(p) = std::env::var_os("PATH") {
+        paths.extend(std::env::split_paths(&p));
+    }
+    std::env::join_paths(paths).expect("PATH entries are joinable")
+}
+
+fn read(path: &std::path::Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// The string value of `key = "value"` in a small TOML file (first occurrence).
+pub fn value_of(toml: &str, key: &str) -> Option<String> {
+    toml.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        if k.trim() != key {
+            return None;
+        }
+        let v = v.trim();
+        let v = v.split('#').next()?.trim();
+        Some(v.strip_prefix('"')?.strip_suffix('"')?.to_string())
+    })
+}
+
+/// Checks everything; installs what is missing. Prints one line per requirement.
+pub fn ensure() -> Result {
+    if output(command("rustup").arg("--version")).is_none() {
+        return Err(
+            "rustup is not installed: install it from the Rust project's site (rustup.rs), then rerun".into(),
+        );
+    }
+    ensure_toolchain(&userspace_toolchain(), USERSPACE_COMPONENTS)?;
+    ensure_toolchain(&ebpf_toolchain(), EBPF_COMPONENTS)?;
+    ensure_llvm()?;
+    ensure_bpf_linker()?;
+    Ok(())
+}
+
+/// Quick check used by every other task: true when nothing needs installing.
+pub fn is_complete() -> bool {
+    toolchain_missing(&userspace_toolchain(), USERSPACE_COMPONENTS).is_empty()
+        && toolchain_missing(&ebpf_toolchain(), EBPF_COMPONENTS).is_empty()
+        && llvm_present()
+        && bpf_linker_present()
+}
+
+/// Runs `ensure` only if something is missing, so the common path stays quiet and fast.
+pub fn ensure_quietly() -> Result {
+    if is_complete() { Ok(()) } else { ensure() }
+}
+
+/// The components (or the toolchain itself, as "toolchain") missing from `toolchain`.
+fn toolchain_missing(toolchain: &str, components: &[&str]) -> Vec<String> {
+    let Some(installed) =
+        output(command("rustup").args(["component", "list", "--installed", "--toolchain", toolchain]))
+    else {
+        return vec!["toolchain".into()];
+    };
+    components
+        .iter()
+        .filter(|c| !installed.lines().any(|l| l == **c || l.starts_with(&format!("{c}-"))))
+        .map(|c| c.to_string())
+        .collect()
+}
+
+fn ensure_toolchain(toolchain: &str, components: &[&str]) -> Result {
+    let missing = toolchain_missing(toolchain, components);
+    if missing.is_empty() {
+        eprintln!("setup: Rust {toolchain} with {}: present", components.join(", "));
+        return Ok(());
+    }
+    eprintln!("setup: Rust {toolchain}: installing ({} missing)", missing.join(", "));
+    run(command("rustup")
+        .args(["toolchain", "install", toolchain, "--profile", "minimal", "--component"])
+        .arg(components.join(",")))
+}
+
+fn llvm_present() -> bool {
+    llvm_prefix().join("lib/libLLVM.so").exists() && llvm_prefix().join("bin/llvm-config").exists()
+}
+
+fn ensure_llvm() -> Result {
+    let package = format!("llvm-{LLVM_MAJOR}-dev");
+    if llvm_present() {
+        eprintln!("setup: {package} (LLVM {LLVM_MAJOR} for bpf-linker): present");
+        return Ok(());
+    }
+    let os_release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    if !is_debian_like(&os_release) {
+        let name = value_of(&os_release, "PRETTY_NAME").unwrap_or_else(|| "this system".into());
+        return Err(format!(
+            "LLVM {LLVM_MAJOR} development libraries are missing ({} has no libLLVM.so) and {name} is not Debian-like, so setup cannot install them: install LLVM {LLVM_MAJOR} with its shared library and llvm-config under {}, then rerun",
+            llvm_prefix().display(),
+            llvm_prefix().display()
+        ));
+    }
+    if !cmd::is_root() {
+        return Err(format!(
+            "{package} is missing and installing it needs root: run `sudo apt-get install -y {package}`, then rerun"
+        ));
+    }
+    eprintln!("setup: {package}: installing with apt-get");
+    run(command("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(command("apt-get")
+        .args(["install", "-y", "--no-install-recommends", &package])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .map_err(|e| {
+        format!("{e}: {package} comes from Debian 12's bookworm-security (or Debian 13); enable that suite or install LLVM {LLVM_MAJOR} by hand")
+    })?;
+    if !llvm_present() {
+        return Err(format!("{package} installed, but {} still has no libLLVM.so", llvm_prefix().display()));
+    }
+    Ok(())
+}
+
+pub fn is_debian_like(os_release: &str) -> bool {
+    let id = value_of(os_release, "ID").or_else(|| bare_value_of(os_release, "ID")).unwrap_or_default();
+    let like =
+        value_of(os_release, "ID_LIKE").or_else(|| bare_value_of(os_release, "ID_LIKE")).unwrap_or_default();
+    ["debian", "ubuntu"].contains(&id.as_str()) || like.split_whitespace().any(|l| l == "debian")
+}
+
+/// `KEY=value` without quotes, as /etc/os-release often has.
+fn bare_value_of(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix('=').map(|v| v.trim_matches('"').to_string()))
+}
+
+fn bpf_linker_version() -> Option<String> {
+    let binary = cargo_bin_dir().join("bpf-linker");
+    let version = output(command(&binary.to_string_lossy()).arg("--version"))
+        .or_else(|| output(command("bpf-linker").arg("--version")))?;
+    Some(version.trim().trim_start_matches("bpf-linker").trim().to_string())
+}
+
+fn bpf_linker_present() -> bool {
+    bpf_linker_version().as_deref() == Some(BPF_LINKER_VERSION)
+}
+
+fn ensure_bpf_linker() -> Result {
+    match bpf_linker_version() {
+        Some(v) if v == BPF_LINKER_VERSION => {
+            eprintln!("setup: bpf-linker {v}: present");
+            return Ok(());
+        }
+        Some(v) => eprintln!("setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed: installing"),
+        None => eprintln!("setup: bpf-linker {BPF_LINKER_VERSION}: installing (a few minutes)"),
+    }
+    let prefix = llvm_prefix();
+    let mut path = vec![prefix.join("bin")];
+    path.extend(std::env::split_paths(&path_with_cargo_bin()));
+    run(cmd::cargo(&userspace_toolchain())
+        .args(["install", "bpf-linker", "--force", "--locked", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", &format!("llvm-{LLVM_MAJOR}")])
+        // bpf-linker's build finds LLVM through LLVM_PREFIX, else the first llvm-config on PATH
+        // (Debian's default /usr/bin/llvm-config may be an older LLVM).
+        .env("LLVM_PREFIX", &prefix)
+        .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix)
+        .env("PATH", std::env::join_paths(path).expect("joinable PATH")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_pins_from_their_files() {
+        assert_eq!(userspace_toolchain(), "1.98.0");
+        assert_eq!(ebpf_toolchain(), "nightly-2026-08-01");
+    }
+
+    #[test]
+    fn value_of_handles_comments_and_spacing() {
+        let toml = "# c\nchannel = \"nightly-1\" # pinned\nprofile=\"minimal\"\n";
+        assert_eq!(value_of(toml, "channel").as_deref(), Some("nightly-1"));
+        assert_eq!(value_of(toml, "profile").as_deref(), Some("minimal"));
+        assert_eq!(value_of(toml, "components"), None);
+    }
+
+    #[test]
+    fn recognises_debian_family() {
+        assert!(is_debian_like("PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nID=debian\n"));
+        assert!(is_debian_like("ID=ubuntu\nID_LIKE=debian\n"));
+        assert!(is_debian_like("ID=pop\nID_LIKE=\"ubuntu debian\"\n"));
+        assert!(!is_debian_like("ID=fedora\n"));
+        assert!(!is_debian_like("ID=\"rhel\"\nID_LIKE=\"fedora\"\n"));
+    }
+}

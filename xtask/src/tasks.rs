@@ -1,0 +1,163 @@
+//! build, run and test.
+
+use std::path::PathBuf;
+
+use crate::{
+    cmd::{self, Result, cargo, run},
+    setup,
+};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// `--release` / `--debug` among the task's own flags (before any `--`).
+pub fn profile_from(args: &[String], default: Profile) -> Profile {
+    let own = args.iter().take_while(|a| *a != "--");
+    let mut profile = default;
+    for a in own {
+        match a.as_str() {
+            "--release" => profile = Profile::Release,
+            "--debug" => profile = Profile::Debug,
+            _ => {}
+        }
+    }
+    profile
+}
+
+/// The agent's arguments: everything after the first `--`, or everything that is not ours.
+pub fn passthrough_args(args: &[String]) -> Vec<String> {
+    match args.iter().position(|a| a == "--") {
+        Some(i) => args[i + 1..].to_vec(),
+        None => args.iter().filter(|a| *a != "--release" && *a != "--debug").cloned().collect(),
+    }
+}
+
+pub fn ebpf_object() -> PathBuf {
+    cmd::root().join("target/ebpf/bpfel-unknown-none/release/inferwatch-ebpf")
+}
+
+pub fn agent_binary(profile: Profile) -> PathBuf {
+    cmd::root().join("target").join(profile.dir()).join("inferwatch")
+}
+
+fn ebpf_cargo() -> std::process::Command {
+    let mut c = cargo(&setup::ebpf_toolchain());
+    c.current_dir(cmd::root().join("ebpf/inferwatch-ebpf"))
+        .env("PATH", setup::path_with_cargo_bin())
+        .arg("--quiet");
+    c
+}
+
+/// A userspace cargo that embeds the eBPF object we just built.
+fn user_cargo() -> std::process::Command {
+    let mut c = cargo(&setup::userspace_toolchain());
+    c.env("INFERWATCH_EBPF_OBJECT", ebpf_object());
+    c
+}
+
+pub fn build_ebpf() -> Result {
+    let target_dir = cmd::root().join("target/ebpf");
+    run(ebpf_cargo().args(["build", "--release", "--target-dir"]).arg(target_dir))?;
+    if !ebpf_object().exists() {
+        return Err(format!("the eBPF build succeeded but {} is missing", ebpf_object().display()));
+    }
+    Ok(())
+}
+
+pub fn build(profile: Profile) -> Result {
+    setup::ensure_quietly()?;
+    build_ebpf()?;
+    let mut c = user_cargo();
+    c.args(["build", "--package", "inferwatch"]);
+    if profile == Profile::Release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    eprintln!("xtask: built {}", agent_binary(profile).display());
+    Ok(())
+}
+
+pub fn run_agent(args: &[String]) -> Result {
+    let profile = profile_from(args, Profile::Release);
+    build(profile)?;
+    let mut c = cmd::as_root(&agent_binary(profile));
+    c.args(passthrough_args(args));
+    run(&mut c)
+}
+
+/// Format check, lints, unit tests, then the root-only integration tests on the real kernel.
+pub fn test() -> Result {
+    setup::ensure_quietly()?;
+    let user = setup::userspace_toolchain();
+    let root = cmd::root();
+    let ebpf_manifest = root.join("ebpf/inferwatch-ebpf/Cargo.toml");
+
+    step("format");
+    run(cargo(&user).args(["fmt", "--all", "--check"]))?;
+    run(cargo(&user).args(["fmt", "--check", "--manifest-path"]).arg(&ebpf_manifest))?;
+
+    step("kernel programs: build and clippy");
+    build_ebpf()?;
+    run(ebpf_cargo()
+        .args(["clippy", "--release", "--target-dir"])
+        .arg(root.join("target/ebpf"))
+        .args(["--", "-D", "warnings"]))?;
+
+    step("userspace clippy (warnings denied)");
+    run(user_cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+
+    step("unit tests");
+    run(user_cargo().args(["test", "--workspace", "--exclude", "inferwatch-tests"]))?;
+
+    step("kernel integration tests (root)");
+    run(user_cargo().args(["build", "--package", "inferwatch"]))?;
+    let mut c = user_cargo();
+    c.args(["test", "--package", "inferwatch-tests", "--", "--test-threads=1"])
+        .env("INFERWATCH_BIN", agent_binary(Profile::Debug));
+    if !cmd::is_root() {
+        // cargo runs each test binary through this runner.
+        c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+    }
+    run(&mut c)?;
+    step("all tests passed");
+    Ok(())
+}
+
+fn step(name: &str) {
+    eprintln!("\nxtask: ===== {name} =====");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn run_passes_arguments_after_double_dash() {
+        assert_eq!(passthrough_args(&s(&["--", "--pid", "7"])), s(&["--pid", "7"]));
+        assert_eq!(passthrough_args(&s(&["--debug", "--", "--release"])), s(&["--release"]));
+        assert_eq!(passthrough_args(&s(&["--pid", "7"])), s(&["--pid", "7"]));
+    }
+
+    #[test]
+    fn profile_flags_before_double_dash_only() {
+        assert_eq!(profile_from(&s(&["--debug", "--", "--pid", "1"]), Profile::Release), Profile::Debug);
+        assert_eq!(profile_from(&s(&["--", "--release"]), Profile::Debug), Profile::Debug);
+        assert_eq!(profile_from(&s(&[]), Profile::Release), Profile::Release);
+    }
+}
