@@ -1,17 +1,45 @@
-//! Benchmark helper: `writeloop N` makes N one-byte `write()`s to /dev/null and prints the
-//! mean nanoseconds per call. Used by `cargo xtask bench devnull`.
+//! Benchmark helper for `cargo xtask bench devnull`: `writeloop MODE N` prints the mean
+//! nanoseconds per iteration of N iterations of
+//!   devnull     one 1-byte `write()` to /dev/null (a non-socket call: the hooks must not fire)
+//!   socketpair  one 1-byte `write()` then one `read()` on a Unix socket pair (socket I/O of an
+//!               unwatched process: the hooks fire and must return after the watch-map lookup)
 use std::{fs::OpenOptions, os::fd::AsRawFd, time::Instant};
 
 fn main() {
-    let n: u64 = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
-    let null = OpenOptions::new().write(true).open("/dev/null").expect("open /dev/null");
-    let fd = null.as_raw_fd();
+    let mut args = std::env::args().skip(1);
+    let mode = args.next().unwrap_or_else(|| "devnull".into());
+    let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
     let byte = [0u8; 1];
-    let start = Instant::now();
-    for _ in 0..n {
-        // SAFETY: valid fd and one-byte buffer.
-        unsafe { libc::write(fd, byte.as_ptr().cast(), 1) };
-    }
-    let ns = start.elapsed().as_nanos() as f64 / n as f64;
-    println!("{ns:.2}");
+    let mut sink = [0u8; 1];
+    let ns = match mode.as_str() {
+        "devnull" => {
+            let null = OpenOptions::new().write(true).open("/dev/null").expect("open /dev/null");
+            let fd = null.as_raw_fd();
+            let start = Instant::now();
+            for _ in 0..n {
+                // SAFETY: valid fd and one-byte buffer.
+                unsafe { libc::write(fd, byte.as_ptr().cast(), 1) };
+            }
+            start.elapsed()
+        }
+        "socketpair" => {
+            let mut fds = [0i32; 2];
+            // SAFETY: fds has room for the two descriptors.
+            assert_eq!(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) }, 0);
+            let start = Instant::now();
+            for _ in 0..n {
+                // SAFETY: valid fds and one-byte buffers.
+                unsafe {
+                    libc::write(fds[0], byte.as_ptr().cast(), 1);
+                    libc::read(fds[1], sink.as_mut_ptr().cast(), 1);
+                }
+            }
+            start.elapsed()
+        }
+        other => {
+            eprintln!("unknown mode {other}: devnull | socketpair");
+            std::process::exit(2);
+        }
+    };
+    println!("{:.2}", ns.as_nanos() as f64 / n as f64);
 }
