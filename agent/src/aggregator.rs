@@ -1,27 +1,101 @@
 //! The single owner of the agent's state: every event arrives here through one channel, and
-//! only this module writes the metric families.
+//! only this module writes the metric families and the list of recent requests.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    sync::{Arc, RwLock},
+};
 
+use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::{
+    connections::ConnectionTable,
     events::{AgentEvent, SockOp},
-    metrics::{LOST_MALFORMED, LostLabels, Metrics, SocketBytesLabels, SocketOpLabels},
+    http::{FinishedRequest, Update},
+    metrics::{
+        LOST_MALFORMED, LostLabels, Metrics, ModelRoute, ReasonLabels, RequestLabels, SocketBytesLabels,
+        SocketOpLabels, StreamEventLabels,
+    },
     procfs,
 };
 
+/// Finished requests kept for `/api/v1/requests`.
+pub const RECENT_REQUESTS: usize = 2048;
+/// Distinct `model` label values; later names are exported as `other`.
+pub const MAX_MODELS: usize = 32;
+
+/// What the exporters read. Written by the aggregator only.
+pub struct Shared {
+    pub metrics: Metrics,
+    /// Newest last.
+    pub recent: RwLock<VecDeque<RequestRecord>>,
+    /// CLOCK_REALTIME − CLOCK_MONOTONIC, to give kernel timestamps a wall-clock time.
+    pub realtime_offset_ns: i128,
+}
+
+impl Shared {
+    pub fn new() -> Self {
+        Self {
+            metrics: Metrics::new(),
+            recent: RwLock::new(VecDeque::new()),
+            realtime_offset_ns: realtime_offset_ns(),
+        }
+    }
+}
+
+fn realtime_offset_ns() -> i128 {
+    let read = |clock| {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: a valid clock id and a pointer to an initialised timespec.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as i128 * 1_000_000_000 + ts.tv_nsec as i128
+    };
+    read(libc::CLOCK_REALTIME) - read(libc::CLOCK_MONOTONIC)
+}
+
+/// One finished request as `/api/v1/requests` shows it: sizes and times, never payload.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RequestRecord {
+    pub pid: u32,
+    pub method: &'static str,
+    pub route: &'static str,
+    pub model: String,
+    pub status: u16,
+    pub outcome: &'static str,
+    pub stream: bool,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub events: u32,
+    pub content_events: u32,
+    /// CLOCK_MONOTONIC of the first request byte (comparable with a client on the same host).
+    pub received_monotonic_ns: u64,
+    pub received_unix_seconds: f64,
+    pub response_headers_seconds: Option<f64>,
+    pub time_to_first_token_seconds: Option<f64>,
+    pub duration_seconds: f64,
+    pub max_chunk_gap_seconds: Option<f64>,
+}
+
 pub struct Aggregator {
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    connections: ConnectionTable,
     /// Command names of watched processes, keyed by tgid.
     comms: HashMap<u32, String>,
     /// Last cumulative loss count seen per reason, to turn totals into counter increments.
     lost_totals: HashMap<&'static str, u64>,
+    models: HashSet<String>,
 }
 
 impl Aggregator {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, comms: HashMap::new(), lost_totals: HashMap::new() }
+    pub fn new(shared: Arc<Shared>, max_connections: usize) -> Self {
+        Self {
+            shared,
+            connections: ConnectionTable::new(max_connections),
+            comms: HashMap::new(),
+            lost_totals: HashMap::new(),
+            models: HashSet::new(),
+        }
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<AgentEvent>) {
@@ -31,39 +105,153 @@ impl Aggregator {
     }
 
     pub fn apply(&mut self, event: AgentEvent) {
+        let metrics = &self.shared.metrics;
         match event {
-            AgentEvent::Sock(op) => self.sock_op(op),
+            AgentEvent::Sock(op) => {
+                self.sock_op(&op);
+                let (tgid, update) = self.connections.on_sock(&op);
+                self.http_update(tgid, update);
+            }
+            AgentEvent::State(st) => {
+                let (tgid, update) = self.connections.on_state(&st);
+                self.http_update(tgid, update);
+            }
             AgentEvent::Watched { tgid, comm } => {
                 self.comms.insert(tgid, comm);
-                self.metrics.watched_processes.set(self.comms.len() as i64);
+                metrics.watched_processes.set(self.comms.len() as i64);
             }
             AgentEvent::KernelLost { reason, total } => {
                 let seen = self.lost_totals.entry(reason).or_insert(0);
                 // Totals only grow while the maps live; a smaller one means a reload: start over.
                 let delta = total.checked_sub(*seen).unwrap_or(total);
                 *seen = total;
-                self.metrics.events_lost.get_or_create(&LostLabels { reason }).inc_by(delta);
+                metrics.events_lost.get_or_create(&LostLabels { reason }).inc_by(delta);
             }
             AgentEvent::Malformed => {
-                self.metrics.events_lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
+                metrics.events_lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
             }
+        }
+        let metrics = &self.shared.metrics;
+        metrics.connections_tracked.set(self.connections.len() as i64);
+        let evicted = self.connections.evicted_connections;
+        if evicted > metrics.connections_evicted.get() {
+            metrics.connections_evicted.inc_by(evicted - metrics.connections_evicted.get());
+        }
+        let evicted = self.connections.evicted_requests;
+        if evicted > metrics.requests_evicted.get() {
+            metrics.requests_evicted.inc_by(evicted - metrics.requests_evicted.get());
         }
     }
 
-    fn sock_op(&mut self, op: SockOp) {
-        self.metrics.events.inc();
+    fn sock_op(&mut self, op: &SockOp) {
+        let metrics = &self.shared.metrics;
+        metrics.events.inc();
         let comm =
             self.comms.entry(op.tgid).or_insert_with(|| procfs::comm(op.tgid).unwrap_or_default()).clone();
-        self.metrics
+        metrics
             .socket_ops
             .get_or_create(&SocketOpLabels { pid: op.tgid, comm: comm.clone(), syscall: op.syscall })
             .inc();
         if op.ret > 0 {
-            self.metrics
+            metrics
                 .socket_bytes
                 .get_or_create(&SocketBytesLabels { pid: op.tgid, comm, direction: op.direction.as_str() })
                 .inc_by(op.ret as u64);
         }
+    }
+
+    /// A bounded model label: the request's model if it is one of the first few seen.
+    fn model_label(&mut self, model: Option<&str>) -> String {
+        match model {
+            None => "unknown".into(),
+            Some(m) if self.models.contains(m) => m.to_string(),
+            Some(m) if self.models.len() < MAX_MODELS => {
+                self.models.insert(m.to_string());
+                m.to_string()
+            }
+            Some(_) => "other".into(),
+        }
+    }
+
+    fn http_update(&mut self, tgid: u32, update: Update) {
+        if let Some(reason) = update.not_http {
+            self.shared.metrics.not_http.get_or_create(&ReasonLabels { reason }).inc();
+        }
+        for (route, model) in update.started {
+            let model = self.model_label(model.as_deref());
+            self.shared.metrics.in_flight.get_or_create(&ModelRoute { model, route }).inc();
+        }
+        for req in update.finished {
+            self.finished(tgid, req);
+        }
+    }
+
+    fn finished(&mut self, tgid: u32, req: FinishedRequest) {
+        let model = self.model_label(req.model.as_deref());
+        let m = &self.shared.metrics;
+        let labels = ModelRoute { model: model.clone(), route: req.route };
+        m.in_flight.get_or_create(&labels).dec();
+        let outcome = req.outcome.as_str();
+        m.http_requests
+            .get_or_create(&RequestLabels {
+                model: model.clone(),
+                route: req.route,
+                status: req.status,
+                outcome,
+            })
+            .inc();
+        let since = |t: u64| t.saturating_sub(req.received_ns) as f64 / 1e9;
+        let headers = req.headers_ns.map(since);
+        let ttft = req.first_token_ns.map(since);
+        let duration = since(req.end_ns);
+        if let Some(h) = headers {
+            m.response_headers.get_or_create(&labels).observe(h);
+        }
+        if let Some(t) = ttft {
+            m.time_to_first_token.get_or_create(&labels).observe(t);
+        }
+        m.request_duration.get_or_create(&labels).observe(duration);
+        if !req.chunk_gaps_ns.is_empty() {
+            let gaps = m.chunk_gap.get_or_create(&labels);
+            for g in &req.chunk_gaps_ns {
+                gaps.observe(*g as f64 / 1e9);
+            }
+        }
+        if req.events > 0 {
+            let other = req.events - req.content_events;
+            for (kind, n) in [("content", req.content_events), ("other", other)] {
+                m.stream_events
+                    .get_or_create(&StreamEventLabels { model: model.clone(), route: req.route, kind })
+                    .inc_by(n as u64);
+            }
+        }
+        m.request_bytes.get_or_create(&labels).inc_by(req.request_bytes);
+        m.response_bytes.get_or_create(&labels).inc_by(req.response_bytes);
+
+        let record = RequestRecord {
+            pid: tgid,
+            method: req.method,
+            route: req.route,
+            model,
+            status: req.status,
+            outcome,
+            stream: req.stream,
+            request_bytes: req.request_bytes,
+            response_bytes: req.response_bytes,
+            events: req.events,
+            content_events: req.content_events,
+            received_monotonic_ns: req.received_ns,
+            received_unix_seconds: (req.received_ns as i128 + self.shared.realtime_offset_ns) as f64 / 1e9,
+            response_headers_seconds: headers,
+            time_to_first_token_seconds: ttft,
+            duration_seconds: duration,
+            max_chunk_gap_seconds: req.chunk_gaps_ns.iter().max().map(|g| *g as f64 / 1e9),
+        };
+        let mut recent = self.shared.recent.write().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= RECENT_REQUESTS {
+            recent.pop_front();
+        }
+        recent.push_back(record);
     }
 }
 
@@ -73,33 +261,55 @@ mod tests {
     use crate::{events::Direction, metrics::LOST_RING_BUFFER_FULL};
 
     fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> AgentEvent {
-        AgentEvent::Sock(SockOp { ts_ns: 1, sock: 2, tgid, tid: tgid, ret, syscall, direction })
+        AgentEvent::Sock(SockOp {
+            ts_ns: 1,
+            conn_id: 0,
+            tgid,
+            tid: tgid,
+            ret,
+            syscall,
+            direction,
+            payload: vec![],
+        })
     }
 
-    fn value(text: &str, series: &str) -> Option<u64> {
+    fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> AgentEvent {
+        AgentEvent::Sock(SockOp {
+            ts_ns,
+            conn_id,
+            tgid: 10,
+            tid: 10,
+            ret: bytes.len() as i32,
+            syscall: "read",
+            direction,
+            payload: bytes.to_vec(),
+        })
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
         text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
     }
 
     #[test]
     fn counts_ops_and_bytes_per_process_and_call() {
-        let metrics = Arc::new(Metrics::new());
-        let mut agg = Aggregator::new(metrics.clone());
+        let shared = Arc::new(Shared::new());
+        let mut agg = Aggregator::new(shared.clone(), 16);
         agg.apply(AgentEvent::Watched { tgid: 10, comm: "vllm".into() });
         for _ in 0..3 {
             agg.apply(op(10, "write", Direction::Sent, 100));
         }
         agg.apply(op(10, "sendto", Direction::Sent, -11));
         agg.apply(op(10, "read", Direction::Received, 7));
-        let text = metrics.encode().unwrap();
+        let text = shared.metrics.encode().unwrap();
         let ops = |s: &str| {
             value(
                 &text,
                 &format!("inferwatch_process_socket_ops_total{{pid=\"10\",comm=\"vllm\",syscall=\"{s}\"}}"),
             )
         };
-        assert_eq!(ops("write"), Some(3));
-        assert_eq!(ops("sendto"), Some(1), "failed calls are operations too");
-        assert_eq!(ops("read"), Some(1));
+        assert_eq!(ops("write"), Some(3.0));
+        assert_eq!(ops("sendto"), Some(1.0), "failed calls are operations too");
+        assert_eq!(ops("read"), Some(1.0));
         let bytes = |d: &str| {
             value(
                 &text,
@@ -108,23 +318,76 @@ mod tests {
                 ),
             )
         };
-        assert_eq!(bytes("sent"), Some(300), "errors move no bytes");
-        assert_eq!(bytes("received"), Some(7));
-        assert_eq!(value(&text, "inferwatch_agent_events_total"), Some(5));
-        assert_eq!(value(&text, "inferwatch_watched_processes"), Some(1));
+        assert_eq!(bytes("sent"), Some(300.0), "errors move no bytes");
+        assert_eq!(bytes("received"), Some(7.0));
+        assert_eq!(value(&text, "inferwatch_agent_events_total"), Some(5.0));
+        assert_eq!(value(&text, "inferwatch_watched_processes"), Some(1.0));
     }
 
     #[test]
     fn kernel_loss_totals_become_increments() {
-        let metrics = Arc::new(Metrics::new());
-        let mut agg = Aggregator::new(metrics.clone());
+        let shared = Arc::new(Shared::new());
+        let mut agg = Aggregator::new(shared.clone(), 16);
         let series = "inferwatch_agent_events_lost_total{reason=\"ring_buffer_full\"}";
-        for (total, expect) in [(5, 5), (5, 5), (12, 12), (3, 15)] {
+        for (total, expect) in [(5, 5.0), (5, 5.0), (12, 12.0), (3, 15.0)] {
             agg.apply(AgentEvent::KernelLost { reason: LOST_RING_BUFFER_FULL, total });
-            assert_eq!(value(&metrics.encode().unwrap(), series), Some(expect), "after total {total}");
+            assert_eq!(value(&shared.metrics.encode().unwrap(), series), Some(expect), "after total {total}");
         }
         agg.apply(AgentEvent::Malformed);
-        let text = metrics.encode().unwrap();
-        assert_eq!(value(&text, "inferwatch_agent_events_lost_total{reason=\"malformed\"}"), Some(1));
+        let text = shared.metrics.encode().unwrap();
+        assert_eq!(value(&text, "inferwatch_agent_events_lost_total{reason=\"malformed\"}"), Some(1.0));
+    }
+
+    #[test]
+    fn a_streamed_request_becomes_metrics_and_a_record() {
+        let shared = Arc::new(Shared::new());
+        let mut agg = Aggregator::new(shared.clone(), 16);
+        let body = br#"{"model":"tiny","prompt":"hi","stream":true}"#;
+        let head =
+            format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
+        let request = [head.as_bytes(), body].concat();
+        agg.apply(io(5, 1_000_000, Direction::Received, &request));
+        let text = shared.metrics.encode().unwrap();
+        let in_flight = "inferwatch_http_requests_in_flight{model=\"tiny\",route=\"/v1/completions\"}";
+        assert_eq!(value(&text, in_flight), Some(1.0));
+        let head =
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+        agg.apply(io(5, 3_000_000, Direction::Sent, head));
+        let event = |t: &str| {
+            let e = format!("data: {{\"choices\":[{{\"text\":\"{t}\"}}]}}\n\n");
+            format!("{:x}\r\n{e}\r\n", e.len())
+        };
+        agg.apply(io(5, 11_000_000, Direction::Sent, event("").as_bytes()));
+        agg.apply(io(5, 21_000_000, Direction::Sent, event("a").as_bytes()));
+        agg.apply(io(5, 41_000_000, Direction::Sent, event("b").as_bytes()));
+        agg.apply(io(5, 42_000_000, Direction::Sent, b"e\r\ndata: [DONE]\n\n\r\n"));
+        agg.apply(io(5, 43_000_000, Direction::Sent, b"0\r\n\r\n"));
+        let text = shared.metrics.encode().unwrap();
+        assert_eq!(value(&text, in_flight), Some(0.0));
+        let total = "inferwatch_http_requests_total{model=\"tiny\",route=\"/v1/completions\",status=\"200\",outcome=\"complete\"}";
+        assert_eq!(value(&text, total), Some(1.0), "{text}");
+        let recent = shared.recent.read().unwrap();
+        let r = &recent[0];
+        assert_eq!((r.model.as_str(), r.status, r.outcome, r.stream), ("tiny", 200, "complete", true));
+        assert_eq!((r.events, r.content_events), (4, 2));
+        assert_eq!(r.response_headers_seconds, Some(0.002));
+        assert_eq!(r.time_to_first_token_seconds, Some(0.020));
+        assert_eq!(r.duration_seconds, 0.042);
+        assert_eq!(r.max_chunk_gap_seconds, Some(0.020));
+        assert_eq!(r.request_bytes, request.len() as u64);
+        let json = serde_json::to_string(r).unwrap();
+        assert!(!json.contains("hi"), "no payload in the record: {json}");
+    }
+
+    #[test]
+    fn model_labels_are_bounded() {
+        let shared = Arc::new(Shared::new());
+        let mut agg = Aggregator::new(shared, 16);
+        for i in 0..MAX_MODELS {
+            assert_eq!(agg.model_label(Some(&format!("m{i}"))), format!("m{i}"));
+        }
+        assert_eq!(agg.model_label(Some("one-too-many")), "other");
+        assert_eq!(agg.model_label(Some("m0")), "m0");
+        assert_eq!(agg.model_label(None), "unknown");
     }
 }

@@ -26,6 +26,14 @@ pub struct RunArgs {
     /// Watch this process (its whole thread group). Repeatable.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Payload bytes copied from each socket transfer (request heads, SSE events), at most
+    /// 4096. Only bytes actually moved are copied; they never leave the agent.
+    #[arg(long, default_value_t = inferwatch_common::DEFAULT_CAPTURE as u32,
+          value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::MAX_CAPTURE as i64))]
+    pub capture_bytes: u32,
+    /// Connections followed at once; beyond it the least recently used is dropped and counted.
+    #[arg(long, default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, default_value = "info", env = "INFERWATCH_LOG")]
     pub log_level: String,
@@ -50,6 +58,7 @@ mod tests {
         assert_eq!(args.listen, "0.0.0.0:9420".parse().unwrap());
         assert!(args.pids.is_empty());
         assert_eq!(args.log_level, "info");
+        assert_eq!(args.capture_bytes, 1024);
     }
 
     #[test]
@@ -61,7 +70,9 @@ mod tests {
     }
 
     #[test]
-    fn bad_pid_is_rejected() {
+    fn bad_values_are_rejected() {
         assert!(Cli::try_parse_from(["inferwatch", "--pid", "abc"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4097"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4096"]).is_ok());
     }
 }

@@ -5,7 +5,9 @@
 
 mod aggregator;
 mod cli;
+mod connections;
 mod events;
+mod http;
 mod metrics;
 mod preflight;
 mod probes;

@@ -3,9 +3,48 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, info::Info},
-    registry::Registry,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    registry::{Registry, Unit},
 };
+
+/// Latency buckets: vLLM's own (1 ms to 7680 s), so both sides can be compared bucket by bucket.
+pub const LATENCY_BUCKETS: [f64; 23] = [
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+    80.0, 160.0, 640.0, 2560.0, 7680.0,
+];
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelRoute {
+    pub model: String,
+    pub route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub route: &'static str,
+    pub status: u16,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamEventLabels {
+    pub model: String,
+    pub route: &'static str,
+    /// `content` (carries a token) or `other`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SocketOpLabels {
@@ -43,6 +82,19 @@ pub struct Metrics {
     pub events: Counter,
     pub events_lost: Family<LostLabels, Counter>,
     pub watched_processes: Gauge,
+    pub http_requests: Family<RequestLabels, Counter>,
+    pub response_headers: Histograms<ModelRoute>,
+    pub time_to_first_token: Histograms<ModelRoute>,
+    pub request_duration: Histograms<ModelRoute>,
+    pub chunk_gap: Histograms<ModelRoute>,
+    pub stream_events: Family<StreamEventLabels, Counter>,
+    pub in_flight: Family<ModelRoute, Gauge>,
+    pub request_bytes: Family<ModelRoute, Counter>,
+    pub response_bytes: Family<ModelRoute, Counter>,
+    pub connections_tracked: Gauge,
+    pub connections_evicted: Counter,
+    pub requests_evicted: Counter,
+    pub not_http: Family<ReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -83,7 +135,104 @@ impl Metrics {
             "Build information",
             Info::new(BuildLabels { version: env!("CARGO_PKG_VERSION") }),
         );
-        Self { registry, socket_ops, socket_bytes, events, events_lost, watched_processes }
+        let http_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "inferwatch_http_requests",
+            "HTTP requests served by watched processes, as the kernel saw them end",
+            http_requests.clone(),
+        );
+        let histograms = |registry: &mut Registry, name: &str, help: &str| {
+            let family: Histograms<ModelRoute> = Family::new_with_constructor(latency_histogram);
+            registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+            family
+        };
+        let response_headers = histograms(
+            &mut registry,
+            "inferwatch_http_response_headers",
+            "From the first request byte received to the response head written",
+        );
+        let time_to_first_token = histograms(
+            &mut registry,
+            "inferwatch_http_time_to_first_token",
+            "From the first request byte received to the first SSE event carrying content written",
+        );
+        let request_duration = histograms(
+            &mut registry,
+            "inferwatch_http_request_duration",
+            "From the first request byte received to the end of the response (or the abort)",
+        );
+        let chunk_gap = histograms(
+            &mut registry,
+            "inferwatch_http_stream_chunk_gap",
+            "Time between consecutive SSE events carrying content",
+        );
+        let stream_events = Family::<StreamEventLabels, Counter>::default();
+        registry.register("inferwatch_http_stream_events", "SSE events written", stream_events.clone());
+        let in_flight = Family::<ModelRoute, Gauge>::default();
+        registry.register(
+            "inferwatch_http_requests_in_flight",
+            "Requests received whose response has not ended",
+            in_flight.clone(),
+        );
+        let request_bytes = Family::<ModelRoute, Counter>::default();
+        registry.register_with_unit(
+            "inferwatch_http_request",
+            "Request bytes received (head and body)",
+            Unit::Bytes,
+            request_bytes.clone(),
+        );
+        let response_bytes = Family::<ModelRoute, Counter>::default();
+        registry.register_with_unit(
+            "inferwatch_http_response",
+            "Response bytes written (head and body, framing included)",
+            Unit::Bytes,
+            response_bytes.clone(),
+        );
+        let connections_tracked = Gauge::default();
+        registry.register(
+            "inferwatch_connections_tracked",
+            "Connections the agent currently follows",
+            connections_tracked.clone(),
+        );
+        let connections_evicted = Counter::default();
+        registry.register(
+            "inferwatch_connections_evicted",
+            "Connections dropped from the bounded table before they ended",
+            connections_evicted.clone(),
+        );
+        let requests_evicted = Counter::default();
+        registry.register(
+            "inferwatch_http_requests_evicted",
+            "Requests lost with an evicted connection: never counted as complete or aborted",
+            requests_evicted.clone(),
+        );
+        let not_http = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "inferwatch_connections_not_http",
+            "Connections (or the rest of them) not followed as HTTP/1.1, by reason",
+            not_http.clone(),
+        );
+        Self {
+            registry,
+            socket_ops,
+            socket_bytes,
+            events,
+            events_lost,
+            watched_processes,
+            http_requests,
+            response_headers,
+            time_to_first_token,
+            request_duration,
+            chunk_gap,
+            stream_events,
+            in_flight,
+            request_bytes,
+            response_bytes,
+            connections_tracked,
+            connections_evicted,
+            requests_evicted,
+            not_http,
+        }
     }
 
     pub fn encode(&self) -> Result<String, std::fmt::Error> {

@@ -12,11 +12,13 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
-    Btf, Ebpf,
+    Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
-use inferwatch_common::{EVENTS_MAP, LOST_MAP, LostReason, WATCHED_TGIDS_MAP, WatchFlags};
+use inferwatch_common::{
+    CAPTURE_BYTES_GLOBAL, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, WATCHED_TGIDS_MAP, WatchFlags,
+};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
@@ -31,7 +33,7 @@ use crate::{
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferwatch.bpf.o"));
 
 /// The socket-level BTF tracepoints (Linux >= 6.3), each a program of the same name.
-const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+const SOCKET_TRACEPOINTS: [&str; 3] = ["sock_send_length", "sock_recv_length", "inet_sock_set_state"];
 
 pub struct Probes {
     // Owns the programs and their links: dropping it detaches everything.
@@ -46,14 +48,19 @@ pub struct Outputs {
 }
 
 impl Probes {
-    pub fn load() -> Result<(Self, Outputs)> {
+    /// Loads and attaches the programs; `capture_bytes` payload bytes are copied per transfer.
+    pub fn load(capture_bytes: u32) -> Result<(Self, Outputs)> {
         if OBJECT.is_empty() {
             bail!(
                 "this inferwatch binary was built without its kernel programs: build it with `cargo xtask build`"
             );
         }
         let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
-        let mut ebpf = Ebpf::load(OBJECT).context("loading inferwatch's eBPF object")?;
+        let capture_bytes = capture_bytes.min(MAX_CAPTURE as u32);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CAPTURE_BYTES_GLOBAL, &capture_bytes, true)
+            .load(OBJECT)
+            .context("loading inferwatch's eBPF object")?;
         init_kernel_log(&mut ebpf);
         for name in SOCKET_TRACEPOINTS {
             let program: &mut BtfTracePoint = ebpf
@@ -125,7 +132,7 @@ pub async fn read_events(
         let ring = guard.get_inner_mut();
         while let Some(record) = ring.next() {
             let event = match events::decode(&record) {
-                Ok(op) => AgentEvent::Sock(op),
+                Ok(event) => event,
                 Err(e) => {
                     tracing::debug!("dropping a ring-buffer record: {e}");
                     AgentEvent::Malformed

@@ -10,10 +10,9 @@ use tokio::{
 };
 
 use crate::{
-    aggregator::Aggregator,
+    aggregator::{Aggregator, Shared},
     cli::RunArgs,
     events::AgentEvent,
-    metrics::Metrics,
     preflight,
     probes::{self, Probes},
     server,
@@ -31,9 +30,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
-    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-    let (mut probes, outputs) = Probes::load()?;
+    let (mut probes, outputs) = Probes::load(args.capture_bytes)?;
     for &pid in &args.pids {
         let comm = probes.watch(pid).with_context(|| format!("--pid {pid}"))?;
         tracing::info!(pid, comm, "watching");
@@ -43,12 +42,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("no --pid given: nothing is watched yet");
     }
 
-    tokio::spawn(Aggregator::new(metrics.clone()).run(rx));
+    tokio::spawn(Aggregator::new(shared.clone(), args.max_connections).run(rx));
     let dropped = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));
     tokio::spawn(probes::report_losses(outputs.lost, tx, dropped));
 
-    tracing::info!(listen = %args.listen, "serving /metrics and /healthz");
+    tracing::info!(listen = %args.listen, "serving /metrics, /healthz and /api/v1/requests");
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching and exiting"),
@@ -56,7 +55,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     };
     let served = tokio::select! {
-        served = axum::serve(listener, server::router(metrics)).with_graceful_shutdown(shutdown) => {
+        served = axum::serve(listener, server::router(shared)).with_graceful_shutdown(shutdown) => {
             served.context("HTTP server")
         }
         failed = reader => Err(match failed {

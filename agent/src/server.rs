@@ -1,31 +1,52 @@
-//! HTTP endpoints: `/metrics` (OpenMetrics text) and `/healthz`. Handlers only read.
+//! HTTP endpoints. Handlers only read what the aggregator wrote.
+//!
+//! - `GET /metrics`: OpenMetrics text.
+//! - `GET /healthz`: `ok`.
+//! - `GET /api/v1/requests?limit=N`: the N most recent finished requests (default 100,
+//!   newest first), as JSON: sizes and times, never payload.
 
 use std::sync::Arc;
 
 use axum::{
-    Router,
-    extract::State,
+    Json, Router,
+    extract::{Query, State},
     http::{StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
+use serde::Deserialize;
 
-use crate::metrics::Metrics;
+use crate::aggregator::{RECENT_REQUESTS, RequestRecord, Shared};
 
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub fn router(metrics: Arc<Metrics>) -> Router {
+pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics_handler))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
-        .with_state(metrics)
+        .route("/api/v1/requests", get(requests))
+        .with_state(shared)
 }
 
-async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> Response {
-    match metrics.encode() {
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    match shared.metrics.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
         Err(e) => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")).into_response()
         }
     }
+}
+
+#[derive(Deserialize)]
+struct RequestsQuery {
+    limit: Option<usize>,
+}
+
+async fn requests(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<RequestsQuery>,
+) -> Json<Vec<RequestRecord>> {
+    let limit = q.limit.unwrap_or(100).min(RECENT_REQUESTS);
+    let recent = shared.recent.read().unwrap_or_else(|e| e.into_inner());
+    Json(recent.iter().rev().take(limit).cloned().collect())
 }

@@ -45,6 +45,9 @@ pub enum SockEventKind {
     Send = 1,
     /// Data arrived through a socket (`sock_recv_length`).
     Recv = 2,
+    /// A tracked TCP socket changed state (`inet_sock_set_state`): `ret` is the new state,
+    /// `syscall_nr` the old one.
+    State = 3,
 }
 
 impl SockEventKind {
@@ -52,37 +55,81 @@ impl SockEventKind {
         match v {
             1 => Some(Self::Send),
             2 => Some(Self::Recv),
+            3 => Some(Self::State),
             _ => None,
         }
     }
 }
 
-/// One socket operation of a watched process, as seen at the socket layer.
+/// Most payload bytes copied per event (the first bytes of the transfer). The runtime limit,
+/// [`CAPTURE_BYTES_GLOBAL`], may lower it. A power of two: the kernel side masks with it.
+/// Only bytes actually moved are copied, so a large maximum costs nothing for small transfers.
+pub const MAX_CAPTURE: usize = 4096;
+/// The agent's default runtime limit: whole SSE events and request heads of typical clients.
+pub const DEFAULT_CAPTURE: usize = 1024;
+/// Name of the global (a `u32` in .rodata) holding the runtime capture limit.
+pub const CAPTURE_BYTES_GLOBAL: &str = "CAPTURE_BYTES";
+/// iovecs looked at per vectored call (`writev`, `sendmsg`, …).
+pub const MAX_IOVECS: usize = 4;
+
+/// Name of the LRU map from `struct sock` address to [`TrackedSock`].
+pub const TRACKED_SOCKS_MAP: &str = "TRACKED_SOCKS";
+pub const MAX_TRACKED_SOCKS: u32 = 65536;
+
+/// Identity of a socket while the kernel programs follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedSock {
+    /// Unique for the socket's life (CPU in the top 16 bits, a per-CPU counter below): the
+    /// same address reused by a new socket gets a new id, so connections never merge.
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Header of one ring-buffer record: a socket operation or state change of a watched
+/// process. `captured` payload bytes follow it in the same record.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockEvent {
     /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the operation returned.
     pub ts_ns: u64,
+    /// See [`TrackedSock::conn_id`].
+    pub conn_id: u64,
     /// Kernel address of the `struct sock`: an identity, never dereferenced by userspace.
     pub sock: u64,
     pub tgid: u32,
     pub tid: u32,
-    /// Bytes moved, or a negative errno.
+    /// Bytes moved, or a negative errno; the new TCP state for [`SockEventKind::State`].
     pub ret: i32,
     /// The system call that did the I/O (`orig_ax` of the saved registers), or [`NO_SYSCALL`].
     pub syscall_nr: i32,
+    /// Payload bytes that follow this header (the first bytes of the transfer).
+    pub captured: u16,
     /// A [`SockEventKind`].
     pub kind: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 5],
 }
 
-pub const SOCK_EVENT_SIZE: usize = 40;
+pub const SOCK_EVENT_SIZE: usize = 48;
 const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);
 const _: () = assert!(core::mem::size_of::<WatchFlags>() == 4);
+const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
+const _: () = assert!(MAX_CAPTURE.is_power_of_two());
+
+/// Per-CPU scratch where a record is assembled before it is copied to the ring buffer at its
+/// real size. Twice [`MAX_CAPTURE`] of payload room, so the verifier can see that any offset
+/// below `MAX_CAPTURE` plus any length below `MAX_CAPTURE` stays inside.
+#[repr(C)]
+pub struct Scratch {
+    pub event: SockEvent,
+    pub payload: [u8; 2 * MAX_CAPTURE],
+}
 
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, #[repr(C)], no padding left implicit.
     unsafe impl aya::Pod for super::WatchFlags {}
     unsafe impl aya::Pod for super::SockEvent {}
+    unsafe impl aya::Pod for super::TrackedSock {}
 }

@@ -3,33 +3,55 @@
 //! Socket-level BTF tracepoints only: they fire on socket I/O and nothing else, so processes
 //! that do not touch sockets pay nothing, and unwatched processes pay one hash lookup. Each
 //! program is a thin wrapper over a `try_*` function; shared types live in `inferwatch-common`.
+//!
+//! For a watched process, every socket operation becomes one ring-buffer record: a
+//! [`SockEvent`] header followed by the first bytes of the transfer, copied from the user
+//! buffer named by the system call's own saved registers.
 #![no_std]
 #![no_main]
+
+mod capture;
 
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, map},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use inferwatch_common::{
-    EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_WATCHED_TGIDS, NO_SYSCALL, SockEvent, SockEventKind,
-    WatchFlags,
+    EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_CAPTURE, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS,
+    NO_SYSCALL, SOCK_EVENT_SIZE, Scratch, SockEvent, SockEventKind, TrackedSock, WatchFlags,
 };
+
+/// Runtime payload capture limit in bytes (at most `MAX_CAPTURE`); the agent sets it at load.
+#[unsafe(no_mangle)]
+static CAPTURE_BYTES: u32 = MAX_CAPTURE as u32;
 
 #[map]
 static WATCHED_TGIDS: HashMap<u32, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED_TGIDS, 0);
+
+#[map]
+static TRACKED_SOCKS: LruHashMap<u64, TrackedSock> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKS, 0);
 
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_REASONS, 0);
+
+/// Per-CPU counters behind connection ids.
+#[map]
+static CONN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+const TCP_CLOSE: i32 = 7;
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`: after every `sock_sendmsg`.
 #[btf_tracepoint(function = "sock_send_length")]
@@ -40,10 +62,21 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
-/// `sock_recv_length(struct sock *sk, int ret, int flags)`: after every `sock_recvmsg`.
+/// `sock_recv_length(struct sock *sk, int ret, int flags)`: after every `sock_recvmsg`, when
+/// the received bytes are already in the caller's buffer.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
     match try_sock_io(&ctx, SockEventKind::Recv) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`. Often runs in
+/// softirq context (a peer's FIN or RST), so it filters on the sockets we track, not on tgid.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
+    match try_inet_sock_set_state(&ctx) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -59,38 +92,107 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     }
     let sock: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
+    let conn_id = track(sock, tgid);
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
+    // SAFETY: a per-CPU slot, ours until this program returns.
+    let scratch = unsafe { &mut *scratch };
 
+    let regs = current_regs();
+    let (syscall_nr, captured) = match regs {
+        None => {
+            warn!(ctx, "socket I/O without saved user registers");
+            (NO_SYSCALL, 0)
+        }
+        Some(regs) => {
+            let nr = syscall_nr_of(regs);
+            let captured =
+                if ret > 0 { capture::payload(regs, nr, ret as usize, &mut scratch.payload) } else { 0 };
+            (nr, captured)
+        }
+    };
+    scratch.event = SockEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id,
+        sock,
+        tgid,
+        tid: pid_tgid as u32,
+        ret,
+        syscall_nr,
+        captured: captured as u16,
+        kind: kind as u8,
+        _pad: [0; 5],
+    };
+    // Copy the record at its real size: header plus the captured bytes, no padding.
+    let len = SOCK_EVENT_SIZE + (captured & (2 * MAX_CAPTURE - 1));
+    // SAFETY: len <= size_of::<Scratch>() by the mask above.
+    let record = unsafe { core::slice::from_raw_parts((scratch as *const Scratch).cast::<u8>(), len) };
+    if EVENTS.output(record, 0).is_err() {
+        count_lost(LostReason::RingFull);
+        return Err(1);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
+    let sock: u64 = ctx.arg(0);
+    let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
+        return Ok(());
+    };
+    let old: i32 = ctx.arg(1);
+    let new: i32 = ctx.arg(2);
+    if new == TCP_CLOSE {
+        // The socket is done: a later socket at the same address must get a new id.
+        let _ = TRACKED_SOCKS.remove(&sock);
+    }
     let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
         count_lost(LostReason::RingFull);
         return Err(1);
     };
     entry.write(SockEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id: tracked.conn_id,
         sock,
-        tgid,
-        tid: pid_tgid as u32,
-        ret,
-        syscall_nr: current_syscall_nr(ctx),
-        kind: kind as u8,
-        _pad: [0; 7],
+        tgid: tracked.tgid,
+        tid: 0,
+        ret: new,
+        syscall_nr: old,
+        captured: 0,
+        kind: SockEventKind::State as u8,
+        _pad: [0; 5],
     });
     entry.submit(0);
     Ok(())
 }
 
-/// The system call this task is in, from its saved user registers (`orig_ax` on x86-64).
+/// The connection id of `sock`, assigning a fresh one the first time a watched process uses it.
 #[inline(always)]
-fn current_syscall_nr(ctx: &BtfTracePointContext) -> i32 {
+fn track(sock: u64, tgid: u32) -> u64 {
+    if let Some(t) = unsafe { TRACKED_SOCKS.get(&sock) } {
+        return t.conn_id;
+    }
+    let Some(counter) = CONN_COUNTER.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: a per-CPU slot: no other writer.
+    let n = unsafe {
+        *counter += 1;
+        *counter
+    };
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let conn_id = (cpu << 48) | (n & 0xffff_ffff_ffff);
+    let _ = TRACKED_SOCKS.insert(&sock, &TrackedSock { conn_id, tgid, _pad: 0 }, 0);
+    conn_id
+}
+
+/// The saved user registers of the current task, if it has them.
+#[inline(always)]
+fn current_regs() -> Option<&'static pt_regs> {
     // SAFETY: both helpers are valid in tracing programs; the verifier knows the returned
-    // pointer is a `struct pt_regs` (PTR_TO_BTF_ID) and checks the field load against BTF.
+    // pointer is a `struct pt_regs` (PTR_TO_BTF_ID) and checks each field load against BTF.
     unsafe {
         let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        if regs.is_null() {
-            // Not expected for a task in process context: say so once per occurrence.
-            warn!(ctx, "socket I/O without saved user registers");
-            return NO_SYSCALL;
-        }
-        syscall_nr_of(&*regs)
+        regs.as_ref()
     }
 }
 

@@ -1,0 +1,641 @@
+//! One TCP connection of a server: requests in, responses out, in order (keep-alive and
+//! pipelining), with the timestamps a client would see.
+
+use std::collections::VecDeque;
+
+use super::{
+    chunked::{Dechunker, Piece},
+    routes::{model_from_body, route_of},
+    sse::{EventClass, SseParser},
+};
+
+/// Longest request or response head we buffer.
+const MAX_HEAD: usize = 64 * 1024;
+/// Request body bytes kept to find the `"model"`.
+const KEEP_BODY: usize = 1024;
+/// Content-event times kept per request for gap statistics; later gaps are not observed.
+const MAX_GAPS: usize = 1 << 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response ended as HTTP says (terminator, last byte of a sized body, or a server
+    /// close ending an unsized body).
+    Complete,
+    /// The connection ended first: client abort, reset, or the server giving up.
+    Aborted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// A request whose response is over. Times are CLOCK_MONOTONIC nanoseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishedRequest {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub model: Option<String>,
+    /// 0 if no response head was written.
+    pub status: u16,
+    pub outcome: Outcome,
+    pub stream: bool,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// First byte of the request received.
+    pub received_ns: u64,
+    pub headers_ns: Option<u64>,
+    pub first_token_ns: Option<u64>,
+    pub end_ns: u64,
+    pub events: u32,
+    pub content_events: u32,
+    /// Gaps between consecutive content events.
+    pub chunk_gaps_ns: Vec<u64>,
+}
+
+/// What the agent learns from one transfer on a connection.
+#[derive(Debug, Default, PartialEq)]
+pub struct Update {
+    /// Requests whose heads (and model) are now known: they are in flight.
+    pub started: Vec<(&'static str, Option<String>)>,
+    pub finished: Vec<FinishedRequest>,
+    /// Set when the connection turned out not to be HTTP/1.1 server traffic.
+    pub not_http: Option<&'static str>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    method: &'static str,
+    route: &'static str,
+    model: Option<String>,
+    body: Vec<u8>,
+    started: bool,
+    received_ns: u64,
+    request_bytes: u64,
+    // Response side.
+    status: u16,
+    stream: bool,
+    response_bytes: u64,
+    headers_ns: Option<u64>,
+    first_token_ns: Option<u64>,
+    last_content_ns: Option<u64>,
+    events: u32,
+    content_events: u32,
+    chunk_gaps_ns: Vec<u64>,
+}
+
+#[derive(Debug)]
+enum Inbound {
+    /// Reading a request head; `started` is the time of its first byte.
+    Head {
+        buf: Vec<u8>,
+        started: Option<u64>,
+    },
+    /// Request body of known remaining length.
+    Sized {
+        remaining: u64,
+    },
+    Chunked(Dechunker),
+    /// Framing lost (a head cut by the capture, a body we could not delimit): wait for a
+    /// transfer that starts with a request line.
+    Lost,
+    /// The connection's first bytes were not an HTTP request: nothing more is followed.
+    NotHttp,
+}
+
+#[derive(Debug)]
+enum Outbound {
+    Head {
+        buf: Vec<u8>,
+    },
+    Sized {
+        remaining: u64,
+    },
+    Chunked(Dechunker),
+    /// Body delimited by the server closing the connection.
+    UntilClose,
+    /// Framing lost: wait for a transfer that starts with a status line.
+    Lost,
+}
+
+#[derive(Debug)]
+pub struct Connection {
+    inbound: Inbound,
+    outbound: Outbound,
+    /// Requests in order; the front one is being answered.
+    pending: VecDeque<Pending>,
+    sse: Option<SseParser>,
+    /// Whether a request head was ever parsed here (tells HTTP from anything else).
+    seen_request: bool,
+    closed: bool,
+    /// Time of the last transfer out, to end a response whose framing was lost.
+    last_sent_ns: u64,
+}
+
+impl Default for Connection {
+    fn default() -> Self {
+        Self {
+            inbound: Inbound::Head { buf: Vec::new(), started: None },
+            outbound: Outbound::Head { buf: Vec::new() },
+            pending: VecDeque::new(),
+            sse: None,
+            seen_request: false,
+            closed: false,
+            last_sent_ns: 0,
+        }
+    }
+}
+
+const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE"];
+
+fn method_label(m: &str) -> &'static str {
+    METHODS.iter().find(|k| **k == m).copied().unwrap_or("OTHER")
+}
+
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    buf.get(start..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|i| start + i + 4)
+}
+
+/// `METHOD SP target`: the start of a request line (used to pick a stream back up).
+fn request_line_start(data: &[u8]) -> bool {
+    let token = data.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    (3..=7).contains(&token)
+        && data.get(token) == Some(&b' ')
+        && matches!(data.get(token + 1), Some(b'/' | b'*' | b'h'))
+}
+
+/// Could `buf` (the first bytes a server received) still become an HTTP request?
+fn may_be_request(buf: &[u8]) -> bool {
+    let token = buf.iter().take_while(|b| b.is_ascii_uppercase()).count();
+    if token == buf.len() {
+        return token <= 7;
+    }
+    (3..=7).contains(&token) && buf[token] == b' '
+}
+
+fn new_pending(method: &'static str, route: &'static str, received_ns: u64, request_bytes: u64) -> Pending {
+    Pending {
+        method,
+        route,
+        model: None,
+        body: Vec::new(),
+        started: false,
+        received_ns,
+        request_bytes,
+        status: 0,
+        stream: false,
+        response_bytes: 0,
+        headers_ns: None,
+        first_token_ns: None,
+        last_content_ns: None,
+        events: 0,
+        content_events: 0,
+        chunk_gaps_ns: Vec::new(),
+    }
+}
+
+impl Connection {
+    /// Requests in flight (head received, response not over).
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Bytes the server received: `total` of them, the first `known.len()` seen.
+    pub fn received(&mut self, ts: u64, known: &[u8], total: usize) -> Update {
+        let mut up = Update::default();
+        if self.closed {
+            return up;
+        }
+        if matches!(self.inbound, Inbound::Lost) && request_line_start(known) {
+            self.inbound = Inbound::Head { buf: Vec::new(), started: None };
+        }
+        let mut data = known;
+        let mut gap = total.saturating_sub(known.len());
+        while !data.is_empty() || gap > 0 {
+            match &mut self.inbound {
+                Inbound::Lost | Inbound::NotHttp => break,
+                Inbound::Head { buf, started } => {
+                    if data.is_empty() {
+                        // The rest of this head is beyond the capture.
+                        let (buf, started) = (std::mem::take(buf), started.unwrap_or(ts));
+                        self.head_cut(&buf, started, total as u64, &mut up);
+                        break;
+                    }
+                    started.get_or_insert(ts);
+                    let from = buf.len();
+                    let take = data.len().min(MAX_HEAD - buf.len());
+                    buf.extend_from_slice(&data[..take]);
+                    match find_head_end(buf, from) {
+                        Some(end) => {
+                            data = &data[end - from..];
+                            let head = std::mem::take(buf);
+                            let started = started.unwrap_or(ts);
+                            if let Err(reason) = self.request_head(&head[..end], started, ts, &mut up) {
+                                self.not_http(reason, &mut up);
+                                break;
+                            }
+                        }
+                        None if !self.seen_request && !may_be_request(buf) => {
+                            self.not_http("not_http", &mut up);
+                            break;
+                        }
+                        None if buf.len() >= MAX_HEAD => {
+                            let (buf, started) = (std::mem::take(buf), started.unwrap_or(ts));
+                            self.head_cut(&buf, started, total as u64, &mut up);
+                            break;
+                        }
+                        None => data = &[],
+                    }
+                }
+                Inbound::Sized { remaining } => {
+                    let take = (*remaining).min(data.len() as u64) as usize;
+                    let body = &data[..take];
+                    data = &data[take..];
+                    let mut skipped = 0;
+                    if data.is_empty() {
+                        skipped = (*remaining - take as u64).min(gap as u64) as usize;
+                        gap -= skipped;
+                    }
+                    *remaining -= (take + skipped) as u64;
+                    let done = *remaining == 0;
+                    self.request_body(body, skipped, done, &mut up);
+                    if done {
+                        self.inbound = Inbound::Head { buf: Vec::new(), started: None };
+                    }
+                }
+                Inbound::Chunked(d) => {
+                    let mut body = Vec::new();
+                    let mut skipped = 0;
+                    if !data.is_empty() {
+                        let n = d.feed(data, &mut |p| {
+                            if let Piece::Data(b) = p {
+                                body.extend_from_slice(b)
+                            }
+                        });
+                        data = &data[n..];
+                    } else {
+                        skipped = d.gap(gap, &mut |_| {});
+                        gap -= skipped;
+                    }
+                    let (done, lost) = (d.is_done(), d.is_lost());
+                    self.request_body(&body, skipped, done || lost, &mut up);
+                    if done {
+                        self.inbound = Inbound::Head { buf: Vec::new(), started: None };
+                    } else if lost {
+                        self.inbound = Inbound::Lost;
+                    }
+                }
+            }
+        }
+        up
+    }
+
+    fn not_http(&mut self, reason: &'static str, up: &mut Update) {
+        up.not_http = Some(reason);
+        if self.seen_request {
+            self.inbound = Inbound::Lost;
+        } else {
+            self.inbound = Inbound::NotHttp;
+            self.outbound = Outbound::Lost;
+        }
+    }
+
+    /// A request head cut short by the capture: keep what its request line says, and pick the
+    /// inbound stream up again at the next request line.
+    fn head_cut(&mut self, buf: &[u8], started: u64, bytes: u64, up: &mut Update) {
+        self.inbound = Inbound::Lost;
+        if buf.is_empty() {
+            // Unseen bytes between requests: nothing to report, resume at the next request line.
+            return;
+        }
+        let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+        let line = String::from_utf8_lossy(line);
+        let mut parts = line.split_whitespace();
+        let (Some(method), Some(target)) = (parts.next(), parts.next()) else {
+            return self.not_http("not_http", up);
+        };
+        if !request_line_start(buf) {
+            return self.not_http("not_http", up);
+        }
+        self.seen_request = true;
+        let mut req = new_pending(method_label(method), route_of(target), started, bytes);
+        req.started = true;
+        up.started.push((req.route, None));
+        self.pending.push_back(req);
+    }
+
+    fn request_head(
+        &mut self,
+        head: &[u8],
+        started: u64,
+        _ts: u64,
+        up: &mut Update,
+    ) -> Result<(), &'static str> {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(head) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => return Err("bad_request_head"),
+            Err(_) => return Err("not_http"),
+        }
+        let method = method_label(req.method.unwrap_or(""));
+        let route = route_of(req.path.unwrap_or(""));
+        let mut content_length = None;
+        let mut chunked = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked");
+            }
+        }
+        self.seen_request = true;
+        self.pending.push_back(new_pending(method, route, started, head.len() as u64));
+        if chunked {
+            self.inbound = Inbound::Chunked(Dechunker::default());
+        } else if let Some(n) = content_length.filter(|n| *n > 0) {
+            self.inbound = Inbound::Sized { remaining: n };
+        } else {
+            self.inbound = Inbound::Head { buf: Vec::new(), started: None };
+            self.request_body(&[], 0, true, up);
+        }
+        Ok(())
+    }
+
+    /// Body bytes of the newest request; `done` when its body is complete.
+    fn request_body(&mut self, known: &[u8], skipped: usize, done: bool, up: &mut Update) {
+        let Some(req) = self.pending.back_mut() else { return };
+        req.request_bytes += (known.len() + skipped) as u64;
+        if !req.started {
+            let room = KEEP_BODY.saturating_sub(req.body.len());
+            req.body.extend_from_slice(&known[..known.len().min(room)]);
+            if done || skipped > 0 || req.body.len() >= KEEP_BODY {
+                req.model = model_from_body(&req.body);
+                req.body = Vec::new();
+                req.started = true;
+                up.started.push((req.route, req.model.clone()));
+            }
+        }
+    }
+
+    /// Bytes the server sent: `total` of them, the first `known.len()` seen.
+    pub fn sent(&mut self, ts: u64, known: &[u8], total: usize) -> Update {
+        let mut up = Update::default();
+        if self.closed || matches!(self.inbound, Inbound::NotHttp) {
+            return up;
+        }
+        if known.starts_with(b"HTTP/1.") {
+            match &self.outbound {
+                // A new response while the previous one's end was lost: that one ended before.
+                Outbound::Lost | Outbound::UntilClose => {
+                    let end = self.last_sent_ns;
+                    if self.pending.front().is_some_and(|r| r.headers_ns.is_some()) {
+                        self.finish_front(end, Outcome::Complete, &mut up);
+                    }
+                    self.outbound = Outbound::Head { buf: Vec::new() };
+                }
+                _ => {}
+            }
+        }
+        if let Outbound::Chunked(d) = &mut self.outbound {
+            d.resync(known);
+        }
+        self.last_sent_ns = ts;
+        let mut data = known;
+        let mut gap = total.saturating_sub(known.len());
+        // Whole transfers count for the response in progress when they start (exact in sum;
+        // pipelined responses sharing one write are attributed to the first).
+        if let Some(front) = self.pending.front_mut() {
+            front.response_bytes += total as u64;
+        }
+        while !data.is_empty() || gap > 0 {
+            match &mut self.outbound {
+                Outbound::Lost => break,
+                Outbound::UntilClose => {
+                    self.body_bytes(data, gap, ts);
+                    break;
+                }
+                Outbound::Head { buf } => {
+                    if data.is_empty() {
+                        // A head beyond the capture: its framing is unknown.
+                        self.outbound = Outbound::Lost;
+                        break;
+                    }
+                    let from = buf.len();
+                    let take = data.len().min(MAX_HEAD - buf.len());
+                    buf.extend_from_slice(&data[..take]);
+                    match find_head_end(buf, from) {
+                        Some(end) => {
+                            data = &data[end - from..];
+                            let head = std::mem::take(buf);
+                            self.response_head(&head[..end], ts, &mut up);
+                        }
+                        None if buf.len() >= MAX_HEAD => {
+                            self.outbound = Outbound::Lost;
+                            break;
+                        }
+                        None => data = &[],
+                    }
+                }
+                Outbound::Sized { remaining } => {
+                    let take = (*remaining).min(data.len() as u64) as usize;
+                    let body = &data[..take];
+                    data = &data[take..];
+                    let mut skipped = 0;
+                    if data.is_empty() {
+                        skipped = (*remaining - take as u64).min(gap as u64) as usize;
+                        gap -= skipped;
+                    }
+                    *remaining -= (take + skipped) as u64;
+                    let done = *remaining == 0;
+                    self.body_bytes(body, skipped, ts);
+                    if done {
+                        self.finish_front(ts, Outcome::Complete, &mut up);
+                    }
+                }
+                Outbound::Chunked(d) => {
+                    let mut pieces: Vec<Result<Vec<u8>, usize>> = Vec::new();
+                    if !data.is_empty() {
+                        let n = d.feed(data, &mut |p| match p {
+                            Piece::Data(b) => pieces.push(Ok(b.to_vec())),
+                            Piece::Gap(n) => pieces.push(Err(n)),
+                        });
+                        data = &data[n..];
+                    } else {
+                        let n = d.gap(gap, &mut |p| {
+                            if let Piece::Gap(n) = p {
+                                pieces.push(Err(n))
+                            }
+                        });
+                        gap -= n;
+                    }
+                    let (done, lost) = (d.is_done(), d.is_lost());
+                    for piece in pieces {
+                        match piece {
+                            Ok(b) => self.body_bytes(&b, 0, ts),
+                            Err(n) => self.body_bytes(&[], n, ts),
+                        }
+                    }
+                    if done {
+                        self.finish_front(ts, Outcome::Complete, &mut up);
+                    } else if lost {
+                        // Wait for a transfer that starts a chunk (see resync), or the terminator.
+                        break;
+                    }
+                }
+            }
+        }
+        if let Some(sse) = &mut self.sse {
+            let mut classes = Vec::new();
+            sse.transfer_end(&mut |c| classes.push(c));
+            for c in classes {
+                self.sse_event(c, ts);
+            }
+        }
+        // A chunked stream whose framing was lost still ends visibly with the last chunk.
+        if let Outbound::Chunked(d) = &self.outbound
+            && d.is_lost()
+            && known.len() == total
+            && known.ends_with(b"0\r\n\r\n")
+        {
+            self.finish_front(ts, Outcome::Complete, &mut up);
+        }
+        up
+    }
+
+    fn response_head(&mut self, head: &[u8], ts: u64, up: &mut Update) {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut headers);
+        if !matches!(resp.parse(head), Ok(httparse::Status::Complete(_))) {
+            self.outbound = Outbound::Lost;
+            return;
+        }
+        let status = resp.code.unwrap_or(0);
+        let mut content_length = None;
+        let mut chunked = false;
+        let mut sse = false;
+        for h in resp.headers.iter() {
+            let value = String::from_utf8_lossy(h.value);
+            if h.name.eq_ignore_ascii_case("content-length") {
+                content_length = value.trim().parse::<u64>().ok();
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.to_ascii_lowercase().contains("chunked");
+            } else if h.name.eq_ignore_ascii_case("content-type") {
+                sse = value.trim().to_ascii_lowercase().starts_with("text/event-stream");
+            }
+        }
+        if (100..200).contains(&status) && status != 101 {
+            // Interim response (100 Continue, 103 Early Hints): the final one follows.
+            self.outbound = Outbound::Head { buf: Vec::new() };
+            return;
+        }
+        let Some(req) = self.pending.front_mut() else {
+            // A response to a request we never saw (watching began mid-connection).
+            self.outbound = Outbound::Lost;
+            return;
+        };
+        req.status = status;
+        req.headers_ns = Some(ts);
+        req.stream = sse;
+        let head_only = req.method == "HEAD" || status == 204 || status == 304;
+        self.sse = sse.then(SseParser::default);
+        if status == 101 {
+            self.finish_front(ts, Outcome::Complete, up);
+            self.inbound = Inbound::NotHttp;
+            self.outbound = Outbound::Lost;
+        } else if head_only || (content_length == Some(0) && !chunked) {
+            self.finish_front(ts, Outcome::Complete, up);
+        } else if chunked {
+            self.outbound = Outbound::Chunked(Dechunker::default());
+        } else if let Some(n) = content_length {
+            self.outbound = Outbound::Sized { remaining: n };
+        } else {
+            self.outbound = Outbound::UntilClose;
+        }
+    }
+
+    fn body_bytes(&mut self, known: &[u8], gap: usize, ts: u64) {
+        let Some(sse) = &mut self.sse else { return };
+        let mut classes = Vec::new();
+        sse.feed(known, &mut |c| classes.push(c));
+        if gap > 0 {
+            sse.gap();
+        }
+        for c in classes {
+            self.sse_event(c, ts);
+        }
+    }
+
+    fn sse_event(&mut self, class: EventClass, ts: u64) {
+        let Some(req) = self.pending.front_mut() else { return };
+        req.events += 1;
+        if class == EventClass::Content {
+            req.content_events += 1;
+            if req.first_token_ns.is_none() {
+                req.first_token_ns = Some(ts);
+            }
+            if let Some(last) = req.last_content_ns
+                && req.chunk_gaps_ns.len() < MAX_GAPS
+            {
+                req.chunk_gaps_ns.push(ts.saturating_sub(last));
+            }
+            req.last_content_ns = Some(ts);
+        }
+    }
+
+    fn finish_front(&mut self, ts: u64, outcome: Outcome, up: &mut Update) {
+        self.sse = None;
+        self.outbound = Outbound::Head { buf: Vec::new() };
+        if let Some(req) = self.pending.pop_front() {
+            if !req.started {
+                up.started.push((req.route, req.model.clone()));
+            }
+            up.finished.push(finished(req, ts, outcome));
+        }
+    }
+
+    /// The connection ended (peer EOF, reset, close). What is still open is aborted, except a
+    /// body delimited by the close itself.
+    pub fn closed(&mut self, ts: u64) -> Update {
+        let mut up = Update::default();
+        if self.closed {
+            return up;
+        }
+        self.closed = true;
+        if matches!(self.outbound, Outbound::UntilClose) {
+            self.finish_front(ts, Outcome::Complete, &mut up);
+        }
+        while let Some(req) = self.pending.pop_front() {
+            if !req.started {
+                up.started.push((req.route, req.model.clone()));
+            }
+            up.finished.push(finished(req, ts, Outcome::Aborted));
+        }
+        up
+    }
+}
+
+fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedRequest {
+    FinishedRequest {
+        method: req.method,
+        route: req.route,
+        model: req.model,
+        status: req.status,
+        outcome,
+        stream: req.stream,
+        request_bytes: req.request_bytes,
+        response_bytes: req.response_bytes,
+        received_ns: req.received_ns,
+        headers_ns: req.headers_ns,
+        first_token_ns: req.first_token_ns,
+        end_ns,
+        events: req.events,
+        content_events: req.content_events,
+        chunk_gaps_ns: req.chunk_gaps_ns,
+    }
+}

@@ -1,0 +1,205 @@
+//! Server-sent events inside a response body, and which of them carry content.
+
+/// What an event was, for timing purposes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventClass {
+    /// Carries generated content (a token): counts for time to first token and chunk gaps.
+    Content,
+    /// An event without content: a chat role chunk, a usage chunk, a keep-alive.
+    Other,
+    /// `data: [DONE]`.
+    Done,
+}
+
+/// Bytes of an event's data kept for classification; the rest is only counted.
+const KEEP_DATA: usize = 1024;
+/// Bytes of a line kept; a longer line is truncated (its data still counts as seen).
+const KEEP_LINE: usize = 2048;
+
+#[derive(Debug, Default, Clone)]
+pub struct SseParser {
+    line: Vec<u8>,
+    line_truncated: bool,
+    data: Vec<u8>,
+    has_data: bool,
+    truncated: bool,
+}
+
+impl SseParser {
+    /// Feeds known body bytes; completed events are passed to `on_event`.
+    pub fn feed(&mut self, bytes: &[u8], on_event: &mut impl FnMut(EventClass)) {
+        for &b in bytes {
+            if b == b'\n' {
+                self.end_line(on_event);
+            } else if self.line.len() < KEEP_LINE {
+                self.line.push(b);
+            } else {
+                self.line_truncated = true;
+            }
+        }
+    }
+
+    /// Body bytes we could not see: the event in progress is truncated.
+    pub fn gap(&mut self) {
+        self.truncated = true;
+        self.has_data = true;
+    }
+
+    /// The end of one transfer. Servers write whole events per call, so an event that lost
+    /// its end to a gap is taken to end with the transfer that carried it.
+    pub fn transfer_end(&mut self, on_event: &mut impl FnMut(EventClass)) {
+        if self.truncated {
+            self.line.clear();
+            self.dispatch(on_event);
+        }
+    }
+
+    fn end_line(&mut self, on_event: &mut impl FnMut(EventClass)) {
+        let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+        if line.is_empty() {
+            self.dispatch(on_event);
+        } else if let Some(value) = line.strip_prefix(b"data:") {
+            let value = value.strip_prefix(b" ").unwrap_or(value);
+            if self.has_data && self.data.len() < KEEP_DATA {
+                self.data.push(b'\n');
+            }
+            let room = KEEP_DATA.saturating_sub(self.data.len());
+            self.data.extend_from_slice(&value[..value.len().min(room)]);
+            self.has_data = true;
+            self.truncated |= self.line_truncated;
+        }
+        // Other fields (event:, id:, retry:) and comments (":") carry no content.
+        self.line.clear();
+        self.line_truncated = false;
+    }
+
+    fn dispatch(&mut self, on_event: &mut impl FnMut(EventClass)) {
+        if self.has_data {
+            on_event(classify(&self.data, self.truncated));
+        }
+        self.data.clear();
+        self.has_data = false;
+        self.truncated = false;
+    }
+}
+
+/// Classifies an event's data. OpenAI-style JSON: completions carry content in a non-empty
+/// `text`, chat in a non-empty `delta.content` (or reasoning) or any tool call; a chunk with
+/// empty `choices` is usage. Any other payload counts as content. An event whose end we could
+/// not see and whose visible part decides nothing is taken as content.
+pub fn classify(data: &[u8], truncated: bool) -> EventClass {
+    let text = String::from_utf8_lossy(data);
+    let text = text.trim();
+    if text == "[DONE]" {
+        return EventClass::Done;
+    }
+    if !text.starts_with('{') || !text.contains("\"choices\"") {
+        return EventClass::Content;
+    }
+    if let Some(v) = value_after(text, "choices")
+        && v.starts_with('[')
+        && v[1..].trim_start().starts_with(']')
+    {
+        return EventClass::Other;
+    }
+    if text.contains("\"tool_calls\"") {
+        return EventClass::Content;
+    }
+    let mut decided = false;
+    for key in ["text", "content", "reasoning_content", "reasoning"] {
+        match string_value_is_empty(text, key) {
+            Some(false) => return EventClass::Content,
+            Some(true) => decided = true,
+            None => {}
+        }
+    }
+    if decided || !truncated { EventClass::Other } else { EventClass::Content }
+}
+
+/// The text after `"key":` (whitespace skipped), for the first occurrence of the key.
+fn value_after<'a>(json: &'a str, key: &str) -> Option<&'a str> {
+    let pattern = format!("\"{key}\"");
+    let mut rest = json;
+    while let Some(i) = rest.find(&pattern) {
+        rest = &rest[i + pattern.len()..];
+        if let Some(v) = rest.trim_start().strip_prefix(':') {
+            return Some(v.trim_start());
+        }
+    }
+    None
+}
+
+/// For `"key": "<string>"`: whether that string is empty. None if the key is absent, null, or
+/// cut off before its value.
+fn string_value_is_empty(json: &str, key: &str) -> Option<bool> {
+    let v = value_after(json, key)?;
+    let s = v.strip_prefix('"')?;
+    let first = s.chars().next()?;
+    Some(first == '"')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(stream: &[u8]) -> Vec<EventClass> {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        p.feed(stream, &mut |e| out.push(e));
+        out
+    }
+
+    #[test]
+    fn completions_events() {
+        let s = b"data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"text\":\" at\"}]}\n\n\
+data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"text\":\"\"}]}\n\n\
+data: {\"id\":\"cmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":2}}\n\n\
+data: [DONE]\n\n";
+        use EventClass::*;
+        assert_eq!(events(s), vec![Content, Other, Other, Done]);
+    }
+
+    #[test]
+    fn chat_role_chunk_is_not_content() {
+        use EventClass::*;
+        let role = br#"{"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null}]}"#;
+        assert_eq!(classify(role, false), Other);
+        let role_only = br#"{"choices":[{"index":0,"delta":{"role":"assistant"}}]}"#;
+        assert_eq!(classify(role_only, false), Other);
+        let token = br#"{"choices":[{"index":0,"delta":{"content":"Hi"}}]}"#;
+        assert_eq!(classify(token, false), Content);
+        let tool = br#"{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0}]}}]}"#;
+        assert_eq!(classify(tool, false), Content);
+        let reasoning = br#"{"choices":[{"delta":{"reasoning_content":"hmm","content":null}}]}"#;
+        assert_eq!(classify(reasoning, false), Content);
+        let spaced = br#"{ "choices": [ { "delta": { "content": "x" } } ] }"#;
+        assert_eq!(classify(spaced, false), Content);
+    }
+
+    #[test]
+    fn other_payloads_and_truncation() {
+        use EventClass::*;
+        assert_eq!(classify(b"hello", false), Content);
+        assert_eq!(classify(br#"{"type":"response.output_text.delta"}"#, false), Content);
+        assert_eq!(classify(br#"{"id":"cmpl-1","choices":[{"index":0,"logprobs":{"tok"#, true), Content);
+        assert_eq!(classify(br#"{"id":"cmpl-1","choices":[{"index":0,"text":"","logpr"#, true), Other);
+    }
+
+    #[test]
+    fn multi_line_data_comments_and_crlf() {
+        use EventClass::*;
+        assert_eq!(events(b": keep-alive\r\n\r\nevent: x\r\ndata: a\r\ndata: b\r\n\r\n"), vec![Content]);
+    }
+
+    #[test]
+    fn truncated_event_ends_with_its_transfer() {
+        let mut p = SseParser::default();
+        let mut out = Vec::new();
+        p.feed(b"data: {\"choices\":[{\"text\":\"x", &mut |e| out.push(e));
+        p.gap();
+        p.transfer_end(&mut |e| out.push(e));
+        assert_eq!(out, vec![EventClass::Content]);
+        p.feed(b"data: [DONE]\n\n", &mut |e| out.push(e));
+        assert_eq!(out, vec![EventClass::Content, EventClass::Done]);
+    }
+}
