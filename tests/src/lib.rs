@@ -3,6 +3,9 @@
 //!
 //! The agent binary is `$INFERWATCH_BIN` (set by `cargo xtask test`), else `target/debug/inferwatch`.
 
+pub mod client;
+pub mod servers;
+
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},

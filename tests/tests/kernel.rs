@@ -101,7 +101,11 @@ fn starts_serves_and_detaches_everything_on_sigterm() {
     let ids = program_ids_held_by(agent.pid());
     let mut names = loaded_program_names(&ids);
     names.sort();
-    assert_eq!(names, ["sock_recv_lengt", "sock_send_lengt"], "both socket tracepoints are attached");
+    assert_eq!(
+        names,
+        ["inet_sock_set_s", "sock_recv_lengt", "sock_send_lengt"],
+        "the three socket tracepoints are attached"
+    );
     let (status, body) = agent.try_get("/healthz").unwrap();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     let (status, _) = agent.try_get("/nope").unwrap();
@@ -116,7 +120,7 @@ fn starts_serves_and_detaches_everything_on_sigterm() {
 
     let agent = Agent::start(&[]);
     let ids = program_ids_held_by(agent.pid());
-    assert_eq!(loaded_program_names(&ids).len(), 2);
+    assert_eq!(loaded_program_names(&ids).len(), 3);
     // SAFETY: signalling a child we own.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGINT) };
     assert_programs_freed(&ids, "SIGINT");

@@ -12,6 +12,8 @@ use crate::cmd::{self, Result, command, output, run};
 pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const LLVM_MAJOR: u32 = 22;
 const USERSPACE_COMPONENTS: &[&str] = &["clippy", "rustfmt"];
+/// The Python servers of the fidelity tests: vLLM's HTTP stack, pinned.
+pub const PYTHON_PACKAGES: &[&str] = &["uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0"];
 const EBPF_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 
 /// The pinned userspace toolchain (`rust-version` of the workspace).
@@ -76,6 +78,7 @@ pub fn ensure() -> Result {
     ensure_toolchain(&ebpf_toolchain(), EBPF_COMPONENTS)?;
     ensure_llvm()?;
     ensure_bpf_linker()?;
+    ensure_python_env()?;
     Ok(())
 }
 
@@ -85,6 +88,7 @@ pub fn is_complete() -> bool {
         && toolchain_missing(&ebpf_toolchain(), EBPF_COMPONENTS).is_empty()
         && llvm_present()
         && bpf_linker_present()
+        && python_env_present()
 }
 
 /// Runs `ensure` only if something is missing, so the common path stays quiet and fast.
@@ -199,6 +203,47 @@ fn ensure_bpf_linker() -> Result {
         .env("LLVM_PREFIX", &prefix)
         .env(format!("LLVM_SYS_{LLVM_MAJOR}1_PREFIX"), &prefix)
         .env("PATH", std::env::join_paths(path).expect("joinable PATH")))
+}
+
+/// A virtual environment under target/ with [`PYTHON_PACKAGES`], for the test servers.
+pub fn python_env() -> PathBuf {
+    cmd::root().join("target/pyenv")
+}
+
+pub fn python_env_python() -> PathBuf {
+    python_env().join("bin/python")
+}
+
+fn python_env_marker() -> PathBuf {
+    python_env().join("inferwatch-packages.txt")
+}
+
+fn python_env_present() -> bool {
+    python_env_python().exists()
+        && fs::read_to_string(python_env_marker()).is_ok_and(|m| m == PYTHON_PACKAGES.join("\n"))
+}
+
+fn ensure_python_env() -> Result {
+    if python_env_present() {
+        eprintln!("setup: Python test servers ({}): present", PYTHON_PACKAGES.join(", "));
+        return Ok(());
+    }
+    eprintln!("setup: Python test servers: creating {}", python_env().display());
+    if output(command("python3").args(["-c", "import venv, ensurepip"])).is_none() {
+        let os_release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+        if !(is_debian_like(&os_release) && cmd::is_root()) {
+            return Err("python3 with the venv module is needed for the test servers: install python3 and python3-venv, then rerun".into());
+        }
+        run(command("apt-get")
+            .args(["install", "-y", "--no-install-recommends", "python3-venv"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    let _ = fs::remove_dir_all(python_env());
+    run(command("python3").args(["-m", "venv"]).arg(python_env()))?;
+    run(command(&python_env_python().to_string_lossy())
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+        .args(PYTHON_PACKAGES))?;
+    fs::write(python_env_marker(), PYTHON_PACKAGES.join("\n")).map_err(|e| format!("writing the marker: {e}"))
 }
 
 #[cfg(test)]

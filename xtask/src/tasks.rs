@@ -125,7 +125,8 @@ pub fn test() -> Result {
     run(user_cargo().args(["build", "--package", "inferwatch"]))?;
     let mut c = user_cargo();
     c.args(["test", "--package", "inferwatch-tests", "--", "--test-threads=1"])
-        .env("INFERWATCH_BIN", agent_binary(Profile::Debug));
+        .env("INFERWATCH_BIN", agent_binary(Profile::Debug))
+        .env("INFERWATCH_PYTHON", setup::python_env_python());
     if !cmd::is_root() {
         // cargo runs each test binary through this runner.
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");

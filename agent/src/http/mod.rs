@@ -12,7 +12,9 @@ mod connection;
 mod routes;
 mod sse;
 
-pub use connection::{Connection, FinishedRequest, Outcome, Update};
+#[cfg(test)]
+pub use connection::Outcome;
+pub use connection::{Connection, FinishedRequest, Update};
 
 #[cfg(test)]
 mod tests;

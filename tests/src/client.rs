@@ -1,0 +1,167 @@
+//! A load client that records its own truth: when it sent each request and when it received
+//! the first content event and the end of the response, on CLOCK_MONOTONIC like the kernel.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid clock id and a pointer to an initialised timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One completion request as the test servers understand it. `pad` extra prompt bytes make
+/// its size unique, which is how a test finds the agent's record of it.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    pub model: String,
+    pub pad: usize,
+    pub max_tokens: u32,
+    pub delay_ms: f64,
+    pub stream: bool,
+}
+
+impl Completion {
+    pub fn bytes(&self) -> Vec<u8> {
+        let body = format!(
+            r#"{{"model":"{}","prompt":"{}","max_tokens":{},"delay_ms":{},"stream":{}}}"#,
+            self.model,
+            "p".repeat(self.pad),
+            self.max_tokens,
+            self.delay_ms,
+            self.stream
+        );
+        format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+}
+
+/// What the client saw of one request.
+#[derive(Clone, Debug, Default)]
+pub struct Truth {
+    pub request_bytes: u64,
+    pub status: u16,
+    pub sent_ns: u64,
+    pub first_content_ns: Option<u64>,
+    pub end_ns: u64,
+    pub content_events: u32,
+}
+
+impl Truth {
+    pub fn ttft_seconds(&self) -> Option<f64> {
+        self.first_content_ns.map(|t| (t - self.sent_ns) as f64 / 1e9)
+    }
+    pub fn duration_seconds(&self) -> f64 {
+        (self.end_ns - self.sent_ns) as f64 / 1e9
+    }
+}
+
+pub struct Client {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let writer = TcpStream::connect(addr).expect("connect to the test server");
+        writer.set_nodelay(true).unwrap();
+        writer.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let reader = BufReader::new(writer.try_clone().unwrap());
+        Client { writer, reader }
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("send");
+    }
+
+    /// Sends one request and reads its whole response.
+    pub fn request(&mut self, c: &Completion) -> Truth {
+        let bytes = c.bytes();
+        let sent_ns = monotonic_ns();
+        self.send_raw(&bytes);
+        let mut truth = self.read_response(None);
+        truth.request_bytes = bytes.len() as u64;
+        truth.sent_ns = sent_ns;
+        truth
+    }
+
+    /// Reads one response; with `stop_after` content events, returns early (to abort).
+    pub fn read_response(&mut self, stop_after: Option<u32>) -> Truth {
+        let mut truth = Truth::default();
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("status line");
+        truth.status = line.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
+        let (mut length, mut chunked) = (None, false);
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            let lower = line.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse::<usize>().ok();
+            }
+            if lower.starts_with("transfer-encoding:") && lower.contains("chunked") {
+                chunked = true;
+            }
+        }
+        if !chunked {
+            let mut body = vec![0u8; length.unwrap_or(0)];
+            self.reader.read_exact(&mut body).expect("body");
+            truth.end_ns = monotonic_ns();
+            return truth;
+        }
+        let mut events = String::new();
+        loop {
+            line.clear();
+            self.reader.read_line(&mut line).expect("chunk size");
+            let size = usize::from_str_radix(line.trim(), 16).expect("hex chunk size");
+            if size == 0 {
+                line.clear();
+                self.reader.read_line(&mut line).expect("last CRLF");
+                truth.end_ns = monotonic_ns();
+                return truth;
+            }
+            let mut data = vec![0u8; size + 2];
+            self.reader.read_exact(&mut data).expect("chunk");
+            let now = monotonic_ns();
+            events.push_str(&String::from_utf8_lossy(&data[..size]));
+            while let Some(end) = events.find("\n\n") {
+                let event: String = events.drain(..end + 2).collect();
+                let has_content = event
+                    .find("\"text\":")
+                    .map(|i| event[i + 7..].trim_start())
+                    .is_some_and(|v| v.starts_with('"') && !v[1..].starts_with('"'));
+                if has_content {
+                    truth.content_events += 1;
+                    truth.first_content_ns.get_or_insert(now);
+                    if stop_after == Some(truth.content_events) {
+                        return truth;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes the connection now (both directions), as a client that gives up does.
+    pub fn abort(self) {
+        let _ = self.writer.shutdown(Shutdown::Both);
+    }
+}
+
+/// Percentile (0..=100) of a sample, nearest rank.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    v[rank.min(v.len()) - 1]
+}

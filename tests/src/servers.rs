@@ -1,0 +1,82 @@
+//! The HTTP servers the fidelity tests watch: uvicorn + uvloop (vLLM's stack, `read`/`write`)
+//! and a Rust std server (`recv`/`send`/`writev`).
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::free_port;
+
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub name: &'static str,
+}
+
+/// The Python with uvicorn, uvloop and httptools that `cargo xtask setup` prepares.
+pub fn python() -> PathBuf {
+    std::env::var_os("INFERWATCH_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python"))
+}
+
+impl Server {
+    pub fn uvicorn() -> Server {
+        let port = free_port();
+        let child = Command::new(python())
+            .args(["-m", "uvicorn", "sse_app:app", "--loop", "uvloop", "--http", "httptools"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ])
+            .arg("--app-dir")
+            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("servers"))
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("starting uvicorn with {}: {e} (run `cargo xtask setup`)", python().display())
+            });
+        Self::ready(child, port, "uvicorn+uvloop")
+    }
+
+    /// `binary` is `env!("CARGO_BIN_EXE_sseserver")`, which only integration tests can name.
+    pub fn rust(binary: &str) -> Server {
+        let port = free_port();
+        let child =
+            Command::new(binary).arg(port.to_string()).stdout(Stdio::null()).spawn().expect("sseserver");
+        Self::ready(child, port, "rust-std")
+    }
+
+    fn ready(mut child: Child, port: u16, name: &'static str) -> Server {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(addr).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{name} exited before listening: {status}");
+            }
+            assert!(Instant::now() < deadline, "{name} did not listen within 30 s");
+            thread::sleep(Duration::from_millis(50));
+        }
+        Server { child, addr, name }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

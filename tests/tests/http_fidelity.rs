@@ -1,0 +1,230 @@
+//! Request timing on the real kernel against real servers: the agent's view of each request
+//! compared with what the client itself measured. Needs root and `cargo xtask setup`'s Python.
+
+use std::{collections::HashMap, net::TcpStream, thread, time::Duration};
+
+use inferwatch_tests::{
+    Agent,
+    client::{Client, Completion, Truth, percentile},
+    require_root,
+    servers::Server,
+};
+use serde_json::Value;
+
+const SSESERVER: &str = env!("CARGO_BIN_EXE_sseserver");
+
+fn servers() -> Vec<Server> {
+    vec![Server::uvicorn(), Server::rust(SSESERVER)]
+}
+
+/// The agent's records, keyed by request size (each test request has a unique size).
+fn records(agent: &Agent) -> HashMap<u64, Value> {
+    let (status, body) = agent.try_get("/api/v1/requests?limit=2048").expect("GET /api/v1/requests");
+    assert_eq!(status, 200);
+    let list: Vec<Value> = serde_json::from_str(&body).expect("JSON array");
+    list.into_iter().map(|r| (r["request_bytes"].as_u64().unwrap(), r)).collect()
+}
+
+fn wait_for_records(agent: &Agent, expected: usize) -> HashMap<u64, Value> {
+    for _ in 0..100 {
+        let r = records(agent);
+        if r.len() >= expected {
+            return r;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let r = records(agent);
+    panic!("the agent reported {} of {expected} requests:\n{}", r.len(), agent.log());
+}
+
+/// Runs `per_connection` requests on each of `connections` keep-alive connections at once.
+fn load(
+    server: &Server,
+    connections: usize,
+    per_connection: usize,
+    make: impl Fn(usize) -> Completion + Sync,
+) -> Vec<Truth> {
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..connections)
+            .map(|c| {
+                let make = &make;
+                s.spawn(move || {
+                    let mut client = Client::connect(server.addr);
+                    (0..per_connection)
+                        .map(|i| client.request(&make(c * per_connection + i)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+fn stream(i: usize) -> Completion {
+    Completion { model: "fidelity-model".into(), pad: 100 + i, max_tokens: 12, delay_ms: 3.0, stream: true }
+}
+
+#[test]
+fn streamed_requests_are_timed_as_the_client_sees_them() {
+    require_root();
+    for server in servers() {
+        let agent = Agent::start(&[server.pid()]);
+        let truths = load(&server, 4, 12, stream);
+        let records = wait_for_records(&agent, truths.len());
+        let (mut ttft, mut duration) = (Vec::new(), Vec::new());
+        for t in &truths {
+            let r = records
+                .get(&t.request_bytes)
+                .unwrap_or_else(|| panic!("no record of a {}-byte request", t.request_bytes));
+            assert_eq!(r["status"], 200);
+            assert_eq!(r["outcome"], "complete");
+            assert_eq!(r["stream"], true);
+            assert_eq!(r["model"], "fidelity-model");
+            assert_eq!(r["route"], "/v1/completions");
+            assert_eq!(r["content_events"].as_u64(), Some(t.content_events as u64));
+            assert_eq!(
+                r["events"].as_u64(),
+                Some(t.content_events as u64 + 2),
+                "empty first event and [DONE]"
+            );
+            let agent_ttft = r["time_to_first_token_seconds"].as_f64().expect("a first token");
+            ttft.push((agent_ttft - t.ttft_seconds().unwrap()).abs() * 1e3);
+            duration.push((r["duration_seconds"].as_f64().unwrap() - t.duration_seconds()).abs() * 1e3);
+            assert!(r["response_headers_seconds"].as_f64().unwrap() <= agent_ttft);
+        }
+        let summary = |v: &[f64]| (percentile(v, 50.0), percentile(v, 99.0));
+        let ((t50, t99), (d50, d99)) = (summary(&ttft), summary(&duration));
+        println!(
+            "fidelity {}: {} requests, |agent - client| TTFT median {t50:.3} ms p99 {t99:.3} ms; duration median {d50:.3} ms p99 {d99:.3} ms",
+            server.name,
+            truths.len()
+        );
+        assert!(t50 <= 1.0 && t99 <= 5.0, "{}: TTFT |delta| median {t50} ms, p99 {t99} ms", server.name);
+        assert!(d50 <= 1.0 && d99 <= 5.0, "{}: duration |delta| median {d50} ms, p99 {d99} ms", server.name);
+        assert!(agent.stop().success());
+    }
+}
+
+fn sum_of(text: &str, family: &str, needle: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn every_request_is_counted_at_concurrency_64() {
+    require_root();
+    for server in servers() {
+        let agent = Agent::start(&[server.pid()]);
+        let truths = load(&server, 64, 3, |i| Completion {
+            model: "count-model".into(),
+            pad: 1000 + 2 * i, // "false" is a byte longer than "true": keep sizes unique
+            max_tokens: 4,
+            delay_ms: 1.0,
+            stream: i % 2 == 0,
+        });
+        assert_eq!(truths.len(), 192);
+        assert!(truths.iter().all(|t| t.status == 200));
+        let records = wait_for_records(&agent, truths.len());
+        for t in &truths {
+            let r = &records[&t.request_bytes];
+            assert_eq!((r["outcome"].as_str(), r["status"].as_u64()), (Some("complete"), Some(200)));
+        }
+        let text = agent.metrics();
+        let total = sum_of(&text, "inferwatch_http_requests_total{", "model=\"count-model\"");
+        assert_eq!(total, 192.0, "{}:\n{text}", server.name);
+        let in_flight = sum_of(&text, "inferwatch_http_requests_in_flight{", "model=\"count-model\"");
+        assert_eq!(in_flight, 0.0);
+        for reason in ["ring_buffer_full", "agent_queue_full", "malformed"] {
+            assert_eq!(sum_of(&text, "inferwatch_agent_events_lost_total{", reason), 0.0);
+        }
+        println!("{}: 192 of 192 requests at concurrency 64", server.name);
+        assert!(agent.stop().success());
+    }
+}
+
+#[test]
+fn a_client_abort_mid_stream_is_aborted() {
+    require_root();
+    for server in servers() {
+        let agent = Agent::start(&[server.pid()]);
+        let c =
+            Completion { model: "abort-model".into(), pad: 7, max_tokens: 200, delay_ms: 10.0, stream: true };
+        let mut client = Client::connect(server.addr);
+        client.send_raw(&c.bytes());
+        let seen = client.read_response(Some(3));
+        assert_eq!(seen.content_events, 3);
+        client.abort();
+        let records = wait_for_records(&agent, 1);
+        let r = &records[&(c.bytes().len() as u64)];
+        assert_eq!(r["outcome"], "aborted", "{}: {r}", server.name);
+        assert_eq!(r["status"], 200);
+        let content = r["content_events"].as_u64().unwrap();
+        assert!((3..200).contains(&content), "{}: {content} content events before the abort", server.name);
+        let text = agent.metrics();
+        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", "outcome=\"aborted\""), 1.0);
+        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", "outcome=\"complete\""), 0.0);
+        assert!(agent.stop().success());
+    }
+}
+
+#[test]
+fn pipelined_requests_large_bodies_and_garbage() {
+    require_root();
+    for server in servers() {
+        let agent = Agent::start(&[server.pid()]);
+        // Garbage on the port first: counted as not HTTP, nothing reported, nothing breaks.
+        let mut junk = TcpStream::connect(server.addr).unwrap();
+        std::io::Write::write_all(&mut junk, b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03garbage\r\n\r\n")
+            .unwrap();
+        thread::sleep(Duration::from_millis(200));
+        drop(junk);
+
+        // Two requests in one write.
+        let a =
+            Completion { model: "pipe-model".into(), pad: 11, max_tokens: 3, delay_ms: 1.0, stream: true };
+        let b =
+            Completion { model: "pipe-model".into(), pad: 12, max_tokens: 3, delay_ms: 1.0, stream: false };
+        let mut client = Client::connect(server.addr);
+        client.send_raw(&[a.bytes(), b.bytes()].concat());
+        let (ra, rb) = (client.read_response(None), client.read_response(None));
+        assert_eq!((ra.status, rb.status, ra.content_events), (200, 200, 3));
+
+        // A 1 MiB request body, far beyond the capture, on the same connection.
+        let big = Completion {
+            model: "pipe-model".into(),
+            pad: 1 << 20,
+            max_tokens: 2,
+            delay_ms: 1.0,
+            stream: true,
+        };
+        let rbig = client.request(&big);
+        assert_eq!(rbig.status, 200);
+
+        let records = wait_for_records(&agent, 3);
+        let ra = &records[&(a.bytes().len() as u64)];
+        let rb = &records[&(b.bytes().len() as u64)];
+        let rbig = &records[&(big.bytes().len() as u64)];
+        for r in [ra, rb, rbig] {
+            assert_eq!(
+                (r["outcome"].as_str(), r["status"].as_u64()),
+                (Some("complete"), Some(200)),
+                "{}: {r}",
+                server.name
+            );
+            assert_eq!(r["model"], "pipe-model");
+        }
+        assert_eq!((ra["stream"].as_bool(), rb["stream"].as_bool()), (Some(true), Some(false)));
+        assert_eq!(rbig["content_events"], 2);
+        let text = agent.metrics();
+        assert_eq!(
+            sum_of(&text, "inferwatch_connections_not_http_total{", "reason=\"not_http\""),
+            1.0,
+            "{}",
+            server.name
+        );
+        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", ""), 3.0, "{}:\n{text}", server.name);
+        assert!(agent.stop().success());
+    }
+}
