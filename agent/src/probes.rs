@@ -129,6 +129,10 @@ pub async fn read_events(
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
     loop {
         let mut guard = ring.readable_mut().await.context("polling the ring buffer")?;
+        // Clear readiness before draining, not after: the kernel signals only when the ring goes
+        // from empty to non-empty, so a signal that came between a drain and a later clear would
+        // be lost and the reader would stall with records waiting.
+        guard.clear_ready();
         let ring = guard.get_inner_mut();
         while let Some(record) = ring.next() {
             let event = match events::decode(&record) {
@@ -142,7 +146,6 @@ pub async fn read_events(
                 dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        guard.clear_ready();
     }
 }
 

@@ -19,11 +19,155 @@ use crate::{
     tasks::{self, Profile},
 };
 
+const USAGE: &str = "usage: cargo xtask bench <devnull [--rounds N] [--iterations N] | events [--seconds N] [--connections N]>";
+
 pub fn bench(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         Some("devnull") => devnull(&args[1..]),
-        _ => Err("usage: cargo xtask bench devnull [--rounds N] [--iterations N]".into()),
+        Some("events") => events(&args[1..]),
+        _ => Err(USAGE.into()),
     }
+}
+
+/// The agent under a stream of SSE events as fast as a local server can write them: events per
+/// second it keeps up with, losses, its CPU and peak memory.
+fn events(args: &[String]) -> Result {
+    let seconds = flag(args, "--seconds", 10)?;
+    let connections = flag(args, "--connections", 4)?;
+    tasks::build(Profile::Release)?;
+    run(cmd::cargo(&setup::userspace_toolchain()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "inferwatch-tests",
+        "--bin",
+        "sseserver",
+        "--bin",
+        "sseload",
+    ]))?;
+    let bin = |name: &str| cmd::root().join("target/release").join(name);
+    let port = free_port()?;
+    let mut server = Command::new(bin("sseserver"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("sseserver: {e}"))?;
+    wait_for_port(port, &mut server)?;
+    let (mut agent, agent_port) = start_agent_on(&tasks::agent_binary(Profile::Release), server.id())?;
+    let cpu_before = cpu_ticks(agent.id());
+    let out = cmd::output(Command::new(bin("sseload")).args([
+        &format!("127.0.0.1:{port}"),
+        &connections.to_string(),
+        &seconds.to_string(),
+        "64",
+    ]))
+    .ok_or("sseload failed")?;
+    // Let the agent finish what is queued: read once its event count stops moving.
+    let mut metrics = http_get(agent_port, "/metrics")?;
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(200));
+        let now = http_get(agent_port, "/metrics")?;
+        let settled = now.lines().find(|l| l.starts_with("inferwatch_agent_events_total"))
+            == metrics.lines().find(|l| l.starts_with("inferwatch_agent_events_total"));
+        metrics = now;
+        if settled {
+            break;
+        }
+    }
+    let cpu = cpu_ticks(agent.id()).saturating_sub(cpu_before) as f64 / clock_ticks_per_second();
+    let peak_rss_kib = status_field(agent.id(), "VmHWM:").unwrap_or(0);
+    stop_agent(&mut agent)?;
+    let _ = server.kill();
+    let _ = server.wait();
+
+    let mut parts = out.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+    let (requests, content_events) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    let sum = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let kernel_events = sum("inferwatch_agent_events_total");
+    let lost = sum("inferwatch_agent_events_lost_total");
+    let counted = sum("inferwatch_http_requests_total");
+    let agent_content = sum("inferwatch_http_stream_events_total{");
+    println!("\n## events: {connections} connections streaming 64-token completions for {seconds} s");
+    println!("kernel: {}", cmd::output(Command::new("uname").arg("-r")).unwrap_or_default().trim());
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| requests sent / counted by the agent | {requests} / {counted} |");
+    println!(
+        "| client content events | {content_events} ({:.0}/s) |",
+        content_events as f64 / seconds as f64
+    );
+    println!("| SSE events counted by the agent (all kinds) | {agent_content} |");
+    println!(
+        "| kernel events received by the agent | {kernel_events} ({:.0}/s) |",
+        kernel_events / seconds as f64
+    );
+    println!("| events lost | {lost} |");
+    for reason in ["ring_buffer_full", "agent_queue_full", "malformed"] {
+        println!(
+            "| … {reason} | {} |",
+            sum(&format!("inferwatch_agent_events_lost_total{{reason=\"{reason}\"}}"))
+        );
+    }
+    println!("| agent CPU | {cpu:.2} s ({:.1}% of one core) |", 100.0 * cpu / seconds as f64);
+    println!("| agent peak RSS | {:.1} MiB |", peak_rss_kib as f64 / 1024.0);
+    Ok(())
+}
+
+fn free_port() -> Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+fn wait_for_port(port: u16, child: &mut Child) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited before listening ({status})"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("nothing listened on port {port} within 20 s"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn http_get(port: u16, path: &str) -> Result<String> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    cmd::output(Command::new("getconf").arg("CLK_TCK")).and_then(|v| v.trim().parse().ok()).unwrap_or(100.0)
+}
+
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok())
 }
 
 fn flag(args: &[String], name: &str, default: u64) -> Result<u64> {
@@ -103,27 +247,30 @@ fn measure(writeloop: &Path, mode: &str, iterations: u64) -> Result<f64> {
 }
 
 fn start_agent(agent: &Path, watch: u32) -> Result<Child> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| format!("no free port: {e}"))?
-        .port();
+    start_agent_on(agent, watch).map(|(child, _)| child)
+}
+
+/// Starts the agent watching `watch`; returns it with the port it serves on.
+fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
+    let port = free_port()?;
     let mut child = cmd::as_root(agent)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--pid", &watch.to_string(), "--log-level", "warn"])
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting the agent: {e}"))?;
+    // /healthz answers once the programs are attached (the port itself is bound earlier).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while !http_get(port, "/healthz").is_ok_and(|b| b == "ok\n") {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("the agent exited ({status})"));
         }
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err("the agent did not start listening in 20 s".into());
+            return Err("the agent did not answer /healthz in 20 s".into());
         }
         thread::sleep(Duration::from_millis(20));
     }
-    Ok(child)
+    Ok((child, port))
 }
 
 fn stop_agent(child: &mut Child) -> Result {
