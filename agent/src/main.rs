@@ -6,12 +6,14 @@
 mod aggregator;
 mod cli;
 mod connections;
+mod discovery;
 mod events;
 mod http;
 mod metrics;
 mod preflight;
 mod probes;
 mod procfs;
+mod promtext;
 mod run;
 mod server;
 mod syscalls;

@@ -1,0 +1,402 @@
+//! Finding vLLM on this node from /proc alone: API servers, engine cores and workers, grouped
+//! into instances by process tree, with their listening ports, models and containers.
+//!
+//! The parsing is pure (tested on text); [`scan`] does the reading. The agent runs in the host
+//! PID namespace, so containers' processes are seen too; ports are read from each process's
+//! own network namespace (`/proc/PID/net/tcp`).
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    path::Path,
+};
+
+use serde::Serialize;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    ApiServer,
+    EngineCore,
+    Worker,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ApiServer => "api_server",
+            Role::EngineCore => "engine_core",
+            Role::Worker => "worker",
+        }
+    }
+}
+
+/// The role of a process from its command line (NUL-separated, as in /proc) and comm.
+/// vLLM retitles its processes (`VLLM::EngineCore`, …), which rewrites both.
+pub fn classify(cmdline: &[u8], comm: &str) -> Option<Role> {
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let first = args.first().map(String::as_str).unwrap_or("");
+    let titled =
+        |prefix: &str| first.starts_with(prefix) || comm.starts_with(&prefix[..prefix.len().min(15)]);
+    if titled("VLLM::EngineCore") {
+        return Some(Role::EngineCore);
+    }
+    if titled("VLLM::Worker") {
+        return Some(Role::Worker);
+    }
+    if titled("VLLM::APIServer") {
+        return Some(Role::ApiServer);
+    }
+    let is_python = first.rsplit('/').next().is_some_and(|b| b.starts_with("python"));
+    let module = args.windows(2).any(|w| w[0] == "-m" && w[1] == "vllm.entrypoints.openai.api_server");
+    // `vllm serve …` (the console script, run directly or through python).
+    let serve = args.windows(2).any(|w| w[0].rsplit('/').next() == Some("vllm") && w[1] == "serve");
+    let serve_script =
+        first.rsplit('/').next() == Some("vllm") && args.get(1).map(String::as_str) == Some("serve");
+    if (is_python && (module || serve)) || serve_script {
+        return Some(Role::ApiServer);
+    }
+    None
+}
+
+/// `--served-model-name` (all its values), else `--model`, else the positional model of
+/// `vllm serve MODEL`.
+pub fn models_from_cmdline(cmdline: &[u8]) -> Vec<String> {
+    let args: Vec<String> = cmdline
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let values_of = |flag: &str| -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, a) in args.iter().enumerate() {
+            if let Some(v) = a.strip_prefix(&format!("{flag}=")) {
+                out.push(v.to_string());
+            } else if a == flag {
+                out.extend(args[i + 1..].iter().take_while(|v| !v.starts_with("--")).cloned());
+            }
+        }
+        out
+    };
+    let served = values_of("--served-model-name");
+    if !served.is_empty() {
+        return served;
+    }
+    if let Some(m) = values_of("--model").into_iter().next() {
+        return vec![m];
+    }
+    args.iter()
+        .position(|a| a == "serve")
+        .and_then(|i| args.get(i + 1))
+        .filter(|m| !m.starts_with('-'))
+        .map(|m| vec![m.clone()])
+        .unwrap_or_default()
+}
+
+/// Parent pid from `/proc/PID/stat` (the command name may contain spaces and parentheses).
+pub fn ppid_from_stat(stat: &str) -> Option<u32> {
+    let rest = stat.rsplit_once(')')?.1;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Listening TCP ports by socket inode, from `/proc/PID/net/tcp` or `tcp6`.
+pub fn listening_ports(net_tcp: &str) -> HashMap<u64, u16> {
+    net_tcp
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.get(3) != Some(&"0A") {
+                return None;
+            }
+            let port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let inode = f.get(9)?.parse().ok()?;
+            Some((inode, port))
+        })
+        .collect()
+}
+
+/// Container id and Kubernetes pod uid from `/proc/PID/cgroup`, where the path shows them
+/// (cgroupfs and systemd drivers; docker, containerd, CRI-O).
+pub fn container_from_cgroup(cgroup: &str) -> (Option<String>, Option<String>) {
+    let mut container = None;
+    let mut pod = None;
+    for line in cgroup.lines() {
+        let path = line.splitn(3, ':').nth(2).unwrap_or("");
+        for part in path.split('/') {
+            let part = part.trim_end_matches(".scope").trim_end_matches(".slice");
+            if let Some(uid) = part.rsplit_once("-pod").map(|(_, u)| u).or_else(|| part.strip_prefix("pod")) {
+                let uid = uid.replace('_', "-");
+                if uid.len() == 36 && uid.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+                    pod = Some(uid);
+                }
+            }
+            let id = part.rsplit(['-', ':']).next().unwrap_or(part);
+            if id.len() == 64 && id.chars().all(|c| c.is_ascii_hexdigit()) {
+                container = Some(id.to_string());
+            }
+        }
+    }
+    (container, pod)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Process {
+    pub pid: u32,
+    pub ppid: u32,
+    pub role: Role,
+    pub comm: String,
+}
+
+/// One vLLM deployment: the process tree under its first API server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Instance {
+    /// The root process (the first API server, or the launcher of several).
+    pub root_pid: u32,
+    pub processes: Vec<Process>,
+    /// Ports the API servers listen on.
+    pub ports: Vec<u16>,
+    /// From the command line; the scraper replaces them with `/v1/models` when it can.
+    pub models: Vec<String>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+impl Instance {
+    pub fn pids(&self, role: Role) -> impl Iterator<Item = u32> + '_ {
+        self.processes.iter().filter(move |p| p.role == role).map(|p| p.pid)
+    }
+
+    /// A stable, readable identity: the API port and where it runs.
+    pub fn id(&self) -> String {
+        let port = self.ports.first().map_or_else(|| format!("pid{}", self.root_pid), |p| p.to_string());
+        match &self.container_id {
+            Some(c) => format!("{}:{port}", &c[..12.min(c.len())]),
+            None => format!("localhost:{port}"),
+        }
+    }
+}
+
+/// Groups vLLM processes into instances: each belongs to its topmost vLLM ancestor.
+pub fn group(processes: &[Process], all_ppids: &HashMap<u32, u32>) -> Vec<(u32, Vec<Process>)> {
+    let vllm: BTreeMap<u32, &Process> = processes.iter().map(|p| (p.pid, p)).collect();
+    let mut instances: BTreeMap<u32, Vec<Process>> = BTreeMap::new();
+    for p in processes {
+        let mut root = p.pid;
+        let mut cursor = p.pid;
+        let mut hops = 0;
+        while let Some(&parent) = all_ppids.get(&cursor) {
+            if parent <= 1 || hops > 64 {
+                break;
+            }
+            if vllm.contains_key(&parent) {
+                root = parent;
+            }
+            cursor = parent;
+            hops += 1;
+        }
+        instances.entry(root).or_default().push(p.clone());
+    }
+    instances.into_iter().filter(|(_, ps)| ps.iter().any(|p| p.role == Role::ApiServer)).collect()
+}
+
+/// Reads /proc under `root` and returns every vLLM instance found.
+pub fn scan(root: &Path) -> Vec<Instance> {
+    let mut processes = Vec::new();
+    let mut ppids = HashMap::new();
+    let mut cmdlines = HashMap::new();
+    let Ok(entries) = fs::read_dir(root) else { return Vec::new() };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let dir = entry.path();
+        let Some(ppid) = fs::read_to_string(dir.join("stat")).ok().as_deref().and_then(ppid_from_stat) else {
+            continue;
+        };
+        ppids.insert(pid, ppid);
+        let cmdline = fs::read(dir.join("cmdline")).unwrap_or_default();
+        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default().trim_end().to_string();
+        if let Some(role) = classify(&cmdline, &comm) {
+            processes.push(Process { pid, ppid, role, comm });
+            cmdlines.insert(pid, cmdline);
+        }
+    }
+    group(&processes, &ppids)
+        .into_iter()
+        .map(|(root_pid, mut procs)| {
+            procs.sort_by_key(|p| (p.role, p.pid));
+            let api: Vec<u32> = procs.iter().filter(|p| p.role == Role::ApiServer).map(|p| p.pid).collect();
+            let mut ports = BTreeSet::new();
+            for pid in &api {
+                ports.extend(ports_of(&root.join(pid.to_string())));
+            }
+            let models = api.iter().find_map(|pid| {
+                let m = models_from_cmdline(cmdlines.get(pid)?);
+                (!m.is_empty()).then_some(m)
+            });
+            let cgroup =
+                fs::read_to_string(root.join(root_pid.to_string()).join("cgroup")).unwrap_or_default();
+            let (container_id, pod_uid) = container_from_cgroup(&cgroup);
+            Instance {
+                root_pid,
+                processes: procs,
+                ports: ports.into_iter().collect(),
+                models: models.unwrap_or_default(),
+                container_id,
+                pod_uid,
+            }
+        })
+        .collect()
+}
+
+/// TCP ports a process listens on: its socket inodes matched in its own network namespace.
+fn ports_of(proc_dir: &Path) -> BTreeSet<u16> {
+    let mut listening = HashMap::new();
+    for table in ["net/tcp", "net/tcp6"] {
+        if let Ok(text) = fs::read_to_string(proc_dir.join(table)) {
+            listening.extend(listening_ports(&text));
+        }
+    }
+    let Ok(fds) = fs::read_dir(proc_dir.join("fd")) else { return BTreeSet::new() };
+    fds.flatten()
+        .filter_map(|fd| {
+            let target = fs::read_link(fd.path()).ok()?;
+            let inode = target.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse::<u64>().ok()?;
+            listening.get(&inode).copied()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nul(args: &[&str]) -> Vec<u8> {
+        args.join("\0").into_bytes()
+    }
+
+    #[test]
+    fn recognises_vllm_processes() {
+        use Role::*;
+        let cases: &[(&[&str], &str, Option<Role>)] = &[
+            (
+                &["venv/bin/python", "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"],
+                "python",
+                Some(ApiServer),
+            ),
+            (
+                &["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "meta-llama/Llama-3.1-8B"],
+                "python3",
+                Some(ApiServer),
+            ),
+            (&["/usr/local/bin/vllm", "serve", "m"], "vllm", Some(ApiServer)),
+            (&["VLLM::APIServer_1"], "VLLM::APIServer", Some(ApiServer)),
+            (&["VLLM::EngineCore"], "VLLM::EngineCor", Some(EngineCore)),
+            (&["VLLM::EngineCore_DP0"], "VLLM::EngineCor", Some(EngineCore)),
+            (&["VLLM::Worker_TP1"], "VLLM::Worker_TP", Some(Worker)),
+            (&["python", "-m", "uvicorn", "app:app"], "python", None),
+            (&["grep", "vllm serve"], "grep", None),
+            (
+                &["/usr/bin/python3", "-c", "from multiprocessing.resource_tracker import main"],
+                "python3",
+                None,
+            ),
+        ];
+        for (args, comm, want) in cases {
+            assert_eq!(classify(&nul(args), comm), *want, "{args:?}");
+        }
+    }
+
+    #[test]
+    fn models_from_command_lines() {
+        assert_eq!(
+            models_from_cmdline(&nul(&[
+                "python",
+                "-m",
+                "x",
+                "--model",
+                "/srv/m",
+                "--served-model-name",
+                "tiny",
+                "t2",
+                "--port",
+                "1"
+            ])),
+            ["tiny", "t2"]
+        );
+        assert_eq!(models_from_cmdline(&nul(&["python", "-m", "x", "--model=/srv/m"])), ["/srv/m"]);
+        assert_eq!(
+            models_from_cmdline(&nul(&["vllm", "serve", "Qwen/Qwen3-8B", "--port", "8000"])),
+            ["Qwen/Qwen3-8B"]
+        );
+        assert!(models_from_cmdline(&nul(&["vllm", "serve", "--help"])).is_empty());
+    }
+
+    #[test]
+    fn parses_stat_and_net_tcp() {
+        assert_eq!(ppid_from_stat("28305 (VLLM::Engine) Core) S 28276 28273 1091 0"), Some(28276));
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:1F4B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45275 1 0 100 0 0 10 0\n\
+   1: 0100007F:94E0 0100007F:1F4B 01 00000000:00000000 00:00000000 00000000     0        0 45999 1 0 20 4 30 10 -1\n";
+        assert_eq!(listening_ports(tcp), HashMap::from([(45275, 8011)]));
+    }
+
+    #[test]
+    fn containers_and_pods_from_cgroups() {
+        let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod2f0c6bd1_5b1e_4c4e_9a4f_1b0a6e0f7c11.slice/cri-containerd-9f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c.scope\n";
+        assert_eq!(
+            container_from_cgroup(systemd),
+            (
+                Some("9f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c".into()),
+                Some("2f0c6bd1-5b1e-4c4e-9a4f-1b0a6e0f7c11".into())
+            )
+        );
+        let cgroupfs = "12:memory:/kubepods/besteffort/pod0a1b2c3d-0000-1111-2222-333344445555/4c4b3a29180d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f\n";
+        let (c, p) = container_from_cgroup(cgroupfs);
+        assert_eq!(p.as_deref(), Some("0a1b2c3d-0000-1111-2222-333344445555"));
+        assert_eq!(c.as_deref(), Some("4c4b3a29180d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8f7a6b5c4d3e2f"));
+        let docker = "0::/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope\n";
+        assert_eq!(
+            container_from_cgroup(docker).0.as_deref(),
+            Some("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef")
+        );
+        assert_eq!(
+            container_from_cgroup("4:memory:/process_api/af73461c10a3d7fd569d48561f63d2d3\n0::/\n"),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn groups_by_process_tree() {
+        let p = |pid, ppid, role| Process { pid, ppid, role, comm: String::new() };
+        // One instance with two API servers under a launcher; a second, separate instance.
+        let procs = vec![
+            p(100, 50, Role::ApiServer),
+            p(101, 100, Role::ApiServer),
+            p(102, 100, Role::ApiServer),
+            p(103, 100, Role::EngineCore),
+            p(104, 103, Role::Worker),
+            p(200, 1, Role::ApiServer),
+            p(201, 200, Role::EngineCore),
+            p(300, 1, Role::EngineCore), // an orphaned engine: no API server, not an instance
+        ];
+        let ppids: HashMap<u32, u32> = procs.iter().map(|p| (p.pid, p.ppid)).chain([(50, 1)]).collect();
+        let groups = group(&procs, &ppids);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0].0, 100);
+        assert_eq!(groups[0].1.len(), 5);
+        assert_eq!(groups[1].0, 200);
+    }
+
+    #[test]
+    fn scans_this_machine_without_failing() {
+        // No vLLM is expected here; the scan must simply work on a real /proc.
+        let found = scan(Path::new("/proc"));
+        for i in &found {
+            assert!(i.processes.iter().any(|p| p.role == Role::ApiServer));
+        }
+    }
+}
