@@ -2,7 +2,7 @@
 //! only this module writes the metric families and the list of recent requests.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     sync::{Arc, RwLock},
 };
 
@@ -14,10 +14,12 @@ use crate::{
     events::{AgentEvent, SockOp},
     http::{FinishedRequest, Update},
     metrics::{
-        LOST_MALFORMED, LostLabels, Metrics, ModelRoute, ReasonLabels, RequestLabels, SocketBytesLabels,
-        SocketOpLabels, StreamEventLabels,
+        InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, ReasonLabels, RequestLabels,
+        ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels, StreamEventLabels, VllmInfoLabels,
     },
     procfs,
+    scraper::ScrapeResult,
+    watcher::InstanceView,
 };
 
 /// Finished requests kept for `/api/v1/requests`.
@@ -25,9 +27,19 @@ pub const RECENT_REQUESTS: usize = 2048;
 /// Distinct `model` label values; later names are exported as `other`.
 pub const MAX_MODELS: usize = 32;
 
+/// The latest good scrape of one vLLM instance, re-exported under vLLM's own names.
+pub struct VllmSnapshot {
+    pub families: Vec<crate::promtext::Family>,
+    pub labels: Vec<(String, String)>,
+}
+
 /// What the exporters read. Written by the aggregator only.
 pub struct Shared {
     pub metrics: Metrics,
+    /// By instance id.
+    pub vllm: RwLock<BTreeMap<String, VllmSnapshot>>,
+    /// The instances of the latest discovery scan.
+    pub instances: RwLock<Vec<InstanceView>>,
     /// Newest last.
     pub recent: RwLock<VecDeque<RequestRecord>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to give kernel timestamps a wall-clock time.
@@ -38,9 +50,30 @@ impl Shared {
     pub fn new() -> Self {
         Self {
             metrics: Metrics::new(),
+            vllm: RwLock::new(BTreeMap::new()),
+            instances: RwLock::new(Vec::new()),
             recent: RwLock::new(VecDeque::new()),
             realtime_offset_ns: realtime_offset_ns(),
         }
+    }
+}
+
+impl Shared {
+    /// The whole `/metrics` page: the agent's registry, then every instance's `vllm:*`
+    /// families with their instance labels, then the OpenMetrics terminator.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = self.metrics.encode()?;
+        if out.ends_with("# EOF\n") {
+            out.truncate(out.len() - "# EOF\n".len());
+        }
+        let vllm = self.vllm.read().unwrap_or_else(|e| e.into_inner());
+        let labels: Vec<Vec<(&str, &str)>> =
+            vllm.values().map(|s| s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).collect();
+        let sources: Vec<crate::promtext::Source<'_>> =
+            vllm.values().zip(&labels).map(|(s, l)| (s.families.as_slice(), l.as_slice())).collect();
+        crate::promtext::write_sources(&mut out, &sources);
+        out.push_str("# EOF\n");
+        Ok(out)
     }
 }
 
@@ -85,6 +118,8 @@ pub struct Aggregator {
     /// Last cumulative loss count seen per reason, to turn totals into counter increments.
     lost_totals: HashMap<&'static str, u64>,
     models: HashSet<String>,
+    /// The served model of the instance each API server pid belongs to, when it serves one.
+    instance_model: HashMap<u32, String>,
 }
 
 impl Aggregator {
@@ -95,6 +130,7 @@ impl Aggregator {
             comms: HashMap::new(),
             lost_totals: HashMap::new(),
             models: HashSet::new(),
+            instance_model: HashMap::new(),
         }
     }
 
@@ -130,6 +166,13 @@ impl Aggregator {
             AgentEvent::Malformed => {
                 metrics.events_lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
             }
+            AgentEvent::Unwatched { tgid } => {
+                self.comms.remove(&tgid);
+                metrics.watched_processes.set(self.comms.len() as i64);
+                // Its series stay (counters must not go backwards); new ones stop.
+            }
+            AgentEvent::Instances(instances) => self.instances(instances),
+            AgentEvent::Scrape(result) => self.scrape(result),
         }
         let metrics = &self.shared.metrics;
         metrics.connections_tracked.set(self.connections.len() as i64);
@@ -160,6 +203,65 @@ impl Aggregator {
         }
     }
 
+    fn instances(&mut self, instances: Vec<InstanceView>) {
+        let m = &self.shared.metrics;
+        self.instance_model.clear();
+        m.vllm_info.clear();
+        let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        for i in &instances {
+            let api: Vec<u32> = i.instance.pids(crate::discovery::Role::ApiServer).collect();
+            if let [model] = i.models.as_slice() {
+                for pid in &api {
+                    self.instance_model.insert(*pid, model.clone());
+                }
+            }
+            let engine = i.instance.pids(crate::discovery::Role::EngineCore).next();
+            m.vllm_info
+                .get_or_create(&VllmInfoLabels {
+                    vllm_instance: i.id.clone(),
+                    version: i.version.clone().unwrap_or_default(),
+                    model: i.models.join(","),
+                    api_pid: api.first().map(|p| p.to_string()).unwrap_or_default(),
+                    engine_pid: engine.map(|p| p.to_string()).unwrap_or_default(),
+                    port: i.instance.listen.first().map(|a| a.port().to_string()).unwrap_or_default(),
+                })
+                .set(1);
+        }
+        // Instances that are gone: stop exporting their vLLM metrics and their up/down state.
+        let mut vllm = self.shared.vllm.write().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<String> = vllm.keys().filter(|k| !ids.contains(k.as_str())).cloned().collect();
+        for id in gone {
+            vllm.remove(&id);
+            m.vllm_up.remove(&InstanceLabels { vllm_instance: id.clone() });
+            m.vllm_scrape_duration.remove(&InstanceLabels { vllm_instance: id });
+        }
+        drop(vllm);
+        *self.shared.instances.write().unwrap_or_else(|e| e.into_inner()) = instances;
+    }
+
+    fn scrape(&mut self, result: ScrapeResult) {
+        let m = &self.shared.metrics;
+        let id = result.target.id.clone();
+        let labels = InstanceLabels { vllm_instance: id.clone() };
+        m.vllm_scrape_duration.get_or_create(&labels).set(result.duration.as_secs_f64());
+        let mut vllm = self.shared.vllm.write().unwrap_or_else(|e| e.into_inner());
+        match result.outcome {
+            Ok(families) => {
+                m.vllm_up.get_or_create(&labels).set(1);
+                vllm.insert(id, VllmSnapshot { families, labels: result.target.labels });
+            }
+            Err((reason, detail)) => {
+                tracing::debug!(instance = id, "scrape failed: {detail}");
+                m.vllm_up.get_or_create(&labels).set(0);
+                m.vllm_scrape_errors
+                    .get_or_create(&ScrapeErrorLabels { vllm_instance: id.clone(), reason })
+                    .inc();
+                // Nothing stale or half-parsed stays exported.
+                vllm.remove(&id);
+            }
+        }
+    }
+
     /// A bounded model label: the request's model if it is one of the first few seen.
     fn model_label(&mut self, model: Option<&str>) -> String {
         match model {
@@ -178,6 +280,7 @@ impl Aggregator {
             self.shared.metrics.not_http.get_or_create(&ReasonLabels { reason }).inc();
         }
         for (route, model) in update.started {
+            let model = model.or_else(|| self.instance_model.get(&tgid).cloned());
             let model = self.model_label(model.as_deref());
             self.shared.metrics.in_flight.get_or_create(&ModelRoute { model, route }).inc();
         }
@@ -187,7 +290,8 @@ impl Aggregator {
     }
 
     fn finished(&mut self, tgid: u32, req: FinishedRequest) {
-        let model = self.model_label(req.model.as_deref());
+        let model = req.model.clone().or_else(|| self.instance_model.get(&tgid).cloned());
+        let model = self.model_label(model.as_deref());
         let m = &self.shared.metrics;
         let labels = ModelRoute { model: model.clone(), route: req.route };
         m.in_flight.get_or_create(&labels).dec();

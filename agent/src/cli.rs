@@ -1,5 +1,5 @@
 //! Command line. `inferwatch` alone is `inferwatch run`.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -13,9 +13,38 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-enum Command {
+pub enum Command {
     /// Watch processes from the kernel and serve metrics (the default).
     Run(RunArgs),
+    /// Print the vLLM instances on this node and exit.
+    Discover(DiscoverArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DiscoverArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `500ms`, `5s`, `2m`, or plain seconds (`1.5`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let value: f64 =
+        number.trim().parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 5s, 2m)"))?;
+    if !(value.is_finite() && value > 0.0) {
+        return Err(format!("{s:?}: a duration must be positive"));
+    }
+    Ok(Duration::from_secs_f64(value * scale))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -23,9 +52,24 @@ pub struct RunArgs {
     /// Address for the HTTP endpoints (/metrics, /healthz).
     #[arg(long, default_value = "0.0.0.0:9420", env = "INFERWATCH_LISTEN")]
     pub listen: SocketAddr,
-    /// Watch this process (its whole thread group). Repeatable.
+    /// Watch this process (its whole thread group) as well as what discovery finds. Repeatable.
     #[arg(long = "pid", value_name = "PID")]
     pub pids: Vec<u32>,
+    /// Scrape this vLLM (`http://HOST:PORT`) as well as what discovery finds. Repeatable.
+    #[arg(long = "vllm-url", value_name = "URL")]
+    pub vllm_urls: Vec<String>,
+    /// Do not look for vLLM processes: watch only `--pid`, scrape only `--vllm-url`.
+    #[arg(long)]
+    pub no_discovery: bool,
+    /// How often /proc is scanned for vLLM processes.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub discovery_interval: Duration,
+    /// How often each instance's /metrics is scraped.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub scrape_interval: Duration,
+    /// Longest a scrape may take.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub scrape_timeout: Duration,
     /// Payload bytes copied from each socket transfer (request heads, SSE events), at most
     /// 4096. Only bytes actually moved are copied; they never leave the agent.
     #[arg(long, default_value_t = inferwatch_common::DEFAULT_CAPTURE as u32,
@@ -40,10 +84,16 @@ pub struct RunArgs {
 }
 
 impl Cli {
-    pub fn run_args(self) -> RunArgs {
-        match self.command {
-            Some(Command::Run(args)) => args,
-            None => self.run,
+    /// The command to run: `run` with the top-level flags when none is named.
+    pub fn command(self) -> Command {
+        self.command.unwrap_or(Command::Run(self.run))
+    }
+
+    #[cfg(test)]
+    fn run_args(self) -> RunArgs {
+        match self.command() {
+            Command::Run(args) => args,
+            other => panic!("not run: {other:?}"),
         }
     }
 }
@@ -74,5 +124,26 @@ mod tests {
         assert!(Cli::try_parse_from(["inferwatch", "--pid", "abc"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4097"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4096"]).is_ok());
+        assert!(Cli::try_parse_from(["inferwatch", "--scrape-interval", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--scrape-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn discover_subcommand() {
+        let cli = Cli::try_parse_from(["inferwatch", "discover", "--json"]).unwrap();
+        assert!(matches!(cli.command(), Command::Discover(DiscoverArgs { json: true })));
+        let args = Cli::try_parse_from(["inferwatch"]).unwrap().run_args();
+        assert_eq!(args.scrape_interval, Duration::from_secs(5));
+        assert_eq!(args.discovery_interval, Duration::from_secs(2));
+        assert!(!args.no_discovery);
     }
 }

@@ -8,6 +8,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::Path,
 };
 
@@ -103,8 +104,9 @@ pub fn ppid_from_stat(stat: &str) -> Option<u32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Listening TCP ports by socket inode, from `/proc/PID/net/tcp` or `tcp6`.
-pub fn listening_ports(net_tcp: &str) -> HashMap<u64, u16> {
+/// Listening TCP sockets by inode, from `/proc/PID/net/tcp` or `tcp6`: the address to reach
+/// each at (a wildcard address becomes loopback).
+pub fn listening_ports(net_tcp: &str) -> HashMap<u64, SocketAddr> {
     net_tcp
         .lines()
         .skip(1)
@@ -113,11 +115,38 @@ pub fn listening_ports(net_tcp: &str) -> HashMap<u64, u16> {
             if f.get(3) != Some(&"0A") {
                 return None;
             }
-            let port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let (ip_hex, port_hex) = f.get(1)?.rsplit_once(':')?;
+            let port = u16::from_str_radix(port_hex, 16).ok()?;
+            let ip = parse_proc_ip(ip_hex)?;
+            let ip = if ip.is_unspecified() {
+                match ip {
+                    IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                    IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+                }
+            } else {
+                ip
+            };
             let inode = f.get(9)?.parse().ok()?;
-            Some((inode, port))
+            Some((inode, SocketAddr::new(ip, port)))
         })
         .collect()
+}
+
+/// An address as /proc/net/tcp{,6} prints it: 32-bit words in host (little-endian) order.
+fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
+    let words: Option<Vec<u32>> =
+        (0..hex.len() / 8).map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok()).collect();
+    match words?.as_slice() {
+        [w] => Some(IpAddr::V4(Ipv4Addr::from(w.swap_bytes()))),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (i, w) in [a, b, c, d].iter().enumerate() {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(bytes)))
+        }
+        _ => None,
+    }
 }
 
 /// Container id and Kubernetes pod uid from `/proc/PID/cgroup`, where the path shows them
@@ -158,10 +187,10 @@ pub struct Instance {
     /// The root process (the first API server, or the launcher of several).
     pub root_pid: u32,
     pub processes: Vec<Process>,
-    /// Ports the API servers listen on.
-    pub ports: Vec<u16>,
-    /// From the command line; the scraper replaces them with `/v1/models` when it can.
-    pub models: Vec<String>,
+    /// Addresses the API servers listen on (wildcards as loopback), in their network namespace.
+    pub listen: Vec<SocketAddr>,
+    /// From the command line (`/v1/models` is asked later, when the server answers).
+    pub cmdline_models: Vec<String>,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
 }
@@ -173,7 +202,8 @@ impl Instance {
 
     /// A stable, readable identity: the API port and where it runs.
     pub fn id(&self) -> String {
-        let port = self.ports.first().map_or_else(|| format!("pid{}", self.root_pid), |p| p.to_string());
+        let port =
+            self.listen.first().map_or_else(|| format!("pid{}", self.root_pid), |a| a.port().to_string());
         match &self.container_id {
             Some(c) => format!("{}:{port}", &c[..12.min(c.len())]),
             None => format!("localhost:{port}"),
@@ -229,9 +259,9 @@ pub fn scan(root: &Path) -> Vec<Instance> {
         .map(|(root_pid, mut procs)| {
             procs.sort_by_key(|p| (p.role, p.pid));
             let api: Vec<u32> = procs.iter().filter(|p| p.role == Role::ApiServer).map(|p| p.pid).collect();
-            let mut ports = BTreeSet::new();
+            let mut listen = BTreeSet::new();
             for pid in &api {
-                ports.extend(ports_of(&root.join(pid.to_string())));
+                listen.extend(listening_addresses_of(&root.join(pid.to_string())));
             }
             let models = api.iter().find_map(|pid| {
                 let m = models_from_cmdline(cmdlines.get(pid)?);
@@ -243,8 +273,8 @@ pub fn scan(root: &Path) -> Vec<Instance> {
             Instance {
                 root_pid,
                 processes: procs,
-                ports: ports.into_iter().collect(),
-                models: models.unwrap_or_default(),
+                listen: listen.into_iter().collect(),
+                cmdline_models: models.unwrap_or_default(),
                 container_id,
                 pod_uid,
             }
@@ -252,8 +282,8 @@ pub fn scan(root: &Path) -> Vec<Instance> {
         .collect()
 }
 
-/// TCP ports a process listens on: its socket inodes matched in its own network namespace.
-fn ports_of(proc_dir: &Path) -> BTreeSet<u16> {
+/// TCP addresses a process listens on: its socket inodes matched in its own network namespace.
+fn listening_addresses_of(proc_dir: &Path) -> BTreeSet<SocketAddr> {
     let mut listening = HashMap::new();
     for table in ["net/tcp", "net/tcp6"] {
         if let Ok(text) = fs::read_to_string(proc_dir.join(table)) {
@@ -341,7 +371,14 @@ mod tests {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 0100007F:1F4B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45275 1 0 100 0 0 10 0\n\
    1: 0100007F:94E0 0100007F:1F4B 01 00000000:00000000 00:00000000 00000000     0        0 45999 1 0 20 4 30 10 -1\n";
-        assert_eq!(listening_ports(tcp), HashMap::from([(45275, 8011)]));
+        assert_eq!(listening_ports(tcp), HashMap::from([(45275, "127.0.0.1:8011".parse().unwrap())]));
+        let any = "h\n 0: 00000000:1F40 00000000:0000 0A 0:0 0:0 0 0 0 7 1\n";
+        assert_eq!(listening_ports(any), HashMap::from([(7, "127.0.0.1:8000".parse().unwrap())]));
+        let v6 = "h\n 0: 00000000000000000000000000000000:1F40 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 8 1\n\
+ 1: 0000000000000000FFFF00000100007F:1F41 00000000000000000000000000000000:0000 0A 0:0 0:0 0 0 0 9 1\n";
+        let ports = listening_ports(v6);
+        assert_eq!(ports[&8], "[::1]:8000".parse().unwrap());
+        assert_eq!(ports[&9], "[::ffff:127.0.0.1]:8001".parse().unwrap());
     }
 
     #[test]

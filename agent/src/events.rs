@@ -77,6 +77,14 @@ pub enum AgentEvent {
     },
     /// A ring-buffer record that did not decode.
     Malformed,
+    /// A process is no longer watched (it exited or is no longer a vLLM API server).
+    Unwatched {
+        tgid: u32,
+    },
+    /// The vLLM instances found by the latest discovery scan.
+    Instances(Vec<crate::watcher::InstanceView>),
+    /// The outcome of scraping one instance's `/metrics`.
+    Scrape(crate::scraper::ScrapeResult),
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -6,24 +6,31 @@
 mod aggregator;
 mod cli;
 mod connections;
+mod discover;
 mod discovery;
 mod events;
 mod http;
+mod httpclient;
 mod metrics;
 mod preflight;
 mod probes;
 mod procfs;
 mod promtext;
 mod run;
+mod scraper;
 mod server;
 mod syscalls;
+mod watcher;
 
 use clap::Parser as _;
 
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
-    let run_args = cli.run_args();
-    if let Err(e) = init_tracing(&run_args.log_level) {
+    let command = cli::Cli::parse().command();
+    let log_level = match &command {
+        cli::Command::Run(args) => args.log_level.clone(),
+        cli::Command::Discover(_) => "warn".to_string(),
+    };
+    if let Err(e) = init_tracing(&log_level) {
         eprintln!("inferwatch: {e}");
         return std::process::ExitCode::from(2);
     }
@@ -34,7 +41,11 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::run(run_args)) {
+    let result = match command {
+        cli::Command::Run(args) => runtime.block_on(run::run(args)),
+        cli::Command::Discover(args) => runtime.block_on(discover::print(args)),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line a person can act on: the outermost context first, causes after.

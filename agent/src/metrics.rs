@@ -1,6 +1,8 @@
 //! The metric families the agent exports. Only the aggregator writes them; the HTTP server
 //! encodes the registry.
 
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
@@ -95,6 +97,31 @@ pub struct Metrics {
     pub connections_evicted: Counter,
     pub requests_evicted: Counter,
     pub not_http: Family<ReasonLabels, Counter>,
+    pub vllm_up: Family<InstanceLabels, Gauge>,
+    pub vllm_scrape_duration: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
+    pub vllm_scrape_errors: Family<ScrapeErrorLabels, Counter>,
+    pub vllm_info: Family<VllmInfoLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InstanceLabels {
+    pub vllm_instance: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScrapeErrorLabels {
+    pub vllm_instance: String,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VllmInfoLabels {
+    pub vllm_instance: String,
+    pub version: String,
+    pub model: String,
+    pub api_pid: String,
+    pub engine_pid: String,
+    pub port: String,
 }
 
 impl Metrics {
@@ -212,6 +239,31 @@ impl Metrics {
             "Connections (or the rest of them) not followed as HTTP/1.1, by reason",
             not_http.clone(),
         );
+        let vllm_up = Family::<InstanceLabels, Gauge>::default();
+        registry.register(
+            "inferwatch_vllm_up",
+            "1 if the last scrape of the instance's /metrics succeeded",
+            vllm_up.clone(),
+        );
+        let vllm_scrape_duration = Family::<InstanceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "inferwatch_vllm_scrape_duration",
+            "How long the last scrape of the instance's /metrics took",
+            Unit::Seconds,
+            vllm_scrape_duration.clone(),
+        );
+        let vllm_scrape_errors = Family::<ScrapeErrorLabels, Counter>::default();
+        registry.register(
+            "inferwatch_vllm_scrape_errors",
+            "Failed scrapes of an instance's /metrics, by reason (nothing of a failed scrape is exported)",
+            vllm_scrape_errors.clone(),
+        );
+        let vllm_info = Family::<VllmInfoLabels, Gauge>::default();
+        registry.register(
+            "inferwatch_vllm_info",
+            "vLLM instances found on this node (value 1)",
+            vllm_info.clone(),
+        );
         Self {
             registry,
             socket_ops,
@@ -232,6 +284,10 @@ impl Metrics {
             connections_evicted,
             requests_evicted,
             not_http,
+            vllm_up,
+            vllm_scrape_duration,
+            vllm_scrape_errors,
+            vllm_info,
         }
     }
 

@@ -88,6 +88,13 @@ impl Probes {
     }
 }
 
+impl Probes {
+    /// Stops watching a process.
+    pub fn unwatch(&mut self, tgid: u32) -> Result<()> {
+        self.watched.remove(&tgid).with_context(|| format!("removing process {tgid} from the watch map"))
+    }
+}
+
 fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
     ebpf.take_map(name).with_context(|| format!("the eBPF object has no map {name}"))
 }

@@ -48,7 +48,7 @@ fn valid_name(name: &str) -> bool {
 
 /// The family a sample belongs to: the longest declared family name it extends with a known
 /// suffix (or equals).
-fn family_of<'a>(sample: &str, families: &'a [Family]) -> Option<usize> {
+fn family_of(sample: &str, families: &[Family]) -> Option<usize> {
     const SUFFIXES: [&str; 7] = ["", "_total", "_created", "_bucket", "_sum", "_count", "_info"];
     families
         .iter()
@@ -217,6 +217,9 @@ fn format_value(v: f64) -> String {
     }
 }
 
+/// One source's families and the labels added to each of its samples.
+pub type Source<'a> = (&'a [Family], &'a [(&'a str, &'a str)]);
+
 /// Whether a family only carries the creation times of another (Python's 0.0.4 encoding writes
 /// them as separate `…_created` gauges).
 fn is_created_shadow(f: &Family, families: &[Family]) -> bool {
@@ -227,39 +230,82 @@ fn is_created_shadow(f: &Family, families: &[Family]) -> bool {
     })
 }
 
-/// Writes `families` as OpenMetrics text with `extra` labels added to every sample (an
-/// existing label of the same name is replaced). Counter families are named without their
+/// Writes the families of several sources (vLLM instances) as OpenMetrics text, one block per
+/// family name however many sources have it, each source's samples with its `extra` labels
+/// (an existing label of the same name is replaced). Counter families are named without their
 /// `_total`; kinds OpenMetrics lacks are written as `unknown`; creation times (`_created`
 /// samples and families) are dropped: they describe the source's process, not the metric.
-pub fn write(out: &mut String, families: &[Family], extra: &[(&str, &str)]) {
-    for f in families {
-        if is_created_shadow(f, families) {
+pub fn write_sources(out: &mut String, sources: &[Source<'_>]) {
+    let mut order: Vec<&str> = Vec::new();
+    for (families, _) in sources {
+        for f in families.iter() {
+            if !is_created_shadow(f, families) && !order.contains(&f.name.as_str()) {
+                order.push(&f.name);
+            }
+        }
+    }
+    for name in order {
+        let mut header_written = false;
+        for (families, extra) in sources {
+            let Some(f) = families.iter().find(|f| f.name == name) else { continue };
+            let kind = match f.kind.as_str() {
+                "untyped" => "unknown",
+                k => k,
+            };
+            if !header_written {
+                let family_name =
+                    if kind == "counter" { name.strip_suffix("_total").unwrap_or(name) } else { name };
+                let _ = writeln!(
+                    out,
+                    "# HELP {family_name} {}",
+                    f.help.replace('\\', "\\\\").replace('\n', "\\n")
+                );
+                let _ = writeln!(out, "# TYPE {family_name} {kind}");
+                header_written = true;
+            }
+            for s in &f.samples {
+                if s.name.ends_with("_created") && s.name != f.name {
+                    continue;
+                }
+                write_sample(out, s, extra);
+            }
+        }
+    }
+}
+
+fn write_sample(out: &mut String, s: &Sample, extra: &[(&str, &str)]) {
+    out.push_str(&s.name);
+    out.push('{');
+    let own = s.labels.iter().filter(|(k, _)| !extra.iter().any(|(e, _)| e == k));
+    for (i, (k, v)) in own.map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+    }
+    let _ = writeln!(out, "}} {}", format_value(s.value));
+}
+
+/// Old vLLM names next to which the current ones are also exported (the current family wins
+/// when the source has both).
+const RENAMED: [(&str, &str); 2] = [
+    ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"),
+];
+
+/// Adds the current name of each old-named family the source lacks under its current name.
+pub fn add_current_names(families: &mut Vec<Family>) {
+    for (old, new) in RENAMED {
+        if families.iter().any(|f| f.name == new) {
             continue;
         }
-        let kind = match f.kind.as_str() {
-            "untyped" => "unknown",
-            k => k,
-        };
-        let name = if kind == "counter" { f.name.strip_suffix("_total").unwrap_or(&f.name) } else { &f.name };
-        let _ = writeln!(out, "# HELP {name} {}", f.help.replace('\\', "\\\\").replace('\n', "\\n"));
-        let _ = writeln!(out, "# TYPE {name} {kind}");
-        for s in &f.samples {
-            if s.name.ends_with("_created") && s.name != f.name {
-                continue;
-            }
-            out.push_str(&s.name);
-            out.push('{');
-            let mut first = true;
-            let own = s.labels.iter().filter(|(k, _)| !extra.iter().any(|(e, _)| e == k));
-            for (k, v) in own.map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()) {
-                if !first {
-                    out.push(',');
-                }
-                first = false;
-                let _ = write!(out, "{k}=\"{}\"", escape_label(v));
-            }
-            let _ = writeln!(out, "}} {}", format_value(s.value));
+        let Some(f) = families.iter().find(|f| f.name == old) else { continue };
+        let mut copy = f.clone();
+        copy.name = new.to_string();
+        for s in &mut copy.samples {
+            s.name = format!("{new}{}", &s.name[old.len()..]);
         }
+        families.push(copy);
     }
 }
 
@@ -326,6 +372,41 @@ mod tests {
     }
 
     #[test]
+    fn old_names_gain_their_current_twins() {
+        let mut fams = parse(
+            "# TYPE vllm:gpu_cache_usage_perc gauge\nvllm:gpu_cache_usage_perc{model_name=\"m\"} 0.5\n\
+# TYPE vllm:time_per_output_token_seconds histogram\nvllm:time_per_output_token_seconds_bucket{le=\"+Inf\"} 3\n\
+vllm:time_per_output_token_seconds_sum 0.3\nvllm:time_per_output_token_seconds_count 3\n",
+        )
+        .unwrap();
+        add_current_names(&mut fams);
+        let kv = family(&fams, "vllm:kv_cache_usage_perc");
+        assert_eq!(kv.samples[0].value, 0.5);
+        let itl = family(&fams, "vllm:inter_token_latency_seconds");
+        assert_eq!(itl.samples[2].name, "vllm:inter_token_latency_seconds_count");
+        // A current vLLM already has both: nothing is duplicated.
+        let mut current = parse(METRICS).unwrap();
+        let before = current.len();
+        add_current_names(&mut current);
+        assert_eq!(current.len(), before);
+    }
+
+    #[test]
+    fn several_sources_share_one_family_block() {
+        let fams =
+            parse("# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{model_name=\"a\"} 1\n")
+                .unwrap();
+        let mut out = String::new();
+        write_sources(
+            &mut out,
+            &[(&fams, &[("vllm_instance", "x:1")]), (&fams, &[("vllm_instance", "y:2")])],
+        );
+        assert_eq!(out.matches("# TYPE vllm:num_requests_running gauge").count(), 1);
+        assert!(out.contains("vllm:num_requests_running{model_name=\"a\",vllm_instance=\"x:1\"} 1.0\n"));
+        assert!(out.contains("vllm:num_requests_running{model_name=\"a\",vllm_instance=\"y:2\"} 1.0\n"));
+    }
+
+    #[test]
     fn escapes_special_values_and_timestamps() {
         let fams = parse("m{a=\"x\\\"y\\\\z\\n\"} NaN 1700000000000\nn +Inf\n").unwrap();
         assert_eq!(fams[0].samples[0].labels[0].1, "x\"y\\z\n");
@@ -338,7 +419,7 @@ mod tests {
         let fams = parse(METRICS).unwrap();
         let vllm: Vec<Family> = fams.into_iter().filter(|f| f.name.starts_with("vllm:")).collect();
         let mut out = String::new();
-        write(&mut out, &vllm, &[("vllm_instance", "127.0.0.1:8011")]);
+        write_sources(&mut out, &[(&vllm, &[("vllm_instance", "127.0.0.1:8011")])]);
         let again = parse(&out).unwrap();
         let kept: Vec<&Family> = vllm.iter().filter(|f| !is_created_shadow(f, &vllm)).collect();
         assert_eq!(again.len(), kept.len());

@@ -1,21 +1,27 @@
 //! `inferwatch run`: load the probes, start the pipeline, serve until SIGINT/SIGTERM.
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::{
+    net::ToSocketAddrs,
+    sync::{Arc, atomic::AtomicU64},
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{
     net::TcpListener,
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
+    sync::{mpsc, oneshot, watch},
 };
 
 use crate::{
     aggregator::{Aggregator, Shared},
     cli::RunArgs,
-    events::AgentEvent,
+    httpclient::Target,
     preflight,
     probes::{self, Probes},
+    procfs,
+    scraper::{self, ScrapeTarget},
     server,
+    watcher::{self, WatchConfig},
 };
 
 /// Events buffered between the ring-buffer reader and the aggregator.
@@ -32,20 +38,31 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
-    let (mut probes, outputs) = Probes::load(args.capture_bytes)?;
     for &pid in &args.pids {
-        let comm = probes.watch(pid).with_context(|| format!("--pid {pid}"))?;
-        tracing::info!(pid, comm, "watching");
-        tx.send(AgentEvent::Watched { tgid: pid, comm }).await?;
+        procfs::comm(pid).with_context(|| format!("--pid {pid}: process {pid} is not running"))?;
     }
-    if args.pids.is_empty() {
-        tracing::warn!("no --pid given: nothing is watched yet");
-    }
+    let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
+    let (probes, outputs) = Probes::load(args.capture_bytes)?;
 
     tokio::spawn(Aggregator::new(shared.clone(), args.max_connections).run(rx));
     let dropped = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));
-    tokio::spawn(probes::report_losses(outputs.lost, tx, dropped));
+    tokio::spawn(probes::report_losses(outputs.lost, tx.clone(), dropped));
+    let (targets_tx, targets_rx) = watch::channel(Vec::new());
+    tokio::spawn(scraper::run(targets_rx, tx.clone(), args.scrape_interval, args.scrape_timeout));
+    let config = WatchConfig {
+        discovery: !args.no_discovery,
+        interval: args.discovery_interval,
+        explicit_pids: args.pids.clone(),
+        explicit_urls,
+    };
+    let (scanned_tx, scanned_rx) = oneshot::channel();
+    tokio::spawn(watcher::run(probes, config, tx, targets_tx, scanned_tx));
+    // Serve only once the first scan has set up the watch map: from then on, nothing is missed.
+    let _ = scanned_rx.await;
+    if args.no_discovery && args.pids.is_empty() {
+        tracing::warn!("--no-discovery and no --pid: nothing is watched");
+    }
 
     tracing::info!(listen = %args.listen, "serving /metrics, /healthz and /api/v1/requests");
     let shutdown = async move {
@@ -64,7 +81,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
             Err(e) => anyhow::anyhow!("the ring-buffer reader crashed: {e}"),
         }),
     };
-    // Dropping the probes detaches every program; nothing was pinned, so nothing remains.
-    drop(probes);
+    // The probes are dropped with their task when the runtime ends: every program detaches,
+    // and nothing was pinned, so nothing remains.
     served
+}
+
+/// A `--vllm-url` as a scrape target.
+fn vllm_url_target(url: &str) -> Result<ScrapeTarget> {
+    let rest = url
+        .strip_prefix("http://")
+        .with_context(|| format!("--vllm-url {url}: only http:// URLs are supported"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let addr = authority
+        .to_socket_addrs()
+        .with_context(|| format!("--vllm-url {url}: cannot resolve {authority} (HOST:PORT)"))?
+        .next()
+        .with_context(|| format!("--vllm-url {url}: {authority} has no address"))?;
+    Ok(ScrapeTarget {
+        id: authority.to_string(),
+        target: Target { addr, netns_of: None },
+        labels: vec![("vllm_instance".to_string(), authority.to_string())],
+    })
 }

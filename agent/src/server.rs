@@ -4,6 +4,7 @@
 //! - `GET /healthz`: `ok`.
 //! - `GET /api/v1/requests?limit=N`: the N most recent finished requests (default 100,
 //!   newest first), as JSON: sizes and times, never payload.
+//! - `GET /api/v1/instances`: the vLLM instances found on this node.
 
 use std::sync::Arc;
 
@@ -25,16 +26,21 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/requests", get(requests))
+        .route("/api/v1/instances", get(instances))
         .with_state(shared)
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    match shared.metrics.encode() {
+    match shared.encode() {
         Ok(body) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], body).into_response(),
         Err(e) => {
             (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")).into_response()
         }
     }
+}
+
+async fn instances(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::watcher::InstanceView>> {
+    Json(shared.instances.read().unwrap_or_else(|e| e.into_inner()).clone())
 }
 
 #[derive(Deserialize)]

@@ -7,7 +7,7 @@
 //! through gaps exactly; framing lost in a gap is recovered at the next transfer when possible
 //! and otherwise the request is reported with what is known, never invented.
 
-mod chunked;
+pub(crate) mod chunked;
 mod connection;
 mod routes;
 mod sse;

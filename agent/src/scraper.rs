@@ -1,0 +1,79 @@
+//! Scraping each vLLM instance's own `/metrics`, on its own schedule; results go to the
+//! aggregator as immutable snapshots. A hung or broken endpoint costs a timeout and a counted
+//! error, never a half-parsed export.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    events::AgentEvent,
+    httpclient::{self, Target},
+    promtext::{self, Family},
+};
+
+/// Largest `/metrics` page accepted.
+const MAX_PAGE: usize = 32 << 20;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScrapeTarget {
+    /// The `vllm_instance` label.
+    pub id: String,
+    pub target: Target,
+    /// Labels added to every re-exported sample (`vllm_instance`, `container_id`, `pod_uid`).
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Debug)]
+pub struct ScrapeResult {
+    pub target: ScrapeTarget,
+    /// The `vllm:*` families, current names added; or the reason and detail of the failure.
+    pub outcome: Result<Vec<Family>, (&'static str, String)>,
+    pub duration: Duration,
+}
+
+pub async fn run(
+    mut targets: watch::Receiver<Vec<ScrapeTarget>>,
+    tx: mpsc::Sender<AgentEvent>,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            // New instances are scraped at once, not a whole interval later.
+            changed = targets.changed() => if changed.is_err() { return },
+        }
+        let current = targets.borrow_and_update().clone();
+        let scrapes = current.into_iter().map(|t| tokio::spawn(scrape(t, timeout)));
+        for handle in scrapes.collect::<Vec<_>>() {
+            if let Ok(result) = handle.await
+                && tx.send(AgentEvent::Scrape(result)).await.is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+pub async fn scrape(target: ScrapeTarget, timeout: Duration) -> ScrapeResult {
+    let start = Instant::now();
+    let outcome = match httpclient::get(&target.target, "/metrics", timeout, MAX_PAGE).await {
+        Err(e) => Err((e.reason(), e.to_string())),
+        Ok(body) => match std::str::from_utf8(&body) {
+            Err(_) => Err(("parse", "the page is not UTF-8".to_string())),
+            Ok(text) => match promtext::parse(text) {
+                Err(e) => Err(("parse", e.to_string())),
+                Ok(families) => {
+                    let mut vllm: Vec<Family> =
+                        families.into_iter().filter(|f| f.name.starts_with("vllm:")).collect();
+                    promtext::add_current_names(&mut vllm);
+                    Ok(vllm)
+                }
+            },
+        },
+    };
+    ScrapeResult { target, outcome, duration: start.elapsed() }
+}

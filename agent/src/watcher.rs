@@ -1,0 +1,161 @@
+//! The discovery loop: finds vLLM instances, keeps the kernel's watch map in step with their
+//! API servers (and the `--pid` overrides), describes each instance (`/version`,
+//! `/v1/models`), and hands scrape targets to the scraper. It owns the probes' watch map.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::Path,
+    time::Duration,
+};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::{
+    discovery::{self, Instance, Role},
+    events::AgentEvent,
+    httpclient::{self, Target},
+    probes::Probes,
+    scraper::ScrapeTarget,
+};
+
+/// An instance as the agent describes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct InstanceView {
+    pub id: String,
+    #[serde(flatten)]
+    pub instance: Instance,
+    pub version: Option<String>,
+    /// From `/v1/models` when it answered, else from the command line.
+    pub models: Vec<String>,
+}
+
+/// An instance's root process and listening addresses: a restart changes it.
+type InstanceKey = (u32, Vec<std::net::SocketAddr>);
+/// `/version` and `/v1/models` of an instance.
+type Description = (Option<String>, Vec<String>);
+
+pub struct WatchConfig {
+    pub discovery: bool,
+    pub interval: Duration,
+    pub explicit_pids: Vec<u32>,
+    pub explicit_urls: Vec<ScrapeTarget>,
+}
+
+pub async fn run(
+    mut probes: Probes,
+    config: WatchConfig,
+    tx: mpsc::Sender<AgentEvent>,
+    targets: watch::Sender<Vec<ScrapeTarget>>,
+    first_scan_done: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut watched: BTreeSet<u32> = BTreeSet::new();
+    let mut described: HashMap<InstanceKey, Description> = HashMap::new();
+    let mut first_scan_done = Some(first_scan_done);
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let instances = if config.discovery {
+            tokio::task::spawn_blocking(|| discovery::scan(Path::new("/proc"))).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let mut desired: BTreeSet<u32> = config
+            .explicit_pids
+            .iter()
+            .copied()
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+            .collect();
+        for i in &instances {
+            desired.extend(i.pids(Role::ApiServer));
+        }
+        for &pid in desired.difference(&watched.clone()) {
+            match probes.watch(pid) {
+                Ok(comm) => {
+                    tracing::info!(pid, comm, "watching");
+                    watched.insert(pid);
+                    let _ = tx.send(AgentEvent::Watched { tgid: pid, comm }).await;
+                }
+                Err(e) => tracing::warn!("cannot watch {pid}: {e:#}"),
+            }
+        }
+        for &pid in watched.clone().difference(&desired) {
+            if let Err(e) = probes.unwatch(pid) {
+                tracing::debug!("unwatching {pid}: {e:#}");
+            }
+            tracing::info!(pid, "process gone or no longer vLLM: unwatched");
+            watched.remove(&pid);
+            let _ = tx.send(AgentEvent::Unwatched { tgid: pid }).await;
+        }
+
+        let mut views = Vec::new();
+        described.retain(|k, _| instances.iter().any(|i| (i.root_pid, i.listen.clone()) == *k));
+        for i in instances {
+            let key = (i.root_pid, i.listen.clone());
+            let entry = match described.get(&key) {
+                Some(d) if d.0.is_some() => d.clone(),
+                _ => {
+                    let d = describe(&i).await;
+                    described.insert(key, d.clone());
+                    d
+                }
+            };
+            let (version, mut models) = entry;
+            if models.is_empty() {
+                models = i.cmdline_models.clone();
+            }
+            views.push(InstanceView { id: i.id(), instance: i, version, models });
+        }
+        let mut scrape: Vec<ScrapeTarget> = views
+            .iter()
+            .filter_map(|v| {
+                let addr = *v.instance.listen.first()?;
+                let api = v.instance.pids(Role::ApiServer).next()?;
+                let mut labels = vec![("vllm_instance".to_string(), v.id.clone())];
+                if let Some(c) = &v.instance.container_id {
+                    labels.push(("container_id".into(), c.clone()));
+                }
+                if let Some(p) = &v.instance.pod_uid {
+                    labels.push(("pod_uid".into(), p.clone()));
+                }
+                Some(ScrapeTarget { id: v.id.clone(), target: Target { addr, netns_of: Some(api) }, labels })
+            })
+            .collect();
+        scrape.extend(config.explicit_urls.iter().cloned());
+        targets.send_if_modified(|t| {
+            let changed = *t != scrape;
+            *t = scrape;
+            changed
+        });
+        let _ = tx.send(AgentEvent::Instances(views)).await;
+        if let Some(done) = first_scan_done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// `/version` and `/v1/models` of an instance (empty when it does not answer yet).
+pub async fn describe(i: &Instance) -> Description {
+    let (Some(addr), Some(api)) = (i.listen.first().copied(), i.pids(Role::ApiServer).next()) else {
+        return (None, Vec::new());
+    };
+    let target = Target { addr, netns_of: Some(api) };
+    let timeout = Duration::from_secs(2);
+    let version = httpclient::get(&target, "/version", timeout, 1 << 16)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_string));
+    let models = httpclient::get(&target, "/v1/models", timeout, 1 << 20)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| {
+            v["data"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|m| m["id"].as_str().map(str::to_string)).collect())
+        })
+        .unwrap_or_default();
+    (version, models)
+}
