@@ -32,14 +32,24 @@ impl Role {
     }
 }
 
-/// The role of a process from its command line (NUL-separated, as in /proc) and comm.
-/// vLLM retitles its processes (`VLLM::EngineCore`, …), which rewrites both.
-pub fn classify(cmdline: &[u8], comm: &str) -> Option<Role> {
+/// The arguments of a /proc cmdline. A process that retitled itself (setproctitle) shows one
+/// space-separated string instead of NUL-separated arguments.
+fn arguments(cmdline: &[u8]) -> Vec<String> {
     let args: Vec<String> = cmdline
         .split(|&b| b == 0)
         .filter(|a| !a.is_empty())
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
+    match args.as_slice() {
+        [title] if title.contains(' ') => title.split_whitespace().map(str::to_string).collect(),
+        _ => args,
+    }
+}
+
+/// The role of a process from its command line (NUL-separated, as in /proc) and comm.
+/// vLLM retitles its processes (`VLLM::EngineCore`, …), which rewrites both.
+pub fn classify(cmdline: &[u8], comm: &str) -> Option<Role> {
+    let args = arguments(cmdline);
     let first = args.first().map(String::as_str).unwrap_or("");
     let titled =
         |prefix: &str| first.starts_with(prefix) || comm.starts_with(&prefix[..prefix.len().min(15)]);
@@ -67,11 +77,7 @@ pub fn classify(cmdline: &[u8], comm: &str) -> Option<Role> {
 /// `--served-model-name` (all its values), else `--model`, else the positional model of
 /// `vllm serve MODEL`.
 pub fn models_from_cmdline(cmdline: &[u8]) -> Vec<String> {
-    let args: Vec<String> = cmdline
-        .split(|&b| b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let args = arguments(cmdline);
     let values_of = |flag: &str| -> Vec<String> {
         let mut out = Vec::new();
         for (i, a) in args.iter().enumerate() {
@@ -324,6 +330,8 @@ mod tests {
             ),
             (&["/usr/local/bin/vllm", "serve", "m"], "vllm", Some(ApiServer)),
             (&["VLLM::APIServer_1"], "VLLM::APIServer", Some(ApiServer)),
+            // The launcher of several API servers, retitled by setproctitle.
+            (&["vllm serve /models/tiny --api-server-count 2"], "vllm serve /mod", Some(ApiServer)),
             (&["VLLM::EngineCore"], "VLLM::EngineCor", Some(EngineCore)),
             (&["VLLM::EngineCore_DP0"], "VLLM::EngineCor", Some(EngineCore)),
             (&["VLLM::Worker_TP1"], "VLLM::Worker_TP", Some(Worker)),
@@ -363,6 +371,7 @@ mod tests {
             ["Qwen/Qwen3-8B"]
         );
         assert!(models_from_cmdline(&nul(&["vllm", "serve", "--help"])).is_empty());
+        assert_eq!(models_from_cmdline(b"vllm serve /m/tiny --served-model-name tiny --port 1"), ["tiny"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod servers;
+pub mod vllm;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -41,9 +42,21 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Starts the agent watching `pids` and waits until `/healthz` answers.
+    /// Starts the agent watching `pids` only (no discovery) and waits until `/healthz` answers.
     pub fn start(pids: &[u32]) -> Agent {
-        Self::start_with(pids, &[])
+        Self::start_with(pids, &["--no-discovery"])
+    }
+
+    /// Starts the agent with discovery on, as a user would: no pids.
+    pub fn start_discovering(extra: &[&str]) -> Agent {
+        Self::start_with(&[], extra)
+    }
+
+    /// GETs a JSON document from the agent's API.
+    pub fn json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.try_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(status, 200, "GET {path}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))
     }
 
     pub fn start_with(pids: &[u32], extra: &[&str]) -> Agent {

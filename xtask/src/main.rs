@@ -1,9 +1,11 @@
 //! `cargo xtask <task>`: everything a newcomer needs, from a fresh machine.
 //!
-//!   setup   install what is missing (pinned toolchains, LLVM 22, bpf-linker)
+//!   setup   install what is missing (pinned toolchains, LLVM 22, bpf-linker); with --e2e,
+//!           also the cached vLLM of the end-to-end tests
 //!   build   the kernel programs, then the agent that embeds them
 //!   run     build, then run the agent as root with the given arguments
-//!   test    format, lints, unit tests, then the root-only kernel integration tests
+//!   test    format, lints, unit tests, the root-only kernel integration tests, then e2e
+//!   e2e     the end-to-end suite on a real vLLM (CPU build, tiny model; cached install)
 //!   bench   A/B benchmarks (not part of `test`)
 //!
 //! Every task but `setup` runs the setup check first and installs only what is missing.
@@ -12,19 +14,24 @@ mod bench;
 mod cmd;
 mod setup;
 mod tasks;
+mod vllm;
 
 use std::process::ExitCode;
 
 const USAGE: &str =
-    "usage: cargo xtask <setup | build [--release] | run [--debug] -- ARGS | test | bench devnull>";
+    "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | bench devnull>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("setup") if args.get(1).map(String::as_str) == Some("--e2e") => {
+            setup::ensure().and_then(|()| vllm::ensure())
+        }
         Some("setup") => setup::ensure(),
         Some("build") => tasks::build(tasks::profile_from(&args[1..], tasks::Profile::Debug)),
         Some("run") => tasks::run_agent(&args[1..]),
         Some("test") => tasks::test(),
+        Some("e2e") => tasks::e2e(),
         Some("bench") => bench::bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

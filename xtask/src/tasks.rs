@@ -123,17 +123,42 @@ pub fn test() -> Result {
 
     step("kernel integration tests (root)");
     run(user_cargo().args(["build", "--package", "inferwatch"]))?;
+    run(&mut integration_tests(&["--lib", "--bins", "--test", "kernel", "--test", "http_fidelity"]))?;
+
+    e2e_tests()?;
+    step("all tests passed");
+    Ok(())
+}
+
+/// `cargo test` of the integration-test crate, run as root, with the paths the tests need.
+fn integration_tests(selection: &[&str]) -> std::process::Command {
     let mut c = user_cargo();
-    c.args(["test", "--package", "inferwatch-tests", "--", "--test-threads=1"])
+    c.args(["test", "--package", "inferwatch-tests"])
+        .args(selection)
+        .args(["--", "--test-threads=1", "--nocapture"])
         .env("INFERWATCH_BIN", agent_binary(Profile::Debug))
-        .env("INFERWATCH_PYTHON", setup::python_env_python());
+        .env("INFERWATCH_PYTHON", setup::python_env_python())
+        .env("INFERWATCH_VLLM_PYTHON", crate::vllm::python())
+        .env("INFERWATCH_TINY_MODEL", crate::vllm::tiny_model());
     if !cmd::is_root() {
         // cargo runs each test binary through this runner.
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
     }
-    run(&mut c)?;
-    step("all tests passed");
-    Ok(())
+    c
+}
+
+/// The end-to-end suite on a real vLLM (provisioned and cached on first use).
+pub fn e2e() -> Result {
+    setup::ensure_quietly()?;
+    build_ebpf()?;
+    run(user_cargo().args(["build", "--package", "inferwatch"]))?;
+    e2e_tests()
+}
+
+fn e2e_tests() -> Result {
+    step("end-to-end tests on a real vLLM");
+    crate::vllm::ensure()?;
+    run(&mut integration_tests(&["--test", "e2e_vllm"]))
 }
 
 fn step(name: &str) {

@@ -1,0 +1,223 @@
+//! End to end on a real vLLM (CPU, tiny random model): discovery with no flags, request
+//! timing, the re-export of vLLM's own metrics, crashes and restarts, several API servers.
+//! Run with `cargo xtask e2e` (part of `cargo xtask test`), which provisions vLLM.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use inferwatch_tests::{Agent, client::Client, http_get, require_root, series_value, vllm::Vllm};
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(360);
+
+fn completion(stream: bool, i: usize) -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"tiny","prompt":"request number {i} says hello","max_tokens":8,"stream":{stream}}}"#
+    );
+    post("/v1/completions", &body)
+}
+
+fn chat(stream: bool, i: usize) -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"tiny","messages":[{{"role":"user","content":"chat number {i}"}}],"max_tokens":8,"stream":{stream}}}"#
+    );
+    post("/v1/chat/completions", &body)
+}
+
+fn post(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Sends the requests on one keep-alive connection; all must succeed.
+fn send(addr: SocketAddr, requests: &[Vec<u8>]) {
+    let mut client = Client::connect(addr);
+    for r in requests {
+        client.send_raw(r);
+        let truth = client.read_response(None);
+        assert_eq!(truth.status, 200);
+    }
+}
+
+/// The agent's count of finished requests of the tiny model on the generation routes.
+fn counted(agent: &Agent, outcome: &str) -> f64 {
+    let text = agent.metrics();
+    ["/v1/completions", "/v1/chat/completions"]
+        .iter()
+        .map(|route| {
+            let series = format!(
+                "inferwatch_http_requests_total{{model=\"tiny\",route=\"{route}\",status=\"200\",outcome=\"{outcome}\"}}"
+            );
+            series_value(&text, &series).unwrap_or(0.0)
+        })
+        .sum()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    start.elapsed()
+}
+
+/// Instances the agent reports whose root process is `pid`.
+fn instance_of(agent: &Agent, pid: u32) -> Option<Value> {
+    let list = agent.json("/api/v1/instances");
+    list.as_array()?.iter().find(|i| i["root_pid"].as_u64() == Some(pid as u64)).cloned()
+}
+
+fn watched(agent: &Agent) -> f64 {
+    series_value(&agent.metrics(), "inferwatch_watched_processes").unwrap_or(0.0)
+}
+
+/// `vllm:*` samples keyed by name and labels (without the agent's `vllm_instance`), without
+/// creation times.
+fn vllm_samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with("vllm:") && !l.contains("_created"))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+            let mut labels: Vec<&str> = labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|kv| !kv.is_empty() && !kv.starts_with("vllm_instance="))
+                .collect();
+            labels.sort();
+            Some((format!("{name}{{{}}}", labels.join(",")), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn discovers_times_reexports_and_follows_a_restart() {
+    require_root();
+    let agent = Agent::start_discovering(&["--scrape-interval", "1s"]);
+    let mut vllm = Vllm::start("single", &[]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
+
+    // Found with no flags, from /proc alone, before it even listens.
+    let found = wait_until("discovery of the new vLLM", Duration::from_secs(5), || {
+        instance_of(&agent, vllm.pid()).is_some()
+    });
+    println!("e2e: vLLM found {found:?} after it started");
+    let startup = vllm.wait_ready(READY);
+    println!("e2e: vLLM ready in {startup:?}");
+    wait_until("instance description", Duration::from_secs(10), || {
+        instance_of(&agent, vllm.pid()).is_some_and(|i| i["version"] == "0.32.0" && i["models"][0] == "tiny")
+    });
+    let instance = instance_of(&agent, vllm.pid()).unwrap();
+    assert_eq!(instance["listen"][0], addr.to_string());
+    let roles: Vec<&str> =
+        instance["processes"].as_array().unwrap().iter().filter_map(|p| p["role"].as_str()).collect();
+    assert!(roles.contains(&"api_server") && roles.contains(&"engine_core"), "{roles:?}");
+    assert!(watched(&agent) >= 1.0);
+
+    // Requests are counted exactly, streamed or not, completions and chat.
+    let mut requests = Vec::new();
+    for i in 0..5 {
+        requests.push(completion(true, i));
+        requests.push(completion(false, i));
+    }
+    for i in 0..3 {
+        requests.push(chat(true, i));
+        requests.push(chat(false, i));
+    }
+    send(addr, &requests);
+    wait_until("the agent counting 16 requests", Duration::from_secs(10), || {
+        counted(&agent, "complete") == 16.0
+    });
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(counted(&agent, "complete"), 16.0);
+    assert_eq!(counted(&agent, "aborted"), 0.0);
+    let records = agent.json("/api/v1/requests?limit=100");
+    let streamed: Vec<&Value> =
+        records.as_array().unwrap().iter().filter(|r| r["stream"] == true && r["model"] == "tiny").collect();
+    assert_eq!(streamed.len(), 8);
+    for r in &streamed {
+        assert!(r["events"].as_u64().unwrap() >= 2, "{r}");
+        assert!(r["response_headers_seconds"].as_f64().unwrap() <= r["duration_seconds"].as_f64().unwrap());
+    }
+
+    // vLLM's own metrics, re-exported: equal to a direct scrape once both have settled.
+    thread::sleep(Duration::from_millis(2500));
+    let (_, direct) = http_get(addr, "/metrics").unwrap();
+    let direct = vllm_samples(&direct);
+    let exported = vllm_samples(&agent.metrics());
+    assert!(direct.len() > 50, "vLLM exposes its metrics");
+    let mut differing = Vec::new();
+    for (series, value) in &direct {
+        match exported.get(series) {
+            Some(v) if v == value || (v.is_nan() && value.is_nan()) => {}
+            other => differing.push(format!("{series}: vLLM {value}, agent {other:?}")),
+        }
+    }
+    assert!(differing.is_empty(), "re-exported samples differ:\n{}", differing.join("\n"));
+    let success = direct
+        .iter()
+        .filter(|(k, _)| k.starts_with("vllm:request_success_total{"))
+        .map(|(_, v)| v)
+        .sum::<f64>();
+    assert_eq!(success, 16.0, "vLLM agrees on the number of requests");
+    let up = format!("inferwatch_vllm_up{{vllm_instance=\"localhost:{}\"}}", addr.port());
+    assert_eq!(series_value(&agent.metrics(), &up), Some(1.0));
+
+    // A crash: the agent lets go of the dead processes.
+    let old_pid = vllm.pid();
+    vllm.kill();
+    wait_until("unwatching the dead vLLM", Duration::from_secs(5), || {
+        watched(&agent) == 0.0 && instance_of(&agent, old_pid).is_none()
+    });
+
+    // A restart: watched again within 5 s, and its requests are counted.
+    let mut vllm = Vllm::start("restarted", &[]);
+    let spawned = Instant::now();
+    wait_until("watching the restarted vLLM", Duration::from_secs(5), || {
+        instance_of(&agent, vllm.pid()).is_some() && watched(&agent) >= 1.0
+    });
+    println!("e2e: restarted vLLM watched {:?} after it started", spawned.elapsed());
+    vllm.wait_ready(READY);
+    let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
+    send(addr, &[completion(true, 100), completion(false, 101), chat(true, 102)]);
+    wait_until("counting after the restart", Duration::from_secs(10), || counted(&agent, "complete") == 19.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn two_api_servers_make_one_instance_with_both_watched() {
+    require_root();
+    let agent = Agent::start_discovering(&["--scrape-interval", "1s"]);
+    let mut vllm = Vllm::serve("api-server-count-2", &["--api-server-count", "2"]);
+    vllm.wait_ready(READY);
+    let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
+    let api_servers = |i: &Value| {
+        i["processes"].as_array().map_or(0, |p| p.iter().filter(|p| p["role"] == "api_server").count())
+    };
+    wait_until("both API servers in one instance", Duration::from_secs(10), || {
+        let list = agent.json("/api/v1/instances");
+        let list = list.as_array().unwrap();
+        list.len() == 1 && api_servers(&list[0]) >= 3 && watched(&agent) >= 3.0
+    });
+    let instance = &agent.json("/api/v1/instances")[0];
+    println!("e2e: --api-server-count 2: {} API server processes (launcher included)", api_servers(instance));
+    assert_eq!(instance["root_pid"].as_u64(), Some(vllm.pid() as u64));
+    // Separate connections spread over both servers; every request is counted once.
+    thread::scope(|s| {
+        for i in 0..8 {
+            s.spawn(move || send(addr, &[completion(i % 2 == 0, 200 + i)]));
+        }
+    });
+    wait_until("counting 8 requests across two API servers", Duration::from_secs(10), || {
+        counted(&agent, "complete") == 8.0
+    });
+    assert!(agent.stop().success());
+}
