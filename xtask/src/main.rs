@@ -5,6 +5,7 @@
 //!   build   the kernel programs, then the agent that embeds them
 //!   run     build, then run the agent as root with the given arguments
 //!   test    format, lints, unit tests, the root-only kernel integration tests, then e2e
+//!   demo    a real vLLM (CPU, tiny model), the agent and a short load; serves :9420 until Ctrl-C
 //!   e2e     the end-to-end suite on a real vLLM (CPU build, tiny model; cached install)
 //!   bench   A/B benchmarks (not part of `test`)
 //!
@@ -12,6 +13,7 @@
 
 mod bench;
 mod cmd;
+mod demo;
 mod setup;
 mod tasks;
 mod vllm;
@@ -32,6 +34,7 @@ fn main() -> ExitCode {
         Some("run") => tasks::run_agent(&args[1..]),
         Some("test") => tasks::test(),
         Some("e2e") => tasks::e2e(),
+        Some("demo") => demo::demo(),
         Some("bench") => bench::bench(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");

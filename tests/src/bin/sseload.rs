@@ -1,6 +1,6 @@
-//! Benchmark helper: `sseload ADDR CONNECTIONS SECONDS TOKENS` streams completions with no
-//! delay between tokens over CONNECTIONS keep-alive connections for SECONDS, then prints
-//! `requests content_events` it received. Used by `cargo xtask bench events`.
+//! Load helper: `sseload ADDR CONNECTIONS SECONDS TOKENS [MODEL]` streams completions (of
+//! MODEL, default `load`) over CONNECTIONS keep-alive connections for SECONDS, then prints
+//! `requests content_events` it received. Used by `cargo xtask bench events` and `demo`.
 use std::{
     net::SocketAddr,
     thread,
@@ -11,9 +11,13 @@ use inferwatch_tests::client::{Client, Completion};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [addr, connections, seconds, tokens] = args.as_slice() else {
-        eprintln!("usage: sseload ADDR CONNECTIONS SECONDS TOKENS");
-        std::process::exit(2);
+    let (addr, connections, seconds, tokens, model) = match args.as_slice() {
+        [a, c, s, t] => (a, c, s, t, "load".to_string()),
+        [a, c, s, t, m] => (a, c, s, t, m.clone()),
+        _ => {
+            eprintln!("usage: sseload ADDR CONNECTIONS SECONDS TOKENS [MODEL]");
+            std::process::exit(2);
+        }
     };
     let addr: SocketAddr = addr.parse().expect("ADDR");
     let connections: usize = connections.parse().expect("CONNECTIONS");
@@ -22,10 +26,11 @@ fn main() {
     let totals: Vec<(u64, u64)> = thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
             .map(|_| {
+                let model = model.clone();
                 s.spawn(move || {
                     let mut client = Client::connect(addr);
                     let c = Completion {
-                        model: "load".into(),
+                        model: model.clone(),
                         pad: 16,
                         max_tokens: tokens,
                         delay_ms: 0.0,
