@@ -79,11 +79,13 @@ fn watched(agent: &Agent) -> f64 {
     series_value(&agent.metrics(), "inferwatch_watched_processes").unwrap_or(0.0)
 }
 
-/// `vllm:*` samples keyed by name and labels (without the agent's `vllm_instance`), without
-/// creation times.
-fn vllm_samples(text: &str) -> BTreeMap<String, f64> {
+/// `vllm:*` samples keyed by name and labels (without the agent's `vllm_instance`, keeping only
+/// `instance`'s when given), without creation times.
+fn vllm_samples(text: &str, instance: Option<&str>) -> BTreeMap<String, f64> {
+    let tag = instance.map(|i| format!("vllm_instance=\"{i}\""));
     text.lines()
         .filter(|l| l.starts_with("vllm:") && !l.contains("_created"))
+        .filter(|l| tag.as_ref().is_none_or(|t| l.contains(t.as_str())))
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
@@ -151,8 +153,8 @@ fn discovers_times_reexports_and_follows_a_restart() {
     // vLLM's own metrics, re-exported: equal to a direct scrape once both have settled.
     thread::sleep(Duration::from_millis(2500));
     let (_, direct) = http_get(addr, "/metrics").unwrap();
-    let direct = vllm_samples(&direct);
-    let exported = vllm_samples(&agent.metrics());
+    let direct = vllm_samples(&direct, None);
+    let exported = vllm_samples(&agent.metrics(), Some(&format!("localhost:{}", addr.port())));
     assert!(direct.len() > 50, "vLLM exposes its metrics");
     let mut differing = Vec::new();
     for (series, value) in &direct {
@@ -171,18 +173,19 @@ fn discovers_times_reexports_and_follows_a_restart() {
     let up = format!("inferwatch_vllm_up{{vllm_instance=\"localhost:{}\"}}", addr.port());
     assert_eq!(series_value(&agent.metrics(), &up), Some(1.0));
 
-    // A crash: the agent lets go of the dead processes.
+    // A crash: the agent lets go of the dead processes (other vLLMs on the machine stay watched).
     let old_pid = vllm.pid();
+    let before = watched(&agent);
     vllm.kill();
     wait_until("unwatching the dead vLLM", Duration::from_secs(5), || {
-        watched(&agent) == 0.0 && instance_of(&agent, old_pid).is_none()
+        watched(&agent) == before - 1.0 && instance_of(&agent, old_pid).is_none()
     });
 
     // A restart: watched again within 5 s, and its requests are counted.
     let mut vllm = Vllm::start("restarted", &[]);
     let spawned = Instant::now();
     wait_until("watching the restarted vLLM", Duration::from_secs(5), || {
-        instance_of(&agent, vllm.pid()).is_some() && watched(&agent) >= 1.0
+        instance_of(&agent, vllm.pid()).is_some() && watched(&agent) == before
     });
     println!("e2e: restarted vLLM watched {:?} after it started", spawned.elapsed());
     vllm.wait_ready(READY);
@@ -203,13 +206,39 @@ fn two_api_servers_make_one_instance_with_both_watched() {
         i["processes"].as_array().map_or(0, |p| p.iter().filter(|p| p["role"] == "api_server").count())
     };
     wait_until("both API servers in one instance", Duration::from_secs(10), || {
-        let list = agent.json("/api/v1/instances");
-        let list = list.as_array().unwrap();
-        list.len() == 1 && api_servers(&list[0]) >= 3 && watched(&agent) >= 3.0
+        instance_of(&agent, vllm.pid()).is_some_and(|i| api_servers(&i) >= 3)
     });
-    let instance = &agent.json("/api/v1/instances")[0];
-    println!("e2e: --api-server-count 2: {} API server processes (launcher included)", api_servers(instance));
-    assert_eq!(instance["root_pid"].as_u64(), Some(vllm.pid() as u64));
+    let instance = instance_of(&agent, vllm.pid()).unwrap();
+    println!(
+        "e2e: --api-server-count 2: {} API server processes (launcher included)",
+        api_servers(&instance)
+    );
+    // One instance holds them all: no other instance has any of its processes.
+    let pids: Vec<u64> =
+        instance["processes"].as_array().unwrap().iter().filter_map(|p| p["pid"].as_u64()).collect();
+    let others = agent.json("/api/v1/instances");
+    for other in others.as_array().unwrap().iter().filter(|i| i["root_pid"] != instance["root_pid"]) {
+        let theirs = other["processes"].as_array().unwrap();
+        assert!(theirs.iter().all(|p| !pids.contains(&p["pid"].as_u64().unwrap())), "{other}");
+    }
+    let api_pids: Vec<u32> = instance["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "api_server")
+        .map(|p| p["pid"].as_u64().unwrap() as u32)
+        .collect();
+    let text = agent.metrics();
+    for pid in &api_pids {
+        // Watched: the kernel programs report its sockets (every API server talks to the engine).
+        let own = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("inferwatch_process_socket_ops_total{") && l.contains(&format!("pid=\"{pid}\""))
+            })
+            .count();
+        assert!(own > 0 || *pid == vllm.pid(), "API server {pid} is not watched:\n{text}");
+    }
     // Separate connections spread over both servers; every request is counted once.
     thread::scope(|s| {
         for i in 0..8 {
