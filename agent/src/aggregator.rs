@@ -13,9 +13,11 @@ use crate::{
     connections::ConnectionTable,
     events::{AgentEvent, SockOp},
     http::{FinishedRequest, Update},
+    ipc::{IpcTracker, Phases},
     metrics::{
-        InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, ReasonLabels, RequestLabels,
-        ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels, StreamEventLabels, VllmInfoLabels,
+        InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels, ReasonLabels,
+        RequestLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels, StreamEventLabels,
+        VllmInfoLabels,
     },
     procfs,
     scraper::ScrapeResult,
@@ -108,7 +110,22 @@ pub struct RequestRecord {
     pub time_to_first_token_seconds: Option<f64>,
     pub duration_seconds: f64,
     pub max_chunk_gap_seconds: Option<f64>,
+    /// Request received → handed to the engine (parsing, templating, tokenisation).
+    pub frontend_in_seconds: Option<f64>,
+    /// Handed over → the engine output that became the first token (queueing + prefill).
+    pub engine_first_seconds: Option<f64>,
+    /// Handed over → the last engine output (responses sent whole).
+    pub engine_seconds: Option<f64>,
+    /// That output received → written to the client (detokenisation, serialisation).
+    pub frontend_out_seconds: Option<f64>,
+    /// First token → end of the stream.
+    pub decode_seconds: Option<f64>,
+    /// Why the phases are missing, for a generation request whose IPC was not seen.
+    pub phases_unmatched: Option<&'static str>,
 }
+
+/// Routes whose requests go through vLLM's engine.
+const GENERATION_ROUTES: [&str; 3] = ["/v1/completions", "/v1/chat/completions", "/v1/responses"];
 
 pub struct Aggregator {
     shared: Arc<Shared>,
@@ -120,6 +137,7 @@ pub struct Aggregator {
     models: HashSet<String>,
     /// The served model of the instance each API server pid belongs to, when it serves one.
     instance_model: HashMap<u32, String>,
+    ipc: IpcTracker,
 }
 
 impl Aggregator {
@@ -131,6 +149,7 @@ impl Aggregator {
             lost_totals: HashMap::new(),
             models: HashSet::new(),
             instance_model: HashMap::new(),
+            ipc: IpcTracker::default(),
         }
     }
 
@@ -145,7 +164,11 @@ impl Aggregator {
         match event {
             AgentEvent::Sock(op) => {
                 self.sock_op(&op);
-                let (tgid, update) = self.connections.on_sock(&op);
+                let (tgid, update, http) = self.connections.on_sock(&op);
+                if !http && op.ret > 0 && !op.payload.is_empty() {
+                    // Not a client connection: vLLM's IPC with its engine, or something else.
+                    self.ipc.observe(op.ts_ns, op.direction == crate::events::Direction::Sent, &op.payload);
+                }
                 self.http_update(tgid, update);
             }
             AgentEvent::State(st) => {
@@ -332,6 +355,32 @@ impl Aggregator {
         m.request_bytes.get_or_create(&labels).inc_by(req.request_bytes);
         m.response_bytes.get_or_create(&labels).inc_by(req.response_bytes);
 
+        let ipc = req.response_id.as_deref().and_then(|id| self.ipc.take(id));
+        let generation = GENERATION_ROUTES.contains(&req.route) && req.status == 200;
+        let (phases, unmatched) =
+            match crate::ipc::phases(req.received_ns, req.first_token_ns, req.end_ns, ipc.as_ref()) {
+                Ok(p) => (Some(p), None),
+                Err(reason) if generation => (None, Some(reason)),
+                Err(_) => (None, None),
+            };
+        let m = &self.shared.metrics;
+        if let Some(reason) = unmatched {
+            m.phase_unmatched.get_or_create(&ReasonLabels { reason }).inc();
+        }
+        if let Some(p) = &phases {
+            let observe = |phase: &'static str, v: Option<f64>| {
+                if let Some(v) = v {
+                    m.request_phase.get_or_create(&PhaseLabels { phase, model: model.clone() }).observe(v);
+                }
+            };
+            observe("frontend_in", Some(p.frontend_in));
+            observe("engine_first", p.engine_first);
+            observe("engine", p.engine);
+            observe("frontend_out", Some(p.frontend_out));
+            observe("decode", p.decode);
+        }
+        let phase = |f: fn(&Phases) -> Option<f64>| phases.as_ref().and_then(f);
+
         let record = RequestRecord {
             pid: tgid,
             method: req.method,
@@ -350,6 +399,12 @@ impl Aggregator {
             time_to_first_token_seconds: ttft,
             duration_seconds: duration,
             max_chunk_gap_seconds: req.chunk_gaps_ns.iter().max().map(|g| *g as f64 / 1e9),
+            frontend_in_seconds: phase(|p| Some(p.frontend_in)),
+            engine_first_seconds: phase(|p| p.engine_first),
+            engine_seconds: phase(|p| p.engine),
+            frontend_out_seconds: phase(|p| Some(p.frontend_out)),
+            decode_seconds: phase(|p| p.decode),
+            phases_unmatched: unmatched,
         };
         let mut recent = self.shared.recent.write().unwrap_or_else(|e| e.into_inner());
         if recent.len() >= RECENT_REQUESTS {

@@ -47,10 +47,11 @@ impl ConnectionTable {
         self.entries.len()
     }
 
-    /// Feeds one socket operation; returns what it revealed, with the process it belongs to.
-    pub fn on_sock(&mut self, op: &SockOp) -> (u32, Update) {
+    /// Feeds one socket operation; returns what it revealed, with the process it belongs to,
+    /// and whether the connection is the server side of HTTP.
+    pub fn on_sock(&mut self, op: &SockOp) -> (u32, Update, bool) {
         if op.conn_id == 0 {
-            return (op.tgid, Update::default());
+            return (op.tgid, Update::default(), false);
         }
         let entry = self.touch(op.conn_id, op.tgid);
         let conn = &mut entry.conn;
@@ -62,7 +63,7 @@ impl ConnectionTable {
             (Direction::Received, r) => conn.received(op.ts_ns, &op.payload, r as usize),
             (Direction::Sent, r) => conn.sent(op.ts_ns, &op.payload, r as usize),
         };
-        (entry.tgid, update)
+        (entry.tgid, update, conn.is_http_server())
     }
 
     /// Feeds a TCP state change: a closed or half-closed connection ends what is open on it.

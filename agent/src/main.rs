@@ -11,6 +11,7 @@ mod discovery;
 mod events;
 mod http;
 mod httpclient;
+mod ipc;
 mod metrics;
 mod preflight;
 mod probes;

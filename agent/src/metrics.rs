@@ -101,6 +101,14 @@ pub struct Metrics {
     pub vllm_scrape_duration: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
     pub vllm_scrape_errors: Family<ScrapeErrorLabels, Counter>,
     pub vllm_info: Family<VllmInfoLabels, Gauge>,
+    pub request_phase: Histograms<PhaseLabels>,
+    pub phase_unmatched: Family<ReasonLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+    pub model: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -264,6 +272,19 @@ impl Metrics {
             "vLLM instances found on this node (value 1)",
             vllm_info.clone(),
         );
+        let request_phase: Histograms<PhaseLabels> = Family::new_with_constructor(latency_histogram);
+        registry.register_with_unit(
+            "inferwatch_request_phase",
+            "Where generation requests' time went: frontend_in (received → handed to the engine), engine_first (→ the output that became the first token), frontend_out (→ first token written), decode (→ end); engine for responses sent whole",
+            Unit::Seconds,
+            request_phase.clone(),
+        );
+        let phase_unmatched = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "inferwatch_request_phase_unmatched",
+            "Generation requests whose engine IPC was not seen (no phases), by reason",
+            phase_unmatched.clone(),
+        );
         Self {
             registry,
             socket_ops,
@@ -288,6 +309,8 @@ impl Metrics {
             vllm_scrape_duration,
             vllm_scrape_errors,
             vllm_info,
+            request_phase,
+            phase_unmatched,
         }
     }
 

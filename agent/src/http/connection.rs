@@ -55,6 +55,8 @@ pub struct FinishedRequest {
     pub content_events: u32,
     /// Gaps between consecutive content events.
     pub chunk_gaps_ns: Vec<u64>,
+    /// The response's own `"id"` (`cmpl-…`), to join with the engine IPC. Never exported.
+    pub response_id: Option<String>,
 }
 
 /// What the agent learns from one transfer on a connection.
@@ -86,6 +88,21 @@ struct Pending {
     events: u32,
     content_events: u32,
     chunk_gaps_ns: Vec<u64>,
+    /// The first body bytes of the response, until its `"id"` is found.
+    id_scan: Vec<u8>,
+    response_id: Option<String>,
+}
+
+/// Response body bytes searched for the response's `"id"`.
+const ID_SCAN: usize = 512;
+
+/// The first `"id":"…"` string of a JSON text (bounded, printable).
+fn response_id(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let at = text.find("\"id\"")?;
+    let rest = text[at + 4..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let id = &rest[..rest.find('"')?];
+    (!id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())).then(|| id.to_string())
 }
 
 #[derive(Debug)]
@@ -196,10 +213,17 @@ fn new_pending(method: &'static str, route: &'static str, received_ns: u64, requ
         events: 0,
         content_events: 0,
         chunk_gaps_ns: Vec::new(),
+        id_scan: Vec::new(),
+        response_id: None,
     }
 }
 
 impl Connection {
+    /// Whether this is the server side of HTTP: a request was read on it.
+    pub fn is_http_server(&self) -> bool {
+        self.seen_request
+    }
+
     /// Requests in flight (head received, response not over).
     pub fn in_flight(&self) -> usize {
         self.pending.len()
@@ -560,6 +584,17 @@ impl Connection {
     }
 
     fn body_bytes(&mut self, known: &[u8], gap: usize, ts: u64) {
+        if let Some(req) = self.pending.front_mut()
+            && req.response_id.is_none()
+            && req.id_scan.len() < ID_SCAN
+        {
+            let room = ID_SCAN - req.id_scan.len();
+            req.id_scan.extend_from_slice(&known[..known.len().min(room)]);
+            req.response_id = response_id(&req.id_scan);
+            if req.response_id.is_some() || gap > 0 {
+                req.id_scan = Vec::new();
+            }
+        }
         let Some(sse) = &mut self.sse else { return };
         let mut classes = Vec::new();
         sse.feed(known, &mut |c| classes.push(c));
@@ -637,5 +672,6 @@ fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedRequest {
         events: req.events,
         content_events: req.content_events,
         chunk_gaps_ns: req.chunk_gaps_ns,
+        response_id: req.response_id,
     }
 }

@@ -39,6 +39,10 @@ fn position_after(haystack: &[u8], needle: &[u8], then: &[u8]) -> usize {
     start + haystack[start..].windows(then.len()).position(|w| w == then).unwrap() + then.len()
 }
 
+fn expected_id(response: &[u8]) -> &'static str {
+    if response == CHAT_STREAM { "chatcmpl-8e16167c5c6a3a7e" } else { "cmpl-be618ddab538b76a" }
+}
+
 /// The response split in two at every byte: same request, same counts, and the first token
 /// timed by the write in which the first content event completes.
 fn check_every_split(route: &str, response: &[u8], first_content: &[u8], events: u32, content: u32) {
@@ -58,6 +62,7 @@ fn check_every_split(route: &str, response: &[u8], first_content: &[u8], events:
         assert_eq!(r.first_token_ns, Some(expect_first), "cut {cut}");
         assert_eq!(r.end_ns, 3000, "cut {cut}: the terminator is in the second write");
         assert_eq!(r.received_ns, 1000);
+        assert_eq!(r.response_id.as_deref(), Some(expected_id(response)), "cut {cut}");
     }
     // And byte by byte.
     let writes: Vec<(u64, &[u8])> =
@@ -145,6 +150,13 @@ fn sized_responses_at_every_split() {
             assert_eq!((r.status, r.outcome, r.stream, r.events), (status, Outcome::Complete, false, 0));
             assert_eq!(r.end_ns, 3000);
             assert_eq!(r.first_token_ns, None, "no stream, no first token");
+            // The first "id" of the JSON body, whatever it names (the model, for /v1/models).
+            let id = match response {
+                r if r == COMPLETIONS_NONSTREAM => Some("cmpl-8126f3a726390833"),
+                r if r == MODELS => Some("tiny"),
+                _ => None,
+            };
+            assert_eq!(r.response_id.as_deref(), id, "cut {cut}");
         }
         // Body beyond the capture is skipped exactly.
         let r = &exchange(&req, &[(2000, response)], 200)[0];
