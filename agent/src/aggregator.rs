@@ -42,6 +42,8 @@ pub struct Shared {
     pub vllm: RwLock<BTreeMap<String, VllmSnapshot>>,
     /// The instances of the latest discovery scan.
     pub instances: RwLock<Vec<InstanceView>>,
+    /// Scheduler statistics per vLLM role, as families (see sched.rs).
+    pub sched: RwLock<Vec<crate::promtext::Family>>,
     /// Newest last.
     pub recent: RwLock<VecDeque<RequestRecord>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to give kernel timestamps a wall-clock time.
@@ -54,6 +56,7 @@ impl Shared {
             metrics: Metrics::new(),
             vllm: RwLock::new(BTreeMap::new()),
             instances: RwLock::new(Vec::new()),
+            sched: RwLock::new(Vec::new()),
             recent: RwLock::new(VecDeque::new()),
             realtime_offset_ns: realtime_offset_ns(),
         }
@@ -68,6 +71,9 @@ impl Shared {
         if out.ends_with("# EOF\n") {
             out.truncate(out.len() - "# EOF\n".len());
         }
+        let sched = self.sched.read().unwrap_or_else(|e| e.into_inner());
+        crate::promtext::write_sources(&mut out, &[(sched.as_slice(), &[])]);
+        drop(sched);
         let vllm = self.vllm.read().unwrap_or_else(|e| e.into_inner());
         let labels: Vec<Vec<(&str, &str)>> =
             vllm.values().map(|s| s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).collect();
@@ -196,6 +202,10 @@ impl Aggregator {
             }
             AgentEvent::Instances(instances) => self.instances(instances),
             AgentEvent::Scrape(result) => self.scrape(result),
+            AgentEvent::Sched(slots) => {
+                *self.shared.sched.write().unwrap_or_else(|e| e.into_inner()) =
+                    crate::sched::families(&slots);
+            }
         }
         let metrics = &self.shared.metrics;
         metrics.connections_tracked.set(self.connections.len() as i64);

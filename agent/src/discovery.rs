@@ -30,6 +30,17 @@ impl Role {
             Role::Worker => "worker",
         }
     }
+
+    pub const ALL: [Role; 3] = [Role::ApiServer, Role::EngineCore, Role::Worker];
+
+    /// Its index in the kernel's scheduler statistics.
+    pub fn sched_index(self) -> u8 {
+        match self {
+            Role::ApiServer => inferwatch_common::ROLE_API_SERVER,
+            Role::EngineCore => inferwatch_common::ROLE_ENGINE_CORE,
+            Role::Worker => inferwatch_common::ROLE_WORKER,
+        }
+    }
 }
 
 /// The arguments of a /proc cmdline. A process that retitled itself (setproctitle) shows one

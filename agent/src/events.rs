@@ -85,6 +85,8 @@ pub enum AgentEvent {
     Instances(Vec<crate::watcher::InstanceView>),
     /// The outcome of scraping one instance's `/metrics`.
     Scrape(crate::scraper::ScrapeResult),
+    /// Cumulative scheduler statistics per role (the kernel's `SCHED_STATS`, summed over CPUs).
+    Sched(Vec<u64>),
 }
 
 #[derive(Debug, PartialEq, Eq)]

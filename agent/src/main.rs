@@ -18,6 +18,7 @@ mod probes;
 mod procfs;
 mod promtext;
 mod run;
+mod sched;
 mod scraper;
 mod server;
 mod syscalls;

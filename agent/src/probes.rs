@@ -17,7 +17,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use inferwatch_common::{
-    CAPTURE_BYTES_GLOBAL, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, WATCHED_TGIDS_MAP, WatchFlags,
+    CAPTURE_BYTES_GLOBAL, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT, SCHED_ROLES_MAP,
+    SCHED_SLOTS, SCHED_STATS_MAP, WATCHED_TGIDS_MAP, WatchFlags,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -32,19 +33,29 @@ use crate::{
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferwatch.bpf.o"));
 
-/// The socket-level BTF tracepoints (Linux >= 6.3), each a program of the same name.
-const SOCKET_TRACEPOINTS: [&str; 3] = ["sock_send_length", "sock_recv_length", "inet_sock_set_state"];
+/// The BTF tracepoints, each a program of the same name: the socket-level ones (Linux >= 6.3)
+/// and the scheduler's.
+const TRACEPOINTS: [&str; 6] = [
+    "sock_send_length",
+    "sock_recv_length",
+    "inet_sock_set_state",
+    "sched_switch",
+    "sched_wakeup",
+    "sched_wakeup_new",
+];
 
 pub struct Probes {
     // Owns the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
     watched: HashMap<MapData, u32, WatchFlags>,
+    sched_roles: HashMap<MapData, u32, u8>,
 }
 
 /// The readable ends of the kernel maps, handed to their reader tasks.
 pub struct Outputs {
     pub events: RingBuf<MapData>,
     pub lost: PerCpuArray<MapData, u64>,
+    pub sched: PerCpuArray<MapData, u64>,
 }
 
 impl Probes {
@@ -62,20 +73,22 @@ impl Probes {
             .load(OBJECT)
             .context("loading inferwatch's eBPF object")?;
         init_kernel_log(&mut ebpf);
-        for name in SOCKET_TRACEPOINTS {
+        for name in TRACEPOINTS {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
                 .with_context(|| format!("the eBPF object has no program {name}"))?
                 .try_into()?;
             program.load(name, &btf).with_context(|| {
-                format!("loading the {name} BTF tracepoint (it needs Linux >= 6.3 with BTF)")
+                format!("loading the {name} BTF tracepoint (the socket ones need Linux >= 6.3 with BTF)")
             })?;
             program.attach().with_context(|| format!("attaching the {name} BTF tracepoint"))?;
         }
         let watched = HashMap::try_from(take_map(&mut ebpf, WATCHED_TGIDS_MAP)?)?;
         let events = RingBuf::try_from(take_map(&mut ebpf, EVENTS_MAP)?)?;
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, LOST_MAP)?)?;
-        Ok((Self { _ebpf: ebpf, watched }, Outputs { events, lost }))
+        let sched_roles = HashMap::try_from(take_map(&mut ebpf, SCHED_ROLES_MAP)?)?;
+        let sched = PerCpuArray::try_from(take_map(&mut ebpf, SCHED_STATS_MAP)?)?;
+        Ok((Self { _ebpf: ebpf, watched, sched_roles }, Outputs { events, lost, sched }))
     }
 
     /// Starts watching a process: its socket I/O reaches the ring buffer from now on.
@@ -92,6 +105,29 @@ impl Probes {
     /// Stops watching a process.
     pub fn unwatch(&mut self, tgid: u32) -> Result<()> {
         self.watched.remove(&tgid).with_context(|| format!("removing process {tgid} from the watch map"))
+    }
+
+    /// Measures a process's scheduling under `role` (an index of `SCHED_STATS`), or stops.
+    pub fn set_sched_role(&mut self, tgid: u32, role: Option<u8>) -> Result<()> {
+        match role {
+            Some(role) => self.sched_roles.insert(&tgid, &role, 0),
+            None => self.sched_roles.remove(&tgid),
+        }
+        .with_context(|| format!("updating the scheduler role of {tgid}"))
+    }
+}
+
+/// Sends the kernel's per-role scheduler sums (summed over CPUs) to the aggregator every second.
+pub async fn report_sched(stats: PerCpuArray<MapData, u64>, tx: mpsc::Sender<AgentEvent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let slots: Vec<u64> = (0..SCHED_ROLE_COUNT * SCHED_SLOTS)
+            .map(|i| stats.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
+            .collect();
+        if tx.send(AgentEvent::Sched(slots)).await.is_err() {
+            return;
+        }
     }
 }
 

@@ -48,6 +48,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let dropped = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));
     tokio::spawn(probes::report_losses(outputs.lost, tx.clone(), dropped));
+    tokio::spawn(probes::report_sched(outputs.sched, tx.clone()));
     let (targets_tx, targets_rx) = watch::channel(Vec::new());
     tokio::spawn(scraper::run(targets_rx, tx.clone(), args.scrape_interval, args.scrape_timeout));
     let config = WatchConfig {

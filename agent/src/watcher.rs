@@ -50,6 +50,7 @@ pub async fn run(
     first_scan_done: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut watched: BTreeSet<u32> = BTreeSet::new();
+    let mut roles: HashMap<u32, Role> = HashMap::new();
     let mut described: HashMap<InstanceKey, Description> = HashMap::new();
     let mut first_scan_done = Some(first_scan_done);
     let mut tick = tokio::time::interval(config.interval);
@@ -87,6 +88,25 @@ pub async fn run(
             tracing::info!(pid, "process gone or no longer vLLM: unwatched");
             watched.remove(&pid);
             let _ = tx.send(AgentEvent::Unwatched { tgid: pid }).await;
+        }
+
+        // Scheduler statistics follow every vLLM process, whatever its role.
+        let desired_roles: HashMap<u32, Role> =
+            instances.iter().flat_map(|i| i.processes.iter().map(|p| (p.pid, p.role))).collect();
+        for (&pid, &role) in &desired_roles {
+            if roles.get(&pid) != Some(&role) {
+                match probes.set_sched_role(pid, Some(role.sched_index())) {
+                    Ok(()) => {
+                        roles.insert(pid, role);
+                    }
+                    Err(e) => tracing::warn!("{e:#}"),
+                }
+            }
+        }
+        let gone: Vec<u32> = roles.keys().filter(|p| !desired_roles.contains_key(p)).copied().collect();
+        for pid in gone {
+            let _ = probes.set_sched_role(pid, None);
+            roles.remove(&pid);
         }
 
         let mut views = Vec::new();

@@ -126,6 +126,55 @@ pub struct Scratch {
     pub payload: [u8; 2 * MAX_CAPTURE],
 }
 
+/// Name of the hash map from tgid to [`SchedRole`] of the processes whose scheduling is measured.
+pub const SCHED_ROLES_MAP: &str = "SCHED_ROLES";
+/// Name of the per-CPU array of scheduler statistics, [`SCHED_SLOTS`] `u64`s per role.
+pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
+pub const MAX_SCHED_TASKS: u32 = 16 * 1024;
+
+/// vLLM process roles, as indices into [`SCHED_STATS_MAP`].
+pub const SCHED_ROLE_COUNT: u32 = 3;
+pub const ROLE_API_SERVER: u8 = 0;
+pub const ROLE_ENGINE_CORE: u8 = 1;
+pub const ROLE_WORKER: u8 = 2;
+
+/// Slots per role in [`SCHED_STATS_MAP`].
+pub const SCHED_SLOTS: u32 = 32;
+pub const SLOT_ONCPU_NS: u32 = 0;
+pub const SLOT_SWITCHES: u32 = 1;
+/// Off-CPU (blocked, until woken) in a futex wait: locks, condition variables, Python's GIL.
+pub const SLOT_OFFCPU_FUTEX_NS: u32 = 2;
+/// Off-CPU in a sleep (nanosleep, clock_nanosleep).
+pub const SLOT_OFFCPU_SLEEP_NS: u32 = 3;
+/// Off-CPU in any other blocking call (epoll, reads, …).
+pub const SLOT_OFFCPU_OTHER_NS: u32 = 4;
+pub const SLOT_RUNQUEUE_NS: u32 = 5;
+pub const SLOT_RUNQUEUE_COUNT: u32 = 6;
+/// Run-queue delay histogram: slot `SLOT_RUNQUEUE_BUCKETS + b` counts delays of at most 2^b µs
+/// (the last bucket: anything longer).
+pub const SLOT_RUNQUEUE_BUCKETS: u32 = 7;
+pub const RUNQUEUE_BUCKETS: u32 = 24;
+const _: () = assert!(SLOT_RUNQUEUE_BUCKETS + RUNQUEUE_BUCKETS <= SCHED_SLOTS);
+
+/// Why a task left the CPU.
+pub const OFF_PREEMPTED: u8 = 0;
+pub const OFF_FUTEX: u8 = 1;
+pub const OFF_SLEEP: u8 = 2;
+pub const OFF_OTHER: u8 = 3;
+
+/// Per-task scheduler state, keyed by task address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TaskSched {
+    pub on_ns: u64,
+    pub off_ns: u64,
+    pub wake_ns: u64,
+    pub role: u8,
+    pub off_reason: u8,
+    pub _pad: [u8; 6],
+}
+const _: () = assert!(core::mem::size_of::<TaskSched>() == 32);
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, #[repr(C)], no padding left implicit.

@@ -11,6 +11,7 @@
 #![no_main]
 
 mod capture;
+mod sched;
 
 use aya_ebpf::{
     bindings::pt_regs,
@@ -77,6 +78,33 @@ pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     match try_inet_sock_set_state(&ctx) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// `sched_switch`: on- and off-CPU accounting of vLLM's tasks (see sched.rs).
+#[btf_tracepoint(function = "sched_switch")]
+pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
+    match sched::try_sched_switch(&ctx) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// `sched_wakeup`: a blocked vLLM task becomes runnable.
+#[btf_tracepoint(function = "sched_wakeup")]
+pub fn sched_wakeup(ctx: BtfTracePointContext) -> i32 {
+    match sched::try_sched_wakeup(&ctx) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// `sched_wakeup_new`: a new vLLM task becomes runnable.
+#[btf_tracepoint(function = "sched_wakeup_new")]
+pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
+    match sched::try_sched_wakeup(&ctx) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -187,7 +215,7 @@ fn track(sock: u64, tgid: u32) -> u64 {
 
 /// The saved user registers of the current task, if it has them.
 #[inline(always)]
-fn current_regs() -> Option<&'static pt_regs> {
+pub(crate) fn current_regs() -> Option<&'static pt_regs> {
     // SAFETY: both helpers are valid in tracing programs; the verifier knows the returned
     // pointer is a `struct pt_regs` (PTR_TO_BTF_ID) and checks each field load against BTF.
     unsafe {
@@ -198,7 +226,7 @@ fn current_regs() -> Option<&'static pt_regs> {
 
 #[cfg(bpf_target_arch = "x86_64")]
 #[inline(always)]
-fn syscall_nr_of(regs: &pt_regs) -> i32 {
+pub(crate) fn syscall_nr_of(regs: &pt_regs) -> i32 {
     regs.orig_rax as i32
 }
 
