@@ -16,7 +16,7 @@ use crate::{
     ipc::{IpcTracker, Phases},
     metrics::{
         InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels, ReasonLabels,
-        RequestLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels, StreamEventLabels,
+        RequestLabels, ResetLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels, StreamEventLabels,
         VllmInfoLabels,
     },
     procfs,
@@ -144,6 +144,10 @@ pub struct Aggregator {
     /// The served model of the instance each API server pid belongs to, when it serves one.
     instance_model: HashMap<u32, String>,
     ipc: IpcTracker,
+    /// The instance id of each API server pid, for per-instance network counters.
+    instance_of_pid: HashMap<u32, String>,
+    /// Last `ListenOverflows` seen per instance.
+    listen_overflows: HashMap<String, u64>,
 }
 
 impl Aggregator {
@@ -156,6 +160,8 @@ impl Aggregator {
             models: HashSet::new(),
             instance_model: HashMap::new(),
             ipc: IpcTracker::default(),
+            instance_of_pid: HashMap::new(),
+            listen_overflows: HashMap::new(),
         }
     }
 
@@ -202,6 +208,27 @@ impl Aggregator {
             }
             AgentEvent::Instances(instances) => self.instances(instances),
             AgentEvent::Scrape(result) => self.scrape(result),
+            AgentEvent::Net(net) => {
+                let vllm_instance = self
+                    .instance_of_pid
+                    .get(&net.tgid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("pid:{}", net.tgid));
+                let m = &self.shared.metrics;
+                match net.what {
+                    crate::events::NetWhat::Retransmit => {
+                        m.tcp_retransmits.get_or_create(&InstanceLabels { vllm_instance }).inc();
+                    }
+                    crate::events::NetWhat::ResetSent => {
+                        m.tcp_resets.get_or_create(&ResetLabels { vllm_instance, direction: "sent" }).inc();
+                    }
+                    crate::events::NetWhat::ResetReceived => {
+                        m.tcp_resets
+                            .get_or_create(&ResetLabels { vllm_instance, direction: "received" })
+                            .inc();
+                    }
+                }
+            }
             AgentEvent::Sched(slots) => {
                 *self.shared.sched.write().unwrap_or_else(|e| e.into_inner()) =
                     crate::sched::families(&slots);
@@ -239,6 +266,7 @@ impl Aggregator {
     fn instances(&mut self, instances: Vec<InstanceView>) {
         let m = &self.shared.metrics;
         self.instance_model.clear();
+        self.instance_of_pid.clear();
         m.vllm_info.clear();
         let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         for i in &instances {
@@ -247,6 +275,16 @@ impl Aggregator {
                 for pid in &api {
                     self.instance_model.insert(*pid, model.clone());
                 }
+            }
+            for pid in &api {
+                self.instance_of_pid.insert(*pid, i.id.clone());
+            }
+            if let Some(total) = i.listen_overflows {
+                let seen = self.listen_overflows.entry(i.id.clone()).or_insert(total);
+                let counter =
+                    m.tcp_listen_overflows.get_or_create(&InstanceLabels { vllm_instance: i.id.clone() });
+                counter.inc_by(total.saturating_sub(*seen));
+                *seen = total;
             }
             let engine = i.instance.pids(crate::discovery::Role::EngineCore).next();
             m.vllm_info

@@ -18,7 +18,7 @@ pub async fn print(args: DiscoverArgs) -> Result<()> {
         if models.is_empty() {
             models = i.cmdline_models.clone();
         }
-        views.push(InstanceView { id: i.id(), instance: i, version, models });
+        views.push(InstanceView { id: i.id(), instance: i, version, models, listen_overflows: None });
     }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&views)?);

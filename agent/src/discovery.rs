@@ -166,6 +166,15 @@ fn parse_proc_ip(hex: &str) -> Option<IpAddr> {
     }
 }
 
+/// A counter of `/proc/net/netstat` (pairs of header and value lines, e.g. `TcpExt:`).
+pub fn netstat_value(netstat: &str, section: &str, field: &str) -> Option<u64> {
+    let prefix = format!("{section}:");
+    let mut lines = netstat.lines().filter(|l| l.starts_with(&prefix));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let i = names.split_whitespace().position(|n| n == field)?;
+    values.split_whitespace().nth(i)?.parse().ok()
+}
+
 /// Container id and Kubernetes pod uid from `/proc/PID/cgroup`, where the path shows them
 /// (cgroupfs and systemd drivers; docker, containerd, CRI-O).
 pub fn container_from_cgroup(cgroup: &str) -> (Option<String>, Option<String>) {
@@ -399,6 +408,16 @@ mod tests {
         let ports = listening_ports(v6);
         assert_eq!(ports[&8], "[::1]:8000".parse().unwrap());
         assert_eq!(ports[&9], "[::ffff:127.0.0.1]:8001".parse().unwrap());
+    }
+
+    #[test]
+    fn netstat_counters() {
+        let text = "TcpExt: SyncookiesSent ListenOverflows ListenDrops\nTcpExt: 0 17 18\nIpExt: InNoRoutes\nIpExt: 3\n";
+        assert_eq!(netstat_value(text, "TcpExt", "ListenOverflows"), Some(17));
+        assert_eq!(netstat_value(text, "IpExt", "InNoRoutes"), Some(3));
+        assert_eq!(netstat_value(text, "TcpExt", "Nope"), None);
+        let own = std::fs::read_to_string("/proc/self/net/netstat").unwrap();
+        assert!(netstat_value(&own, "TcpExt", "ListenOverflows").is_some());
     }
 
     #[test]

@@ -49,6 +49,22 @@ pub struct StateChange {
     pub new: i32,
 }
 
+/// A TCP event on a connection of a watched process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetWhat {
+    Retransmit,
+    ResetSent,
+    ResetReceived,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetEvent {
+    pub ts_ns: u64,
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub what: NetWhat,
+}
+
 /// TCP states (include/net/tcp_states.h) that end a connection for HTTP purposes: the peer
 /// closed or reset it, or it is gone.
 pub const TCP_CLOSE: i32 = 7;
@@ -65,6 +81,7 @@ impl StateChange {
 pub enum AgentEvent {
     Sock(SockOp),
     State(StateChange),
+    Net(NetEvent),
     /// A process is now watched by the kernel programs.
     Watched {
         tgid: u32,
@@ -126,6 +143,19 @@ pub fn decode(record: &[u8]) -> Result<AgentEvent, DecodeError> {
     let direction = match SockEventKind::from_u8(raw.kind) {
         Some(SockEventKind::Send) => Direction::Sent,
         Some(SockEventKind::Recv) => Direction::Received,
+        Some(SockEventKind::Net) => {
+            return Ok(AgentEvent::Net(NetEvent {
+                ts_ns: raw.ts_ns,
+                conn_id: raw.conn_id,
+                tgid: raw.tgid,
+                what: match raw.ret {
+                    inferwatch_common::NET_RETRANSMIT => NetWhat::Retransmit,
+                    inferwatch_common::NET_RESET_SENT => NetWhat::ResetSent,
+                    inferwatch_common::NET_RESET_RECEIVED => NetWhat::ResetReceived,
+                    _ => return Err(DecodeError::Kind(raw.kind)),
+                },
+            }));
+        }
         Some(SockEventKind::State) => {
             return Ok(AgentEvent::State(StateChange {
                 ts_ns: raw.ts_ns,
@@ -216,6 +246,16 @@ mod tests {
         let AgentEvent::State(st) = decode(&record(&ev, b"")).unwrap() else { panic!() };
         assert_eq!((st.conn_id, st.old, st.new), (77, 1, TCP_CLOSE));
         assert!(st.ends_connection());
+    }
+
+    #[test]
+    fn decodes_tcp_events() {
+        let mut ev = sample(SockEventKind::Net as u8, -1, 0);
+        ev.ret = inferwatch_common::NET_RESET_RECEIVED;
+        let AgentEvent::Net(n) = decode(&record(&ev, b"")).unwrap() else { panic!() };
+        assert_eq!((n.conn_id, n.tgid, n.what), (77, 42, NetWhat::ResetReceived));
+        ev.ret = 99;
+        assert!(decode(&record(&ev, b"")).is_err());
     }
 
     #[test]

@@ -103,12 +103,21 @@ pub struct Metrics {
     pub vllm_info: Family<VllmInfoLabels, Gauge>,
     pub request_phase: Histograms<PhaseLabels>,
     pub phase_unmatched: Family<ReasonLabels, Counter>,
+    pub tcp_retransmits: Family<InstanceLabels, Counter>,
+    pub tcp_resets: Family<ResetLabels, Counter>,
+    pub tcp_listen_overflows: Family<InstanceLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: &'static str,
     pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResetLabels {
+    pub vllm_instance: String,
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -285,6 +294,24 @@ impl Metrics {
             "Generation requests whose engine IPC was not seen (no phases), by reason",
             phase_unmatched.clone(),
         );
+        let tcp_retransmits = Family::<InstanceLabels, Counter>::default();
+        registry.register(
+            "inferwatch_tcp_retransmits",
+            "TCP retransmissions on the connections of a vLLM instance's API servers",
+            tcp_retransmits.clone(),
+        );
+        let tcp_resets = Family::<ResetLabels, Counter>::default();
+        registry.register(
+            "inferwatch_tcp_resets",
+            "TCP resets on the connections of a vLLM instance's API servers, sent or received",
+            tcp_resets.clone(),
+        );
+        let tcp_listen_overflows = Family::<InstanceLabels, Counter>::default();
+        registry.register(
+            "inferwatch_tcp_listen_overflows",
+            "Connections dropped because an accept queue was full, in the instance's network namespace (host-wide when it shares the host's; /proc/net/netstat ListenOverflows)",
+            tcp_listen_overflows.clone(),
+        );
         Self {
             registry,
             socket_ops,
@@ -311,6 +338,9 @@ impl Metrics {
             vllm_info,
             request_phase,
             phase_unmatched,
+            tcp_retransmits,
+            tcp_resets,
+            tcp_listen_overflows,
         }
     }
 

@@ -35,10 +35,13 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/in
 
 /// The BTF tracepoints, each a program of the same name: the socket-level ones (Linux >= 6.3)
 /// and the scheduler's.
-const TRACEPOINTS: [&str; 6] = [
+const TRACEPOINTS: [&str; 9] = [
     "sock_send_length",
     "sock_recv_length",
     "inet_sock_set_state",
+    "tcp_retransmit_skb",
+    "tcp_send_reset",
+    "tcp_receive_reset",
     "sched_switch",
     "sched_wakeup",
     "sched_wakeup_new",

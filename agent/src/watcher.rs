@@ -28,6 +28,8 @@ pub struct InstanceView {
     pub version: Option<String>,
     /// From `/v1/models` when it answered, else from the command line.
     pub models: Vec<String>,
+    /// `ListenOverflows` of the instance's network namespace (/proc/PID/net/netstat).
+    pub listen_overflows: Option<u64>,
 }
 
 /// An instance's root process and listening addresses: a restart changes it.
@@ -125,7 +127,14 @@ pub async fn run(
             if models.is_empty() {
                 models = i.cmdline_models.clone();
             }
-            views.push(InstanceView { id: i.id(), instance: i, version, models });
+            let listen_overflows = i.pids(Role::ApiServer).next().and_then(|pid| {
+                discovery::netstat_value(
+                    &std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).ok()?,
+                    "TcpExt",
+                    "ListenOverflows",
+                )
+            });
+            views.push(InstanceView { id: i.id(), instance: i, version, models, listen_overflows });
         }
         let mut scrape: Vec<ScrapeTarget> = views
             .iter()

@@ -48,7 +48,14 @@ pub enum SockEventKind {
     /// A tracked TCP socket changed state (`inet_sock_set_state`): `ret` is the new state,
     /// `syscall_nr` the old one.
     State = 3,
+    /// A TCP event on a tracked socket: `ret` is a [`NetEvent`] code.
+    Net = 4,
 }
+
+/// What a [`SockEventKind::Net`] event reports.
+pub const NET_RETRANSMIT: i32 = 1;
+pub const NET_RESET_SENT: i32 = 2;
+pub const NET_RESET_RECEIVED: i32 = 3;
 
 impl SockEventKind {
     pub fn from_u8(v: u8) -> Option<Self> {
@@ -56,6 +63,7 @@ impl SockEventKind {
             1 => Some(Self::Send),
             2 => Some(Self::Recv),
             3 => Some(Self::State),
+            4 => Some(Self::Net),
             _ => None,
         }
     }

@@ -26,7 +26,8 @@ use aya_ebpf::{
 use aya_log_ebpf::warn;
 use inferwatch_common::{
     EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_CAPTURE, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS,
-    NO_SYSCALL, SOCK_EVENT_SIZE, Scratch, SockEvent, SockEventKind, TrackedSock, WatchFlags,
+    NET_RESET_RECEIVED, NET_RESET_SENT, NET_RETRANSMIT, NO_SYSCALL, SOCK_EVENT_SIZE, Scratch, SockEvent,
+    SockEventKind, TrackedSock, WatchFlags,
 };
 
 /// Runtime payload capture limit in bytes (at most `MAX_CAPTURE`); the agent sets it at load.
@@ -161,6 +162,66 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     Ok(())
 }
 
+/// `tcp_retransmit_skb(const struct sock *sk, …)`.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    match try_net_event(&ctx, NET_RETRANSMIT) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// `tcp_send_reset(const struct sock *sk, …)`: sk is NULL for resets to packets of no socket.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    match try_net_event(&ctx, NET_RESET_SENT) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// `tcp_receive_reset(struct sock *sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    match try_net_event(&ctx, NET_RESET_RECEIVED) {
+        Ok(()) => 0,
+        Err(e) => e,
+    }
+}
+
+/// A TCP event of a tracked socket (rare: retransmits, resets) as a ring-buffer record.
+#[inline(always)]
+fn try_net_event(ctx: &BtfTracePointContext, what: i32) -> Result<(), i32> {
+    let sock: u64 = ctx.arg(0);
+    let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
+        return Ok(());
+    };
+    emit_header(SockEvent {
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn_id: tracked.conn_id,
+        sock,
+        tgid: tracked.tgid,
+        tid: 0,
+        ret: what,
+        syscall_nr: NO_SYSCALL,
+        captured: 0,
+        kind: SockEventKind::Net as u8,
+        _pad: [0; 5],
+    })
+}
+
+/// Emits a record without payload.
+#[inline(always)]
+fn emit_header(event: SockEvent) -> Result<(), i32> {
+    let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
+        count_lost(LostReason::RingFull);
+        return Err(1);
+    };
+    entry.write(event);
+    entry.submit(0);
+    Ok(())
+}
+
 #[inline(always)]
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let sock: u64 = ctx.arg(0);
@@ -173,11 +234,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // The socket is done: a later socket at the same address must get a new id.
         let _ = TRACKED_SOCKS.remove(&sock);
     }
-    let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
-        count_lost(LostReason::RingFull);
-        return Err(1);
-    };
-    entry.write(SockEvent {
+    emit_header(SockEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: tracked.conn_id,
         sock,
@@ -188,9 +245,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         captured: 0,
         kind: SockEventKind::State as u8,
         _pad: [0; 5],
-    });
-    entry.submit(0);
-    Ok(())
+    })
 }
 
 /// The connection id of `sock`, assigning a fresh one the first time a watched process uses it.
