@@ -85,6 +85,20 @@ impl Shared {
     }
 }
 
+/// vLLM's own cumulative time to first token (sum, count) from its scraped families.
+fn vllm_ttft(families: &[crate::promtext::Family]) -> (f64, f64) {
+    let total = |suffix: &str| -> f64 {
+        families
+            .iter()
+            .filter(|f| f.name == "vllm:time_to_first_token_seconds")
+            .flat_map(|f| &f.samples)
+            .filter(|s| s.name == format!("vllm:time_to_first_token_seconds{suffix}"))
+            .map(|s| s.value)
+            .sum()
+    };
+    (total("_sum"), total("_count"))
+}
+
 fn realtime_offset_ns() -> i128 {
     let read = |clock| {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -148,6 +162,11 @@ pub struct Aggregator {
     instance_of_pid: HashMap<u32, String>,
     /// Last `ListenOverflows` seen per instance.
     listen_overflows: HashMap<String, u64>,
+    /// Per instance: kernel-measured TTFT (sum, count) since its last scrape, and vLLM's own
+    /// cumulative TTFT (sum, count) at that scrape — their difference of means is the API
+    /// server's overhead.
+    ttft_since_scrape: HashMap<String, (f64, u64)>,
+    vllm_ttft_seen: HashMap<String, (f64, f64)>,
 }
 
 impl Aggregator {
@@ -162,6 +181,8 @@ impl Aggregator {
             ipc: IpcTracker::default(),
             instance_of_pid: HashMap::new(),
             listen_overflows: HashMap::new(),
+            ttft_since_scrape: HashMap::new(),
+            vllm_ttft_seen: HashMap::new(),
         }
     }
 
@@ -319,6 +340,16 @@ impl Aggregator {
         match result.outcome {
             Ok(families) => {
                 m.vllm_up.get_or_create(&labels).set(1);
+                let theirs = vllm_ttft(&families);
+                let previous = self.vllm_ttft_seen.insert(id.clone(), theirs);
+                let ours = self.ttft_since_scrape.remove(&id).unwrap_or((0.0, 0));
+                if let Some((sum0, count0)) = previous {
+                    let (dsum, dcount) = (theirs.0 - sum0, theirs.1 - count0);
+                    if dcount >= 1.0 && ours.1 > 0 {
+                        let overhead = ours.0 / ours.1 as f64 - dsum / dcount;
+                        m.api_server_overhead.get_or_create(&labels).set(overhead);
+                    }
+                }
                 vllm.insert(id, VllmSnapshot { families, labels: result.target.labels });
             }
             Err((reason, detail)) => {
@@ -378,6 +409,11 @@ impl Aggregator {
         let since = |t: u64| t.saturating_sub(req.received_ns) as f64 / 1e9;
         let headers = req.headers_ns.map(since);
         let ttft = req.first_token_ns.map(since);
+        if let (Some(t), Some(instance)) = (ttft, self.instance_of_pid.get(&tgid)) {
+            let acc = self.ttft_since_scrape.entry(instance.clone()).or_insert((0.0, 0));
+            acc.0 += t;
+            acc.1 += 1;
+        }
         let duration = since(req.end_ns);
         if let Some(h) = headers {
             m.response_headers.get_or_create(&labels).observe(h);

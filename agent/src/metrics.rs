@@ -106,6 +106,7 @@ pub struct Metrics {
     pub tcp_retransmits: Family<InstanceLabels, Counter>,
     pub tcp_resets: Family<ResetLabels, Counter>,
     pub tcp_listen_overflows: Family<InstanceLabels, Counter>,
+    pub api_server_overhead: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -312,6 +313,13 @@ impl Metrics {
             "Connections dropped because an accept queue was full, in the instance's network namespace (host-wide when it shares the host's; /proc/net/netstat ListenOverflows)",
             tcp_listen_overflows.clone(),
         );
+        let api_server_overhead = Family::<InstanceLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "inferwatch_api_server_overhead",
+            "Mean time to first token as the kernel saw it minus vLLM's own, over the last scrape interval: time spent before vLLM's clock starts (reading, parsing) and after it stops (writing)",
+            Unit::Seconds,
+            api_server_overhead.clone(),
+        );
         Self {
             registry,
             socket_ops,
@@ -341,6 +349,7 @@ impl Metrics {
             tcp_retransmits,
             tcp_resets,
             tcp_listen_overflows,
+            api_server_overhead,
         }
     }
 

@@ -156,6 +156,24 @@ impl Client {
     pub fn abort(self) {
         let _ = self.writer.shutdown(Shutdown::Both);
     }
+
+    /// Resets the connection (RST instead of FIN), as a client that crashes or times out hard.
+    pub fn reset(self) {
+        use std::os::fd::AsRawFd;
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid socket and option value for the duration of the call.
+        unsafe {
+            libc::setsockopt(
+                self.writer.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                size_of::<libc::linger>() as libc::socklen_t,
+            );
+        }
+        drop(self.reader);
+        drop(self.writer);
+    }
 }
 
 /// Percentile (0..=100) of a sample, nearest rank.

@@ -21,6 +21,14 @@ fn completion(stream: bool, i: usize) -> Vec<u8> {
     post("/v1/completions", &body)
 }
 
+/// A stream long enough to still be running when the client gives up.
+fn long_completion(i: usize) -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"tiny","prompt":"long request {i}","max_tokens":500,"min_tokens":500,"stream":true}}"#
+    );
+    post("/v1/completions", &body)
+}
+
 fn chat(stream: bool, i: usize) -> Vec<u8> {
     let body = format!(
         r#"{{"model":"tiny","messages":[{{"role":"user","content":"chat number {i}"}}],"max_tokens":8,"stream":{stream}}}"#
@@ -248,5 +256,134 @@ fn two_api_servers_make_one_instance_with_both_watched() {
     wait_until("counting 8 requests across two API servers", Duration::from_secs(10), || {
         counted(&agent, "complete") == 8.0
     });
+    assert!(agent.stop().success());
+}
+
+/// Sum and count of a histogram's series in a metrics page.
+fn histogram_sum_count(text: &str, name: &str, labels: &str) -> (f64, f64) {
+    let get = |suffix: &str| series_value(text, &format!("{name}_{suffix}{{{labels}}}")).unwrap_or(0.0);
+    (get("sum"), get("count"))
+}
+
+/// Mean over a window of a histogram: (sum, count) after minus before.
+fn window_mean(before: (f64, f64), after: (f64, f64)) -> f64 {
+    (after.0 - before.0) / (after.1 - before.1).max(1.0)
+}
+
+#[test]
+fn breaks_requests_down_and_sees_scheduling_and_resets() {
+    require_root();
+    let agent = Agent::start_discovering(&["--scrape-interval", "1s"]);
+    let mut vllm = Vllm::start("breakdown", &[]);
+    vllm.wait_ready(READY);
+    let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
+    wait_until("watching vLLM", Duration::from_secs(10), || {
+        instance_of(&agent, vllm.pid()).is_some_and(|i| i["version"] == "0.32.0")
+    });
+    let vllm_ttft = || {
+        let (_, text) = http_get(addr, "/metrics").unwrap();
+        histogram_sum_count(&text, "vllm:time_to_first_token_seconds", "engine=\"0\",model_name=\"tiny\"")
+    };
+
+    // Phases of every request, which add up to its TTFT and duration.
+    let before = vllm_ttft();
+    let mut requests: Vec<Vec<u8>> = (0..10).map(|i| completion(true, 300 + i)).collect();
+    requests.extend((0..4).map(|i| completion(false, 400 + i)));
+    send(addr, &requests);
+    let after = vllm_ttft();
+    wait_until("14 requests", Duration::from_secs(10), || counted(&agent, "complete") == 14.0);
+    let records = agent.json("/api/v1/requests?limit=100");
+    let generation: Vec<&Value> =
+        records.as_array().unwrap().iter().filter(|r| r["route"] == "/v1/completions").collect();
+    assert_eq!(generation.len(), 14);
+    let f = |r: &Value, k: &str| r[k].as_f64();
+    let mut agent_ttft = Vec::new();
+    for r in &generation {
+        assert_eq!(r["phases_unmatched"], Value::Null, "{r}");
+        let (fin, fout, duration) = (
+            f(r, "frontend_in_seconds").unwrap(),
+            f(r, "frontend_out_seconds").unwrap(),
+            f(r, "duration_seconds").unwrap(),
+        );
+        if r["stream"] == true {
+            let Some(ttft) = f(r, "time_to_first_token_seconds") else { continue };
+            let to_first = fin + f(r, "engine_first_seconds").unwrap() + fout;
+            assert!((to_first - ttft).abs() < 1e-3, "phases {to_first} vs TTFT {ttft}: {r}");
+            assert!((to_first + f(r, "decode_seconds").unwrap() - duration).abs() < 1e-3, "{r}");
+            agent_ttft.push(ttft);
+        } else {
+            assert!((fin + f(r, "engine_seconds").unwrap() + fout - duration).abs() < 1e-3, "{r}");
+        }
+    }
+    let agent_mean = agent_ttft.iter().sum::<f64>() / agent_ttft.len() as f64;
+    let vllm_mean = window_mean(before, after);
+    println!(
+        "e2e: one request's breakdown: {}",
+        generation.iter().find(|r| r["stream"] == true).map(|r| r.to_string()).unwrap_or_default()
+    );
+    println!("e2e: TTFT mean, kernel {:.3} ms vs vLLM {:.3} ms", agent_mean * 1e3, vllm_mean * 1e3);
+    assert!(agent_mean >= vllm_mean, "the client cannot see a first token before vLLM makes it");
+    let overhead =
+        format!("inferwatch_api_server_overhead_seconds{{vllm_instance=\"localhost:{}\"}}", addr.port());
+    wait_until("the API-server overhead gauge", Duration::from_secs(10), || {
+        series_value(&agent.metrics(), &overhead).is_some()
+    });
+
+    // Run-queue delay of the API server, without and with CPU hogs on its cores.
+    let runqueue = || {
+        histogram_sum_count(
+            &agent.metrics(),
+            "inferwatch_sched_runqueue_delay_seconds",
+            "role=\"api_server\"",
+        )
+    };
+    let load = || send(addr, &(0..8).map(|i| completion(true, 500 + i)).collect::<Vec<_>>());
+    thread::sleep(Duration::from_millis(1500));
+    let a0 = runqueue();
+    load();
+    thread::sleep(Duration::from_millis(1500));
+    let a1 = runqueue();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hogs: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = stop.clone();
+            thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                }
+                x
+            })
+        })
+        .collect();
+    load();
+    thread::sleep(Duration::from_millis(1500));
+    let b1 = runqueue();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for h in hogs {
+        h.join().unwrap();
+    }
+    let (quiet, busy) = (window_mean(a0, a1), window_mean(a1, b1));
+    println!(
+        "e2e: API server run-queue delay, mean per wait: quiet {:.1} µs, with CPU hogs {:.1} µs",
+        quiet * 1e6,
+        busy * 1e6
+    );
+    assert!(a1.1 > a0.1 && b1.1 > a1.1, "run-queue waits were measured");
+    assert!(busy > quiet * 2.0, "CPU hogs raise the API server's run-queue delay: {quiet} → {busy}");
+
+    // A client that resets its connection mid-stream.
+    let resets = format!(
+        "inferwatch_tcp_resets_total{{vllm_instance=\"localhost:{}\",direction=\"received\"}}",
+        addr.port()
+    );
+    let mut client = Client::connect(addr);
+    client.send_raw(&long_completion(600));
+    let _ = client.read_response(Some(1));
+    client.reset();
+    wait_until("the reset counted", Duration::from_secs(5), || {
+        series_value(&agent.metrics(), &resets).unwrap_or(0.0) >= 1.0
+    });
+    wait_until("the abort counted", Duration::from_secs(5), || counted(&agent, "aborted") >= 1.0);
     assert!(agent.stop().success());
 }
