@@ -70,8 +70,8 @@ pub struct RunArgs {
     /// Longest a scrape may take.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub scrape_timeout: Duration,
-    /// Payload bytes copied from each socket transfer (request heads, SSE events), at most
-    /// 4096. Only bytes actually moved are copied; they never leave the agent.
+    /// Payload bytes copied from each socket transfer (request heads, SSE events, vLLM's engine
+    /// IPC), at most 4096. Only bytes actually moved are copied; they never leave the agent.
     #[arg(long, default_value_t = inferwatch_common::DEFAULT_CAPTURE as u32,
           value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::MAX_CAPTURE as i64))]
     pub capture_bytes: u32,
@@ -108,7 +108,7 @@ mod tests {
         assert_eq!(args.listen, "0.0.0.0:9420".parse().unwrap());
         assert!(args.pids.is_empty());
         assert_eq!(args.log_level, "info");
-        assert_eq!(args.capture_bytes, 1024);
+        assert_eq!(args.capture_bytes, 4096);
     }
 
     #[test]

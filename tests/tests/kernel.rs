@@ -103,8 +103,18 @@ fn starts_serves_and_detaches_everything_on_sigterm() {
     names.sort();
     assert_eq!(
         names,
-        ["inet_sock_set_s", "sock_recv_lengt", "sock_send_lengt"],
-        "the three socket tracepoints are attached"
+        [
+            "inet_sock_set_s",
+            "sched_switch",
+            "sched_wakeup",
+            "sched_wakeup_ne",
+            "sock_recv_lengt",
+            "sock_send_lengt",
+            "tcp_receive_res",
+            "tcp_retransmit_",
+            "tcp_send_reset"
+        ],
+        "every BTF tracepoint is attached"
     );
     let (status, body) = agent.try_get("/healthz").unwrap();
     assert_eq!((status, body.as_str()), (200, "ok\n"));
@@ -120,7 +130,7 @@ fn starts_serves_and_detaches_everything_on_sigterm() {
 
     let agent = Agent::start(&[]);
     let ids = program_ids_held_by(agent.pid());
-    assert_eq!(loaded_program_names(&ids).len(), 3);
+    assert_eq!(loaded_program_names(&ids).len(), 9);
     // SAFETY: signalling a child we own.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGINT) };
     assert_programs_freed(&ids, "SIGINT");

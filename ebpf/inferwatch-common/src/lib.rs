@@ -15,7 +15,7 @@ pub const LOST_MAP: &str = "LOST";
 /// Capacity of the watched-process map.
 pub const MAX_WATCHED_TGIDS: u32 = 4096;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
-pub const EVENTS_RING_BYTES: u32 = 1 << 22;
+pub const EVENTS_RING_BYTES: u32 = 1 << 23;
 
 /// `syscall_nr` when the socket operation did not come from a system call (kernel thread,
 /// io_uring worker without saved user registers).
@@ -73,8 +73,10 @@ impl SockEventKind {
 /// [`CAPTURE_BYTES_GLOBAL`], may lower it. A power of two: the kernel side masks with it.
 /// Only bytes actually moved are copied, so a large maximum costs nothing for small transfers.
 pub const MAX_CAPTURE: usize = 4096;
-/// The agent's default runtime limit: whole SSE events and request heads of typical clients.
-pub const DEFAULT_CAPTURE: usize = 1024;
+/// The agent's default runtime limit: request heads of typical clients, whole SSE events, and
+/// vLLM's batched engine outputs at a concurrency of 32 (at 1024 bytes, most of those lose the
+/// ids the phase breakdown needs).
+pub const DEFAULT_CAPTURE: usize = 4096;
 /// Name of the global (a `u32` in .rodata) holding the runtime capture limit.
 pub const CAPTURE_BYTES_GLOBAL: &str = "CAPTURE_BYTES";
 /// iovecs looked at per vectored call (`writev`, `sendmsg`, …).
