@@ -197,7 +197,7 @@ fn devnull(args: &[String]) -> Result {
     // Something to watch, so the kernel map holds an entry as in real use.
     let mut watched = Command::new("sleep").arg("3600").spawn().map_err(|e| format!("sleep: {e}"))?;
 
-    let modes = ["devnull", "socketpair"];
+    let modes = ["devnull", "socketpair", "pingpong"];
     let mut results: Vec<(String, Vec<f64>, Vec<f64>)> =
         modes.iter().map(|m| (m.to_string(), Vec::new(), Vec::new())).collect();
     for round in 1..=rounds {
@@ -236,7 +236,8 @@ fn devnull(args: &[String]) -> Result {
 fn describe(mode: &str) -> &'static str {
     match mode {
         "devnull" => "write() to /dev/null, any process",
-        _ => "write()+read() on a socket pair, unwatched process",
+        "socketpair" => "write()+read() on a socket pair, unwatched process",
+        _ => "pipe round trip between two threads (2 switches, 2 wakeups), unwatched process",
     }
 }
 

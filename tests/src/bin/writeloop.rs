@@ -3,6 +3,8 @@
 //!   devnull     one 1-byte `write()` to /dev/null (a non-socket call: the hooks must not fire)
 //!   socketpair  one 1-byte `write()` then one `read()` on a Unix socket pair (socket I/O of an
 //!               unwatched process: the hooks fire and must return after the watch-map lookup)
+//!   pingpong    one round trip between two threads over two pipes: two context switches and
+//!               two wakeups of an unwatched process (the scheduler hooks fire on every one)
 use std::{fs::OpenOptions, os::fd::AsRawFd, time::Instant};
 
 fn main() {
@@ -36,8 +38,38 @@ fn main() {
             }
             start.elapsed()
         }
+        "pingpong" => {
+            let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
+            // SAFETY: each array has room for the two descriptors.
+            unsafe {
+                assert_eq!(libc::pipe(a.as_mut_ptr()), 0);
+                assert_eq!(libc::pipe(b.as_mut_ptr()), 0);
+            }
+            let (ping_r, ping_w, pong_r, pong_w) = (a[0], a[1], b[0], b[1]);
+            let echo = std::thread::spawn(move || {
+                let mut buf = [0u8; 1];
+                for _ in 0..n {
+                    // SAFETY: valid pipe fds and one-byte buffers.
+                    unsafe {
+                        libc::read(ping_r, buf.as_mut_ptr().cast(), 1);
+                        libc::write(pong_w, buf.as_ptr().cast(), 1);
+                    }
+                }
+            });
+            let start = Instant::now();
+            for _ in 0..n {
+                // SAFETY: as above.
+                unsafe {
+                    libc::write(ping_w, byte.as_ptr().cast(), 1);
+                    libc::read(pong_r, sink.as_mut_ptr().cast(), 1);
+                }
+            }
+            let elapsed = start.elapsed();
+            echo.join().unwrap();
+            elapsed
+        }
         other => {
-            eprintln!("unknown mode {other}: devnull | socketpair");
+            eprintln!("unknown mode {other}: devnull | socketpair | pingpong");
             std::process::exit(2);
         }
     };
