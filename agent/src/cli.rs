@@ -18,6 +18,71 @@ pub enum Command {
     Run(RunArgs),
     /// Print the vLLM instances on this node and exit.
     Discover(DiscoverArgs),
+    /// Load-test an OpenAI-compatible server and report like `vllm bench serve`.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// The server, e.g. http://127.0.0.1:8000.
+    #[arg(long)]
+    pub url: String,
+    /// Model name (default: the first of /v1/models).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// `completions` or `chat`.
+    #[arg(long, default_value = "completions", value_parser = ["completions", "chat"])]
+    pub endpoint: String,
+    /// Requests in flight at once (closed loop, with --requests).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Requests in all (closed loop).
+    #[arg(long, default_value_t = 100)]
+    pub requests: usize,
+    /// Requests per second, Poisson arrivals (open loop, with --duration).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// How long the open loop runs.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Approximate prompt length in tokens.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    /// Tokens to generate per request (generation ignores EOS, as vllm bench serve does).
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Stream the responses (the default).
+    #[arg(long, overrides_with = "no_stream", default_value_t = true)]
+    pub stream: bool,
+    /// Do not stream: TTFT is then the whole response.
+    #[arg(long = "no-stream", overrides_with = "stream")]
+    pub no_stream: bool,
+    /// Write the result with `vllm bench serve --save-result`'s field names.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+    /// The inferwatch agent (e.g. http://127.0.0.1:9420): also print its view of the requests.
+    #[arg(long)]
+    pub agent: Option<String>,
+}
+
+impl BenchArgs {
+    /// `--no-stream` wins over the default.
+    pub fn normalized(mut self) -> Self {
+        if self.no_stream {
+            self.stream = false;
+        }
+        self
+    }
+
+    #[cfg(test)]
+    pub fn for_tests() -> Self {
+        Cli::try_parse_from(["inferwatch", "bench", "--url", "http://127.0.0.1:1"])
+            .map(|c| match c.command() {
+                Command::Bench(b) => b,
+                _ => unreachable!(),
+            })
+            .unwrap()
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -135,6 +200,28 @@ mod tests {
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn bench_flags() {
+        let b = BenchArgs::for_tests();
+        assert!(b.stream && b.rate.is_none());
+        assert_eq!((b.concurrency, b.requests, b.endpoint.as_str()), (8, 100, "completions"));
+        let cli = Cli::try_parse_from([
+            "inferwatch",
+            "bench",
+            "--url",
+            "http://x:1",
+            "--no-stream",
+            "--rate",
+            "2.5",
+        ])
+        .unwrap();
+        let Command::Bench(b) = cli.command() else { panic!() };
+        let b = b.normalized();
+        assert!(!b.stream);
+        assert_eq!(b.rate, Some(2.5));
+        assert!(Cli::try_parse_from(["inferwatch", "bench", "--url", "u", "--endpoint", "embed"]).is_err());
     }
 
     #[test]

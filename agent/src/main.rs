@@ -4,6 +4,7 @@
 //! a channel → the [`aggregator`], sole owner of state → the [`server`]'s exporters.
 
 mod aggregator;
+mod bench;
 mod cli;
 mod connections;
 mod discover;
@@ -30,7 +31,7 @@ fn main() -> std::process::ExitCode {
     let command = cli::Cli::parse().command();
     let log_level = match &command {
         cli::Command::Run(args) => args.log_level.clone(),
-        cli::Command::Discover(_) => "warn".to_string(),
+        cli::Command::Discover(_) | cli::Command::Bench(_) => "warn".to_string(),
     };
     if let Err(e) = init_tracing(&log_level) {
         eprintln!("inferwatch: {e}");
@@ -46,6 +47,7 @@ fn main() -> std::process::ExitCode {
     let result = match command {
         cli::Command::Run(args) => runtime.block_on(run::run(args)),
         cli::Command::Discover(args) => runtime.block_on(discover::print(args)),
+        cli::Command::Bench(args) => runtime.block_on(bench::run(args.normalized())),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
