@@ -16,8 +16,8 @@ use crate::{
     ipc::{IpcTracker, Phases},
     metrics::{
         InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels, ReasonLabels,
-        RequestLabels, ResetLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels, StreamEventLabels,
-        VllmInfoLabels,
+        RequestLabels, ResetLabels, RuleLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels,
+        StreamEventLabels, VllmInfoLabels,
     },
     procfs,
     scraper::ScrapeResult,
@@ -44,6 +44,9 @@ pub struct Shared {
     pub instances: RwLock<Vec<InstanceView>>,
     /// Scheduler statistics per vLLM role, as families (see sched.rs).
     pub sched: RwLock<Vec<crate::promtext::Family>>,
+    /// One diagnosis sample per instance and scrape, for the last hour.
+    pub diagnosis_samples: RwLock<VecDeque<crate::diagnosis::Sample>>,
+    pub started: std::time::Instant,
     /// Newest last.
     pub recent: RwLock<VecDeque<RequestRecord>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to give kernel timestamps a wall-clock time.
@@ -57,6 +60,8 @@ impl Shared {
             vllm: RwLock::new(BTreeMap::new()),
             instances: RwLock::new(Vec::new()),
             sched: RwLock::new(Vec::new()),
+            diagnosis_samples: RwLock::new(VecDeque::new()),
+            started: std::time::Instant::now(),
             recent: RwLock::new(VecDeque::new()),
             realtime_offset_ns: realtime_offset_ns(),
         }
@@ -167,6 +172,12 @@ pub struct Aggregator {
     /// server's overhead.
     ttft_since_scrape: HashMap<String, (f64, u64)>,
     vllm_ttft_seen: HashMap<String, (f64, f64)>,
+    /// Per instance: cumulative TTFT and frontend-phase sums of matched streamed requests.
+    phase_sums: HashMap<String, (f64, f64)>,
+    /// The API servers' cumulative run-queue (sum seconds, count) from the last scheduler read.
+    api_runqueue: (f64, f64),
+    /// `--max-num-seqs` of each instance, from its command line.
+    max_num_seqs: HashMap<String, f64>,
 }
 
 impl Aggregator {
@@ -183,6 +194,9 @@ impl Aggregator {
             listen_overflows: HashMap::new(),
             ttft_since_scrape: HashMap::new(),
             vllm_ttft_seen: HashMap::new(),
+            phase_sums: HashMap::new(),
+            api_runqueue: (0.0, 0.0),
+            max_num_seqs: HashMap::new(),
         }
     }
 
@@ -251,6 +265,15 @@ impl Aggregator {
                 }
             }
             AgentEvent::Sched(slots) => {
+                let at = |slot: u32| {
+                    let i = (inferwatch_common::ROLE_API_SERVER as u32 * inferwatch_common::SCHED_SLOTS
+                        + slot) as usize;
+                    slots.get(i).copied().unwrap_or(0) as f64
+                };
+                self.api_runqueue = (
+                    at(inferwatch_common::SLOT_RUNQUEUE_NS) / 1e9,
+                    at(inferwatch_common::SLOT_RUNQUEUE_COUNT),
+                );
                 *self.shared.sched.write().unwrap_or_else(|e| e.into_inner()) =
                     crate::sched::families(&slots);
             }
@@ -300,6 +323,11 @@ impl Aggregator {
             for pid in &api {
                 self.instance_of_pid.insert(*pid, i.id.clone());
             }
+            if let Some(n) =
+                crate::discovery::flag_value(&i.instance.flags, "--max-num-seqs").and_then(|v| v.parse().ok())
+            {
+                self.max_num_seqs.insert(i.id.clone(), n);
+            }
             if let Some(total) = i.listen_overflows {
                 let seen = self.listen_overflows.entry(i.id.clone()).or_insert(total);
                 let counter =
@@ -340,6 +368,7 @@ impl Aggregator {
         match result.outcome {
             Ok(families) => {
                 m.vllm_up.get_or_create(&labels).set(1);
+                self.record_diagnosis_sample(&id, &families);
                 let theirs = vllm_ttft(&families);
                 let previous = self.vllm_ttft_seen.insert(id.clone(), theirs);
                 let ours = self.ttft_since_scrape.remove(&id).unwrap_or((0.0, 0));
@@ -361,6 +390,60 @@ impl Aggregator {
                 // Nothing stale or half-parsed stays exported.
                 vllm.remove(&id);
             }
+        }
+    }
+
+    /// One diagnosis sample for `id` from its fresh scrape and the agent's own counters; then the
+    /// rules' verdict over the default window as `inferwatch_diagnosis_active`.
+    fn record_diagnosis_sample(&self, id: &str, families: &[crate::promtext::Family]) {
+        let total = |name: &str, sample: &str, combine: fn(f64, f64) -> f64| {
+            families
+                .iter()
+                .filter(|f| f.name == name)
+                .flat_map(|f| &f.samples)
+                .filter(|s| s.name == sample)
+                .map(|s| s.value)
+                .fold(0.0, combine)
+        };
+        let sum = |name: &str| total(name, name, |a, b| a + b);
+        let m = &self.shared.metrics;
+        let labels = InstanceLabels { vllm_instance: id.to_string() };
+        let resets: f64 = ["sent", "received"]
+            .iter()
+            .map(|d| {
+                m.tcp_resets.get_or_create(&ResetLabels { vllm_instance: id.to_string(), direction: d }).get()
+                    as f64
+            })
+            .sum();
+        let (ttft_sum, frontend_sum) = self.phase_sums.get(id).copied().unwrap_or_default();
+        let sample = crate::diagnosis::Sample {
+            t: self.shared.started.elapsed().as_secs_f64(),
+            instance: id.to_string(),
+            waiting: sum("vllm:num_requests_waiting"),
+            running: sum("vllm:num_requests_running"),
+            kv_cache_usage: total("vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc", f64::max),
+            preemptions: sum("vllm:num_preemptions_total"),
+            requests_succeeded: sum("vllm:request_success_total"),
+            max_num_seqs: self.max_num_seqs.get(id).copied(),
+            ttft_sum,
+            frontend_sum,
+            api_runqueue_sum: self.api_runqueue.0,
+            api_runqueue_count: self.api_runqueue.1,
+            retransmits: m.tcp_retransmits.get_or_create(&labels).get() as f64,
+            resets,
+            gpu_memory_ratio: None,
+        };
+        let now = sample.t;
+        let mut samples = self.shared.diagnosis_samples.write().unwrap_or_else(|e| e.into_inner());
+        samples.push_back(sample);
+        while samples.front().is_some_and(|s| s.t < now - 3600.0) {
+            samples.pop_front();
+        }
+        let verdict = crate::diagnosis::diagnose(samples.make_contiguous(), now, 300.0);
+        drop(samples);
+        for rule in crate::diagnosis::RULES {
+            let active = verdict.findings.iter().any(|f| f.rule == rule);
+            m.diagnosis_active.get_or_create(&RuleLabels { rule }).set(i64::from(active));
         }
     }
 
@@ -451,6 +534,12 @@ impl Aggregator {
         if let Some(reason) = unmatched {
             m.phase_unmatched.get_or_create(&ReasonLabels { reason }).inc();
         }
+        if let (Some(p), Some(t), Some(instance)) = (&phases, ttft, self.instance_of_pid.get(&tgid)) {
+            let sums = self.phase_sums.entry(instance.clone()).or_insert((0.0, 0.0));
+            sums.0 += t;
+            sums.1 += p.frontend_in + p.frontend_out;
+        }
+        let m = &self.shared.metrics;
         if let Some(p) = &phases {
             let observe = |phase: &'static str, v: Option<f64>| {
                 if let Some(v) = v {

@@ -20,6 +20,45 @@ pub enum Command {
     Discover(DiscoverArgs),
     /// Load-test an OpenAI-compatible server and report like `vllm bench serve`.
     Bench(BenchArgs),
+    /// Evaluate the troubleshooting rules on a running agent's live data.
+    Diagnose(DiagnoseArgs),
+    /// Record a performance baseline from a running agent, or compare two.
+    #[command(subcommand)]
+    Baseline(BaselineCommand),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DiagnoseArgs {
+    /// The agent to ask.
+    #[arg(long, default_value = "http://127.0.0.1:9420")]
+    pub agent: String,
+    /// How far back to look.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    pub window: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BaselineCommand {
+    /// Watch the agent for a while and write what it saw.
+    Record {
+        #[arg(long, default_value = "http://127.0.0.1:9420")]
+        agent: String,
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: Duration,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Compare baseline B against A; exits non-zero on a regression beyond the threshold.
+    Compare {
+        a: std::path::PathBuf,
+        b: std::path::PathBuf,
+        /// Percent worse that counts as a regression.
+        #[arg(long, default_value_t = 10.0)]
+        threshold: f64,
+    },
 }
 
 #[derive(Args, Debug, Clone)]

@@ -115,6 +115,37 @@ pub fn models_from_cmdline(cmdline: &[u8]) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Command-line arguments with secrets hidden.
+pub fn redacted_flags(cmdline: &[u8]) -> Vec<String> {
+    let args = arguments(cmdline);
+    let secret = |a: &str| {
+        let a = a.to_ascii_lowercase();
+        a.starts_with("--") && ["key", "token", "secret", "password"].iter().any(|w| a.contains(w))
+    };
+    let mut out = Vec::new();
+    let mut hide_next = false;
+    for a in args {
+        if hide_next && !a.starts_with("--") {
+            out.push("***".to_string());
+        } else if let Some((flag, _)) = a.split_once('=').filter(|(f, _)| secret(f)) {
+            out.push(format!("{flag}=***"));
+        } else {
+            out.push(a.clone());
+        }
+        hide_next = secret(&a) && !a.contains('=');
+    }
+    out
+}
+
+/// The value of `--flag V` or `--flag=V` among redacted flags.
+pub fn flag_value(flags: &[String], flag: &str) -> Option<String> {
+    flags.iter().enumerate().find_map(|(i, a)| {
+        a.strip_prefix(&format!("{flag}="))
+            .map(str::to_string)
+            .or_else(|| (a == flag).then(|| flags.get(i + 1).cloned()).flatten())
+    })
+}
+
 /// Parent pid from `/proc/PID/stat` (the command name may contain spaces and parentheses).
 pub fn ppid_from_stat(stat: &str) -> Option<u32> {
     let rest = stat.rsplit_once(')')?.1;
@@ -217,6 +248,9 @@ pub struct Instance {
     pub listen: Vec<SocketAddr>,
     /// From the command line (`/v1/models` is asked later, when the server answers).
     pub cmdline_models: Vec<String>,
+    /// The API server's command-line arguments, with the values of secret-looking flags
+    /// (`--api-key`, `*token*`, `*secret*`, `*password*`) replaced by `***`.
+    pub flags: Vec<String>,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
 }
@@ -293,6 +327,8 @@ pub fn scan(root: &Path) -> Vec<Instance> {
                 let m = models_from_cmdline(cmdlines.get(pid)?);
                 (!m.is_empty()).then_some(m)
             });
+            let flags =
+                api.first().and_then(|pid| cmdlines.get(pid)).map(|c| redacted_flags(c)).unwrap_or_default();
             let cgroup =
                 fs::read_to_string(root.join(root_pid.to_string()).join("cgroup")).unwrap_or_default();
             let (container_id, pod_uid) = container_from_cgroup(&cgroup);
@@ -301,6 +337,7 @@ pub fn scan(root: &Path) -> Vec<Instance> {
                 processes: procs,
                 listen: listen.into_iter().collect(),
                 cmdline_models: models.unwrap_or_default(),
+                flags,
                 container_id,
                 pod_uid,
             }
@@ -392,6 +429,27 @@ mod tests {
         );
         assert!(models_from_cmdline(&nul(&["vllm", "serve", "--help"])).is_empty());
         assert_eq!(models_from_cmdline(b"vllm serve /m/tiny --served-model-name tiny --port 1"), ["tiny"]);
+    }
+
+    #[test]
+    fn flags_hide_secrets() {
+        let flags = redacted_flags(&nul(&[
+            "vllm",
+            "serve",
+            "m",
+            "--api-key",
+            "sk-123",
+            "--max-num-seqs",
+            "8",
+            "--hf-token=abc",
+        ]));
+        assert_eq!(
+            flags,
+            ["vllm", "serve", "m", "--api-key", "***", "--max-num-seqs", "8", "--hf-token=***"]
+        );
+        assert_eq!(flag_value(&flags, "--max-num-seqs").as_deref(), Some("8"));
+        assert_eq!(flag_value(&["--max-num-seqs=4".to_string()], "--max-num-seqs").as_deref(), Some("4"));
+        assert_eq!(flag_value(&flags, "--port"), None);
     }
 
     #[test]

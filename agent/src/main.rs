@@ -7,6 +7,7 @@ mod aggregator;
 mod bench;
 mod cli;
 mod connections;
+mod diagnosis;
 mod discover;
 mod discovery;
 mod events;
@@ -23,6 +24,7 @@ mod sched;
 mod scraper;
 mod server;
 mod syscalls;
+mod toolkit;
 mod watcher;
 
 use clap::Parser as _;
@@ -31,7 +33,7 @@ fn main() -> std::process::ExitCode {
     let command = cli::Cli::parse().command();
     let log_level = match &command {
         cli::Command::Run(args) => args.log_level.clone(),
-        cli::Command::Discover(_) | cli::Command::Bench(_) => "warn".to_string(),
+        _ => "warn".to_string(),
     };
     if let Err(e) = init_tracing(&log_level) {
         eprintln!("inferwatch: {e}");
@@ -48,6 +50,8 @@ fn main() -> std::process::ExitCode {
         cli::Command::Run(args) => runtime.block_on(run::run(args)),
         cli::Command::Discover(args) => runtime.block_on(discover::print(args)),
         cli::Command::Bench(args) => runtime.block_on(bench::run(args.normalized())),
+        cli::Command::Diagnose(args) => runtime.block_on(toolkit::diagnose(args)),
+        cli::Command::Baseline(cmd) => runtime.block_on(toolkit::baseline(cmd)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -107,12 +107,18 @@ pub struct Metrics {
     pub tcp_resets: Family<ResetLabels, Counter>,
     pub tcp_listen_overflows: Family<InstanceLabels, Counter>,
     pub api_server_overhead: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
+    pub diagnosis_active: Family<RuleLabels, Gauge>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: &'static str,
     pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -320,6 +326,12 @@ impl Metrics {
             Unit::Seconds,
             api_server_overhead.clone(),
         );
+        let diagnosis_active = Family::<RuleLabels, Gauge>::default();
+        registry.register(
+            "inferwatch_diagnosis_active",
+            "1 while a diagnosis rule fires over the last 5 minutes (see `inferwatch diagnose`)",
+            diagnosis_active.clone(),
+        );
         Self {
             registry,
             socket_ops,
@@ -350,6 +362,7 @@ impl Metrics {
             tcp_resets,
             tcp_listen_overflows,
             api_server_overhead,
+            diagnosis_active,
         }
     }
 

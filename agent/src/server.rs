@@ -5,6 +5,7 @@
 //! - `GET /api/v1/requests?limit=N`: the N most recent finished requests (default 100,
 //!   newest first), as JSON: sizes and times, never payload.
 //! - `GET /api/v1/instances`: the vLLM instances found on this node.
+//! - `GET /api/v1/diagnosis?window=SECONDS`: the diagnosis rules over a window (default 300).
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/api/v1/requests", get(requests))
         .route("/api/v1/instances", get(instances))
+        .route("/api/v1/diagnosis", get(diagnosis))
         .with_state(shared)
 }
 
@@ -41,6 +43,24 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn instances(State(shared): State<Arc<Shared>>) -> Json<Vec<crate::watcher::InstanceView>> {
     Json(shared.instances.read().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+#[derive(Deserialize)]
+struct DiagnosisQuery {
+    /// Seconds (default 300).
+    window: Option<f64>,
+}
+
+async fn diagnosis(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<DiagnosisQuery>,
+) -> Json<crate::diagnosis::Diagnosis> {
+    let samples = shared.diagnosis_samples.read().unwrap_or_else(|e| e.into_inner());
+    let (first, second) = samples.as_slices();
+    let all: Vec<crate::diagnosis::Sample> = first.iter().chain(second).cloned().collect();
+    drop(samples);
+    let now = shared.started.elapsed().as_secs_f64();
+    Json(crate::diagnosis::diagnose(&all, now, q.window.unwrap_or(300.0).max(1.0)))
 }
 
 #[derive(Deserialize)]
