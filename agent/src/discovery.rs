@@ -137,9 +137,9 @@ pub fn redacted_flags(cmdline: &[u8]) -> Vec<String> {
     out
 }
 
-/// The value of `--flag V` or `--flag=V` among redacted flags.
+/// The value of `--flag V` or `--flag=V` among redacted flags (the last one, as argparse takes).
 pub fn flag_value(flags: &[String], flag: &str) -> Option<String> {
-    flags.iter().enumerate().find_map(|(i, a)| {
+    flags.iter().enumerate().rev().find_map(|(i, a)| {
         a.strip_prefix(&format!("{flag}="))
             .map(str::to_string)
             .or_else(|| (a == flag).then(|| flags.get(i + 1).cloned()).flatten())
@@ -450,6 +450,8 @@ mod tests {
         assert_eq!(flag_value(&flags, "--max-num-seqs").as_deref(), Some("8"));
         assert_eq!(flag_value(&["--max-num-seqs=4".to_string()], "--max-num-seqs").as_deref(), Some("4"));
         assert_eq!(flag_value(&flags, "--port"), None);
+        let twice: Vec<String> = ["--max-num-seqs", "16", "--max-num-seqs", "2"].map(String::from).to_vec();
+        assert_eq!(flag_value(&twice, "--max-num-seqs").as_deref(), Some("2"), "the last one wins");
     }
 
     #[test]
