@@ -25,6 +25,18 @@ pub enum Command {
     /// Record a performance baseline from a running agent, or compare two.
     #[command(subcommand)]
     Baseline(BaselineCommand),
+    /// A live terminal view of the node's vLLM, from the agent's HTTP API.
+    Top(TopArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct TopArgs {
+    /// The agent to show.
+    #[arg(long, default_value = "http://127.0.0.1:9420")]
+    pub agent: String,
+    /// Refresh period.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

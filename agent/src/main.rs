@@ -25,6 +25,8 @@ mod scraper;
 mod server;
 mod syscalls;
 mod toolkit;
+mod top;
+mod topview;
 mod watcher;
 
 use clap::Parser as _;
@@ -52,6 +54,7 @@ fn main() -> std::process::ExitCode {
         cli::Command::Bench(args) => runtime.block_on(bench::run(args.normalized())),
         cli::Command::Diagnose(args) => runtime.block_on(toolkit::diagnose(args)),
         cli::Command::Baseline(cmd) => runtime.block_on(toolkit::baseline(cmd)),
+        cli::Command::Top(args) => runtime.block_on(top::run(args)),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
