@@ -172,8 +172,12 @@ impl Fetcher {
                 .collect()
         });
         let ms = |r: &Value, k: &str| r[k].as_f64().map(|v| v * 1e3);
+        // Housekeeping (the agent's own scrapes, health checks) would crowd out the inference
+        // requests a person looks for.
+        const HOUSEKEEPING: [&str; 5] = ["/metrics", "/health", "/ping", "/version", "/v1/models"];
         snapshot.requests = records
             .iter()
+            .filter(|r| !HOUSEKEEPING.contains(&r["route"].as_str().unwrap_or("")))
             .map(|r| RequestRow {
                 age_s: (now_unix - r["received_unix_seconds"].as_f64().unwrap_or(now_unix)).max(0.0),
                 model: r["model"].as_str().unwrap_or("").to_string(),

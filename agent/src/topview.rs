@@ -169,7 +169,7 @@ pub fn render(frame: &mut Frame, s: &Snapshot, v: &ViewState) {
                 format!("{:.0}%", i.kv_cache * 100.0),
             ])
         });
-        let widths = [14, 7, 5, 6, 9, 9, 9, 5, 4].map(Constraint::Length);
+        let widths = [15, 7, 5, 6, 9, 9, 9, 5, 4].map(Constraint::Length);
         let head = Row::new([
             "instance",
             "model",

@@ -176,3 +176,51 @@ fn bench_agrees_with_vllm_and_baseline_flags_a_smaller_batch() {
     assert!(agent.stop().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn tmux(args: &[&str]) -> String {
+    let out = Command::new("tmux").args(args).output().expect("tmux (`cargo xtask setup` installs it)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn top_shows_a_request_with_its_waterfall() {
+    require_root();
+    let agent = Agent::start_discovering(&["--scrape-interval", "1s"]);
+    let mut vllm = Vllm::start("top", &[]);
+    vllm.wait_ready(READY);
+    let session = format!("inferwatch-top-{}", std::process::id());
+    let command = format!("{} top --agent http://{} --interval 500ms", agent_binary().display(), agent.addr);
+    tmux(&["new-session", "-d", "-s", &session, "-x", "100", "-y", "32", &command]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
+    let body = r#"{"model":"tiny","prompt":"show me in top","max_tokens":12,"stream":true}"#;
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut client = inferwatch_tests::client::Client::connect(addr);
+    client.send_raw(request.as_bytes());
+    assert_eq!(client.read_response(None).status, 200);
+    let start = Instant::now();
+    let mut screen = String::new();
+    while start.elapsed() < Duration::from_secs(20) {
+        thread::sleep(Duration::from_millis(500));
+        screen = tmux(&["capture-pane", "-p", "-t", &session]);
+        if screen.contains(&format!("localhost:{}", vllm.port))
+            && screen.contains("completions")
+            && screen.contains("first token")
+        {
+            break;
+        }
+    }
+    println!("e2e: inferwatch top:\n{screen}");
+    tmux(&["send-keys", "-t", &session, "q"]);
+    thread::sleep(Duration::from_millis(500));
+    let still_there = tmux(&["has-session", "-t", &session]);
+    let _ = Command::new("tmux").args(["kill-session", "-t", &session]).status();
+    assert!(screen.contains(&format!("localhost:{}", vllm.port)), "the instance is listed:\n{screen}");
+    assert!(screen.contains("completions") && screen.contains("tiny"), "the request is listed:\n{screen}");
+    assert!(screen.contains("first token") && screen.contains('█'), "with its waterfall:\n{screen}");
+    assert!(screen.contains("frontend_in"), "and its phases:\n{screen}");
+    assert!(still_there.is_empty(), "q quits");
+    assert!(agent.stop().success());
+}

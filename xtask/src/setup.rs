@@ -79,6 +79,7 @@ pub fn ensure() -> Result {
     ensure_llvm()?;
     ensure_bpf_linker()?;
     ensure_python_env()?;
+    ensure_debian_tool("tmux", "tmux")?;
     Ok(())
 }
 
@@ -89,6 +90,27 @@ pub fn is_complete() -> bool {
         && llvm_present()
         && bpf_linker_present()
         && python_env_present()
+        && tool_present("tmux")
+}
+
+fn tool_present(binary: &str) -> bool {
+    output(command(binary).arg("-V")).is_some()
+}
+
+/// A command-line tool the tests drive (tmux for `inferwatch top`), from Debian's packages.
+fn ensure_debian_tool(binary: &str, package: &str) -> Result {
+    if tool_present(binary) {
+        eprintln!("setup: {binary}: present");
+        return Ok(());
+    }
+    let os_release = fs::read_to_string("/etc/os-release").unwrap_or_default();
+    if !(is_debian_like(&os_release) && cmd::is_root()) {
+        return Err(format!("{binary} is missing: install the {package} package, then rerun"));
+    }
+    eprintln!("setup: {package}: installing with apt-get");
+    run(command("apt-get")
+        .args(["install", "-y", "--no-install-recommends", package])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Runs `ensure` only if something is missing, so the common path stays quiet and fast.
