@@ -47,7 +47,7 @@ fn events(args: &[String]) -> Result {
         "sseload",
     ]))?;
     let bin = |name: &str| cmd::root().join("target/release").join(name);
-    let port = free_port()?;
+    let port = cmd::free_port()?;
     let mut server = Command::new(bin("sseserver"))
         .arg(port.to_string())
         .stdout(Stdio::null())
@@ -64,10 +64,12 @@ fn events(args: &[String]) -> Result {
     ]))
     .ok_or("sseload failed")?;
     // Let the agent finish what is queued: read once its event count stops moving.
-    let mut metrics = http_get(agent_port, "/metrics")?;
+    let get =
+        |path: &str| cmd::http_get(agent_port, path).map(|(_, body)| body).ok_or("the agent does not answer");
+    let mut metrics = get("/metrics")?;
     for _ in 0..50 {
         thread::sleep(Duration::from_millis(200));
-        let now = http_get(agent_port, "/metrics")?;
+        let now = get("/metrics")?;
         let settled = now.lines().find(|l| l.starts_with("inferwatch_agent_events_total"))
             == metrics.lines().find(|l| l.starts_with("inferwatch_agent_events_total"));
         metrics = now;
@@ -120,13 +122,6 @@ fn events(args: &[String]) -> Result {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
 fn wait_for_port(port: u16, child: &mut Child) -> Result {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -140,15 +135,6 @@ fn wait_for_port(port: u16, child: &mut Child) -> Result {
         thread::sleep(Duration::from_millis(20));
     }
     Ok(())
-}
-
-fn http_get(port: u16, path: &str) -> Result<String> {
-    use std::io::{Read, Write};
-    let mut s = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    Ok(out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default())
 }
 
 /// utime + stime of a process, in clock ticks.
@@ -253,7 +239,7 @@ fn start_agent(agent: &Path, watch: u32) -> Result<Child> {
 
 /// Starts the agent watching `watch`; returns it with the port it serves on.
 fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
-    let port = free_port()?;
+    let port = cmd::free_port()?;
     let mut child = cmd::as_root(agent)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--pid", &watch.to_string(), "--log-level", "warn"])
         .stdout(Stdio::null())
@@ -261,7 +247,7 @@ fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
         .map_err(|e| format!("starting the agent: {e}"))?;
     // /healthz answers once the programs are attached (the port itself is bound earlier).
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !http_get(port, "/healthz").is_ok_and(|b| b == "ok\n") {
+    while cmd::http_get(port, "/healthz").is_none_or(|(_, b)| b != "ok\n") {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("the agent exited ({status})"));
         }

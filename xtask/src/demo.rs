@@ -3,8 +3,6 @@
 //! prints what the agent sees; serves `:9420/metrics` until Ctrl-C.
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicBool, Ordering},
     thread,
@@ -38,7 +36,7 @@ pub fn demo() -> Result {
         "--bin",
         "sseload",
     ]))?;
-    let port = free_port()?;
+    let port = cmd::free_port()?;
     let logs = cmd::root().join("target/demo");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
     let vllm_log = logs.join("vllm.log");
@@ -90,7 +88,7 @@ pub fn demo() -> Result {
 fn show(port: u16, vllm_child: &mut Child, agent: &mut Child, vllm_log: &std::path::Path) -> Result {
     let deadline = Instant::now() + Duration::from_secs(600);
     eprintln!("demo: waiting for vLLM to load the model (usually under a minute)");
-    while http_get(port, "/health").map(|(s, _)| s) != Some(200) {
+    while cmd::http_get(port, "/health").map(|(s, _)| s) != Some(200) {
         if let Ok(Some(status)) = vllm_child.try_wait() {
             return Err(format!("vLLM exited ({status}); see {}", vllm_log.display()));
         }
@@ -112,10 +110,10 @@ fn show(port: u16, vllm_child: &mut Child, agent: &mut Child, vllm_log: &std::pa
     ]))
     .unwrap_or_default();
     thread::sleep(Duration::from_secs(3));
-    let (_, instances) = http_get(AGENT_PORT, "/api/v1/instances").ok_or("the agent does not answer")?;
-    let (_, metrics) = http_get(AGENT_PORT, "/metrics").ok_or("the agent does not answer")?;
+    let (_, instances) = cmd::http_get(AGENT_PORT, "/api/v1/instances").ok_or("the agent does not answer")?;
+    let (_, metrics) = cmd::http_get(AGENT_PORT, "/metrics").ok_or("the agent does not answer")?;
     let (_, requests) =
-        http_get(AGENT_PORT, "/api/v1/requests?limit=2048").ok_or("the agent does not answer")?;
+        cmd::http_get(AGENT_PORT, "/api/v1/requests?limit=2048").ok_or("the agent does not answer")?;
     println!("\n=== what inferwatch sees ===");
     println!("load generator: {} requests, {} content events", word(&load, 0), word(&load, 1));
     println!("\nGET /api/v1/instances\n{}", instances.trim());
@@ -170,23 +168,6 @@ fn percentiles(json: &str, field: &str) -> (f64, f64) {
     values.sort_by(f64::total_cmp);
     let at = |p: f64| values[((p * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
     (at(0.5), at(0.99))
-}
-
-fn free_port() -> Result<u16> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("no free port: {e}"))
-}
-
-fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    Some((head.split_whitespace().nth(1)?.parse().ok()?, body.to_string()))
 }
 
 #[cfg(test)]

@@ -195,6 +195,22 @@ fn may_be_request(buf: &[u8]) -> bool {
     (3..=7).contains(&token) && buf[token] == b' '
 }
 
+/// Takes the part of a sized body (`remaining` bytes) that this transfer holds: known bytes
+/// first, then unseen ones from the gap. Returns the known body bytes, the skipped count, and
+/// whether the body is complete.
+fn take_sized<'a>(remaining: &mut u64, data: &mut &'a [u8], gap: &mut usize) -> (&'a [u8], usize, bool) {
+    let take = (*remaining).min(data.len() as u64) as usize;
+    let body = &data[..take];
+    *data = &data[take..];
+    let mut skipped = 0;
+    if data.is_empty() {
+        skipped = (*remaining - take as u64).min(*gap as u64) as usize;
+        *gap -= skipped;
+    }
+    *remaining -= (take + skipped) as u64;
+    (body, skipped, *remaining == 0)
+}
+
 fn new_pending(method: &'static str, route: &'static str, received_ns: u64, request_bytes: u64) -> Pending {
     Pending {
         method,
@@ -277,16 +293,7 @@ impl Connection {
                     }
                 }
                 Inbound::Sized { remaining } => {
-                    let take = (*remaining).min(data.len() as u64) as usize;
-                    let body = &data[..take];
-                    data = &data[take..];
-                    let mut skipped = 0;
-                    if data.is_empty() {
-                        skipped = (*remaining - take as u64).min(gap as u64) as usize;
-                        gap -= skipped;
-                    }
-                    *remaining -= (take + skipped) as u64;
-                    let done = *remaining == 0;
+                    let (body, skipped, done) = take_sized(remaining, &mut data, &mut gap);
                     self.request_body(body, skipped, done, &mut up);
                     if done {
                         self.inbound = Inbound::Head { buf: Vec::new(), started: None };
@@ -467,16 +474,7 @@ impl Connection {
                     }
                 }
                 Outbound::Sized { remaining } => {
-                    let take = (*remaining).min(data.len() as u64) as usize;
-                    let body = &data[..take];
-                    data = &data[take..];
-                    let mut skipped = 0;
-                    if data.is_empty() {
-                        skipped = (*remaining - take as u64).min(gap as u64) as usize;
-                        gap -= skipped;
-                    }
-                    *remaining -= (take + skipped) as u64;
-                    let done = *remaining == 0;
+                    let (body, skipped, done) = take_sized(remaining, &mut data, &mut gap);
                     self.body_bytes(body, skipped, ts);
                     if done {
                         self.finish_front(ts, Outcome::Complete, &mut up);
