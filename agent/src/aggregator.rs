@@ -15,9 +15,9 @@ use crate::{
     http::{FinishedRequest, Update},
     ipc::{IpcTracker, Phases},
     metrics::{
-        InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels, ReasonLabels,
-        RequestLabels, ResetLabels, RuleLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels,
-        StreamEventLabels, VllmInfoLabels,
+        InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels, ProgramLabels,
+        ReasonLabels, RequestLabels, ResetLabels, RuleLabels, ScrapeErrorLabels, SocketBytesLabels,
+        SocketOpLabels, StreamEventLabels, VllmInfoLabels,
     },
     procfs,
     scraper::ScrapeResult,
@@ -262,6 +262,16 @@ impl Aggregator {
                             .get_or_create(&ResetLabels { vllm_instance, direction: "received" })
                             .inc();
                     }
+                }
+            }
+            AgentEvent::ProgramStats(stats) => {
+                for (program, ns, runs) in stats {
+                    let labels = ProgramLabels { program };
+                    let (c_ns, c_runs) =
+                        (metrics.bpf_run_ns.get_or_create(&labels), metrics.bpf_runs.get_or_create(&labels));
+                    // Kernel totals only grow; catch the counters up to them.
+                    c_ns.inc_by(ns.saturating_sub(c_ns.get()));
+                    c_runs.inc_by(runs.saturating_sub(c_runs.get()));
                 }
             }
             AgentEvent::Sched(slots) => {

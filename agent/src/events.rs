@@ -104,6 +104,8 @@ pub enum AgentEvent {
     Scrape(crate::scraper::ScrapeResult),
     /// Cumulative scheduler statistics per role (the kernel's `SCHED_STATS`, summed over CPUs).
     Sched(Vec<u64>),
+    /// Cumulative (program, run time ns, runs) of each kernel program.
+    ProgramStats(Vec<(&'static str, u64, u64)>),
 }
 
 #[derive(Debug, PartialEq, Eq)]

@@ -108,12 +108,19 @@ pub struct Metrics {
     pub tcp_listen_overflows: Family<InstanceLabels, Counter>,
     pub api_server_overhead: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
     pub diagnosis_active: Family<RuleLabels, Gauge>,
+    pub bpf_run_ns: Family<ProgramLabels, Counter>,
+    pub bpf_runs: Family<ProgramLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: &'static str,
     pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -332,6 +339,18 @@ impl Metrics {
             "1 while a diagnosis rule fires over the last 5 minutes (see `inferwatch diagnose`)",
             diagnosis_active.clone(),
         );
+        let bpf_run_ns = Family::<ProgramLabels, Counter>::default();
+        registry.register(
+            "inferwatch_bpf_program_run_nanoseconds",
+            "Time the kernel spent in each inferwatch program; counted only while kernel.bpf_stats_enabled=1, which itself adds some 100 ns per run",
+            bpf_run_ns.clone(),
+        );
+        let bpf_runs = Family::<ProgramLabels, Counter>::default();
+        registry.register(
+            "inferwatch_bpf_program_runs",
+            "Runs of each inferwatch program (while kernel.bpf_stats_enabled=1)",
+            bpf_runs.clone(),
+        );
         Self {
             registry,
             socket_ops,
@@ -363,6 +382,8 @@ impl Metrics {
             tcp_listen_overflows,
             api_server_overhead,
             diagnosis_active,
+            bpf_run_ns,
+            bpf_runs,
         }
     }
 

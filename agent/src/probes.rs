@@ -49,7 +49,7 @@ const TRACEPOINTS: [&str; 9] = [
 
 pub struct Probes {
     // Owns the programs and their links: dropping it detaches everything.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     watched: HashMap<MapData, u32, WatchFlags>,
     sched_roles: HashMap<MapData, u32, u8>,
 }
@@ -91,7 +91,7 @@ impl Probes {
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, LOST_MAP)?)?;
         let sched_roles = HashMap::try_from(take_map(&mut ebpf, SCHED_ROLES_MAP)?)?;
         let sched = PerCpuArray::try_from(take_map(&mut ebpf, SCHED_STATS_MAP)?)?;
-        Ok((Self { _ebpf: ebpf, watched, sched_roles }, Outputs { events, lost, sched }))
+        Ok((Self { ebpf, watched, sched_roles }, Outputs { events, lost, sched }))
     }
 
     /// Starts watching a process: its socket I/O reaches the ring buffer from now on.
@@ -108,6 +108,18 @@ impl Probes {
     /// Stops watching a process.
     pub fn unwatch(&mut self, tgid: u32) -> Result<()> {
         self.watched.remove(&tgid).with_context(|| format!("removing process {tgid} from the watch map"))
+    }
+
+    /// Each program's cumulative run time (ns) and run count, as the kernel keeps them while
+    /// `kernel.bpf_stats_enabled=1` (zero otherwise).
+    pub fn program_stats(&self) -> Vec<(&'static str, u64, u64)> {
+        TRACEPOINTS
+            .iter()
+            .filter_map(|name| {
+                let info = self.ebpf.program(name)?.info().ok()?;
+                Some((*name, info.run_time().as_nanos() as u64, info.run_count()))
+            })
+            .collect()
     }
 
     /// Measures a process's scheduling under `role` (an index of `SCHED_STATS`), or stops.

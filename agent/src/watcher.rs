@@ -158,6 +158,7 @@ pub async fn run(
             changed
         });
         let _ = tx.send(AgentEvent::Instances(views)).await;
+        let _ = tx.send(AgentEvent::ProgramStats(probes.program_stats())).await;
         if let Some(done) = first_scan_done.take() {
             let _ = done.send(());
         }

@@ -19,14 +19,112 @@ use crate::{
     tasks::{self, Profile},
 };
 
-const USAGE: &str = "usage: cargo xtask bench <devnull [--rounds N] [--iterations N] | events [--seconds N] [--connections N]>";
+const USAGE: &str = "usage: cargo xtask bench <devnull [--rounds N] [--iterations N] | events [--seconds N] [--connections N] | programs [--iterations N]>";
 
 pub fn bench(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         Some("devnull") => devnull(&args[1..]),
         Some("events") => events(&args[1..]),
+        Some("programs") => programs(&args[1..]),
         _ => Err(USAGE.into()),
     }
+}
+
+/// Per-program cost from the kernel's own statistics (`kernel.bpf_stats_enabled=1`): socket
+/// operations of an unwatched process, then of a watched one (payload copy included), each
+/// `--iterations` 256-byte write+read pairs on a Unix socket pair.
+fn programs(args: &[String]) -> Result {
+    let iterations = flag(args, "--iterations", 1_000_000)?;
+    tasks::build(Profile::Release)?;
+    run(cmd::cargo(&setup::userspace_toolchain()).args([
+        "build",
+        "--release",
+        "--quiet",
+        "--package",
+        "inferwatch-tests",
+        "--bin",
+        "writeloop",
+    ]))?;
+    let writeloop = cmd::root().join("target/release/writeloop");
+    let stats_flag = "/proc/sys/kernel/bpf_stats_enabled";
+    let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
+    std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
+    let result = programs_measured(&writeloop, iterations);
+    let _ = std::fs::write(stats_flag, previous.trim());
+    result
+}
+
+fn programs_measured(writeloop: &Path, iterations: u64) -> Result {
+    use std::io::Write as _;
+    // The watched process: a shell that waits for a line, then becomes writeloop (same pid).
+    let mut watched = Command::new("sh")
+        .args(["-c", &format!("read go; exec {} socketpair {iterations} 256", writeloop.display())])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("sh: {e}"))?;
+    let (mut agent, port) = start_agent_on(&tasks::agent_binary(Profile::Release), watched.id())?;
+    let stats = |port: u16| -> Result<std::collections::BTreeMap<String, (f64, f64)>> {
+        let (_, text) = cmd::http_get(port, "/metrics").ok_or("the agent does not answer")?;
+        let mut out = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            for (prefix, second) in [
+                ("inferwatch_bpf_program_run_nanoseconds_total{program=\"", false),
+                ("inferwatch_bpf_program_runs_total{program=\"", true),
+            ] {
+                if let Some(rest) = line.strip_prefix(prefix)
+                    && let Some((name, value)) = rest.split_once("\"} ")
+                {
+                    let e = out.entry(name.to_string()).or_insert((0.0, 0.0));
+                    let v: f64 = value.parse().unwrap_or(0.0);
+                    if second { e.1 = v } else { e.0 = v }
+                }
+            }
+        }
+        Ok(out)
+    };
+    // The agent reads the kernel's totals every discovery tick (2 s).
+    let settle = || thread::sleep(Duration::from_millis(2500));
+    settle();
+    let s0 = stats(port)?;
+    let unwatched = measure_sized(writeloop, iterations)?;
+    settle();
+    let s1 = stats(port)?;
+    watched.stdin.as_mut().ok_or("no stdin")?.write_all(b"go\n").map_err(|e| e.to_string())?;
+    let out = watched.wait_with_output().map_err(|e| e.to_string())?;
+    settle();
+    let s2 = stats(port)?;
+    stop_agent(&mut agent)?;
+    let per_run = |a: &std::collections::BTreeMap<String, (f64, f64)>,
+                   b: &std::collections::BTreeMap<String, (f64, f64)>,
+                   p: &str| {
+        let (x, y) = (a.get(p).copied().unwrap_or_default(), b.get(p).copied().unwrap_or_default());
+        let runs = y.1 - x.1;
+        (runs, if runs > 0.0 { (y.0 - x.0) / runs } else { f64::NAN })
+    };
+    println!(
+        "\n## programs: kernel statistics per run (kernel.bpf_stats_enabled=1), {iterations} × (256-byte write + read) on a Unix socket pair"
+    );
+    println!("kernel: {}", cmd::output(Command::new("uname").arg("-r")).unwrap_or_default().trim());
+    println!(
+        "loop: unwatched {unwatched:.1} ns/iteration, watched {} ns/iteration",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    println!("| program | phase | runs | ns per run (stats overhead of ~100 ns included) |");
+    println!("|---|---|---|---|");
+    for program in ["sock_send_length", "sock_recv_length", "sched_switch", "sched_wakeup"] {
+        for (phase, a, b) in [("unwatched process", &s0, &s1), ("watched process", &s1, &s2)] {
+            let (runs, ns) = per_run(a, b, program);
+            println!("| {program} | {phase} | {runs:.0} | {ns:.0} |");
+        }
+    }
+    Ok(())
+}
+
+fn measure_sized(writeloop: &Path, iterations: u64) -> Result<f64> {
+    let out = cmd::output(Command::new(writeloop).args(["socketpair", &iterations.to_string(), "256"]))
+        .ok_or("writeloop failed")?;
+    out.trim().parse().map_err(|e| format!("writeloop printed {out:?}: {e}"))
 }
 
 /// The agent under a stream of SSE events as fast as a local server can write them: events per
@@ -241,7 +339,15 @@ fn start_agent(agent: &Path, watch: u32) -> Result<Child> {
 fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
     let port = cmd::free_port()?;
     let mut child = cmd::as_root(agent)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--pid", &watch.to_string(), "--log-level", "warn"])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pid",
+            &watch.to_string(),
+            "--log-level",
+            "warn",
+            "--no-discovery",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting the agent: {e}"))?;

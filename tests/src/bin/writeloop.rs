@@ -1,4 +1,4 @@
-//! Benchmark helper for `cargo xtask bench devnull`: `writeloop MODE N` prints the mean
+//! Benchmark helper for `cargo xtask bench`: `writeloop MODE N [SIZE]` prints the mean
 //! nanoseconds per iteration of N iterations of
 //!   devnull     one 1-byte `write()` to /dev/null (a non-socket call: the hooks must not fire)
 //!   socketpair  one 1-byte `write()` then one `read()` on a Unix socket pair (socket I/O of an
@@ -11,8 +11,10 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mode = args.next().unwrap_or_else(|| "devnull".into());
     let n: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(2_000_000);
-    let byte = [0u8; 1];
-    let mut sink = [0u8; 1];
+    // Bytes per socket write (socketpair mode): 256 is about one SSE event.
+    let size: usize = args.next().and_then(|a| a.parse().ok()).unwrap_or(1);
+    let byte = vec![b'x'; size.max(1)];
+    let mut sink = vec![0u8; size.max(1)];
     let ns = match mode.as_str() {
         "devnull" => {
             let null = OpenOptions::new().write(true).open("/dev/null").expect("open /dev/null");
@@ -32,8 +34,8 @@ fn main() {
             for _ in 0..n {
                 // SAFETY: valid fds and one-byte buffers.
                 unsafe {
-                    libc::write(fds[0], byte.as_ptr().cast(), 1);
-                    libc::read(fds[1], sink.as_mut_ptr().cast(), 1);
+                    libc::write(fds[0], byte.as_ptr().cast(), byte.len());
+                    libc::read(fds[1], sink.as_mut_ptr().cast(), sink.len());
                 }
             }
             start.elapsed()
