@@ -108,6 +108,12 @@ fn ensure_debian_tool(binary: &str, package: &str) -> Result {
         return Err(format!("{binary} is missing: install the {package} package, then rerun"));
     }
     eprintln!("setup: {package}: installing with apt-get");
+    apt_install(package)
+}
+
+/// `apt-get update`, then install: a fresh machine's package lists may be empty or stale.
+fn apt_install(package: &str) -> Result {
+    run(command("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
     run(command("apt-get")
         .args(["install", "-y", "--no-install-recommends", package])
         .env("DEBIAN_FRONTEND", "noninteractive"))
@@ -169,11 +175,7 @@ fn ensure_llvm() -> Result {
         ));
     }
     eprintln!("setup: {package}: installing with apt-get");
-    run(command("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
-    run(command("apt-get")
-        .args(["install", "-y", "--no-install-recommends", &package])
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .map_err(|e| {
+    apt_install(&package).map_err(|e| {
         format!("{e}: {package} comes from Debian 12's bookworm-security (or Debian 13); enable that suite or install LLVM {LLVM_MAJOR} by hand")
     })?;
     if !llvm_present() {
@@ -256,9 +258,7 @@ fn ensure_python_env() -> Result {
         if !(is_debian_like(&os_release) && cmd::is_root()) {
             return Err("python3 with the venv module is needed for the test servers: install python3 and python3-venv, then rerun".into());
         }
-        run(command("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "python3-venv"])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        apt_install("python3-venv")?;
     }
     let _ = fs::remove_dir_all(python_env());
     run(command("python3").args(["-m", "venv"]).arg(python_env()))?;
