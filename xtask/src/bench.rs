@@ -15,7 +15,6 @@ use std::{
 
 use crate::{
     cmd::{self, Result, run},
-    setup,
     tasks::{self, Profile},
 };
 
@@ -36,16 +35,8 @@ pub fn bench(args: &[String]) -> Result {
 fn programs(args: &[String]) -> Result {
     let iterations = flag(args, "--iterations", 1_000_000)?;
     tasks::build(Profile::Release)?;
-    run(cmd::cargo(&setup::userspace_toolchain()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "inferwatch-tests",
-        "--bin",
-        "writeloop",
-    ]))?;
-    let writeloop = cmd::root().join("target/release/writeloop");
+    let programs = tasks::build_test_programs(&["writeloop"])?;
+    let writeloop = programs.join("writeloop");
     let stats_flag = "/proc/sys/kernel/bpf_stats_enabled";
     let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
@@ -133,18 +124,8 @@ fn events(args: &[String]) -> Result {
     let seconds = flag(args, "--seconds", 10)?;
     let connections = flag(args, "--connections", 4)?;
     tasks::build(Profile::Release)?;
-    run(cmd::cargo(&setup::userspace_toolchain()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "inferwatch-tests",
-        "--bin",
-        "sseserver",
-        "--bin",
-        "sseload",
-    ]))?;
-    let bin = |name: &str| cmd::root().join("target/release").join(name);
+    let programs = tasks::build_test_programs(&["sseserver", "sseload"])?;
+    let bin = |name: &str| programs.join(name);
     let port = cmd::free_port()?;
     let mut server = Command::new(bin("sseserver"))
         .arg(port.to_string())
@@ -267,16 +248,8 @@ fn devnull(args: &[String]) -> Result {
     let rounds = flag(args, "--rounds", 7)?;
     let iterations = flag(args, "--iterations", 3_000_000)?;
     tasks::build(Profile::Release)?;
-    run(cmd::cargo(&setup::userspace_toolchain()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "inferwatch-tests",
-        "--bin",
-        "writeloop",
-    ]))?;
-    let writeloop = cmd::root().join("target/release/writeloop");
+    let programs = tasks::build_test_programs(&["writeloop"])?;
+    let writeloop = programs.join("writeloop");
     let agent = tasks::agent_binary(Profile::Release);
     // Something to watch, so the kernel map holds an entry as in real use.
     let mut watched = Command::new("sleep").arg("3600").spawn().map_err(|e| format!("sleep: {e}"))?;

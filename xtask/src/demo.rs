@@ -10,8 +10,7 @@ use std::{
 };
 
 use crate::{
-    cmd::{self, Result, run},
-    setup,
+    cmd::{self, Result},
     tasks::{self, Profile},
     vllm,
 };
@@ -27,15 +26,7 @@ const AGENT_PORT: u16 = 9420;
 pub fn demo() -> Result {
     tasks::build(Profile::Release)?;
     vllm::ensure()?;
-    run(cmd::cargo(&setup::userspace_toolchain()).args([
-        "build",
-        "--release",
-        "--quiet",
-        "--package",
-        "inferwatch-tests",
-        "--bin",
-        "sseload",
-    ]))?;
+    let programs = tasks::build_test_programs(&["sseload"])?;
     let port = cmd::free_port()?;
     let logs = cmd::root().join("target/demo");
     std::fs::create_dir_all(&logs).map_err(|e| e.to_string())?;
@@ -68,7 +59,7 @@ pub fn demo() -> Result {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let result = show(port, &mut vllm_child, &mut agent, &vllm_log);
+    let result = show(port, &mut vllm_child, &mut agent, &vllm_log, &programs.join("sseload"));
     eprintln!("demo: stopping");
     for child in [&mut agent, &mut vllm_child] {
         // SAFETY: signalling our own children.
@@ -85,7 +76,13 @@ pub fn demo() -> Result {
     result
 }
 
-fn show(port: u16, vllm_child: &mut Child, agent: &mut Child, vllm_log: &std::path::Path) -> Result {
+fn show(
+    port: u16,
+    vllm_child: &mut Child,
+    agent: &mut Child,
+    vllm_log: &std::path::Path,
+    sseload: &std::path::Path,
+) -> Result {
     let deadline = Instant::now() + Duration::from_secs(600);
     eprintln!("demo: waiting for vLLM to load the model (usually under a minute)");
     while cmd::http_get(port, "/health").map(|(s, _)| s) != Some(200) {
@@ -101,14 +98,9 @@ fn show(port: u16, vllm_child: &mut Child, agent: &mut Child, vllm_log: &std::pa
         thread::sleep(Duration::from_millis(500));
     }
     eprintln!("demo: vLLM is up; 20 s of streamed load over 4 connections");
-    let load = cmd::output(Command::new(cmd::root().join("target/release/sseload")).args([
-        &format!("127.0.0.1:{port}"),
-        "4",
-        "20",
-        "32",
-        "tiny",
-    ]))
-    .unwrap_or_default();
+    let load =
+        cmd::output(Command::new(sseload).args([&format!("127.0.0.1:{port}"), "4", "20", "32", "tiny"]))
+            .unwrap_or_default();
     thread::sleep(Duration::from_secs(3));
     let (_, instances) = cmd::http_get(AGENT_PORT, "/api/v1/instances").ok_or("the agent does not answer")?;
     let (_, metrics) = cmd::http_get(AGENT_PORT, "/metrics").ok_or("the agent does not answer")?;

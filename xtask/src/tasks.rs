@@ -89,6 +89,18 @@ pub fn build(profile: Profile) -> Result {
     Ok(())
 }
 
+/// Builds helper programs of the integration-test crate (`writeloop`, `sseload`, …) in release
+/// mode; returns the folder that holds them.
+pub fn build_test_programs(names: &[&str]) -> Result<PathBuf> {
+    let mut c = cargo(&setup::userspace_toolchain());
+    c.args(["build", "--release", "--quiet", "--package", "inferwatch-tests"]);
+    for name in names {
+        c.args(["--bin", name]);
+    }
+    run(&mut c)?;
+    Ok(cmd::root().join("target/release"))
+}
+
 pub fn run_agent(args: &[String]) -> Result {
     let profile = profile_from(args, Profile::Release);
     build(profile)?;
