@@ -178,6 +178,18 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     buf.get(start..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|i| start + i + 4)
 }
 
+/// Adds `data` to a head being read (at most [`MAX_HEAD`] bytes). Once the head is complete,
+/// takes it out of `buf` and returns it with the number of bytes of `data` it used.
+fn read_head(buf: &mut Vec<u8>, data: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let from = buf.len();
+    let take = data.len().min(MAX_HEAD - buf.len());
+    buf.extend_from_slice(&data[..take]);
+    let end = find_head_end(buf, from)?;
+    let mut head = std::mem::take(buf);
+    head.truncate(end);
+    Some((head, end - from))
+}
+
 /// `METHOD SP target`: the start of a request line (used to pick a stream back up).
 fn request_line_start(data: &[u8]) -> bool {
     let token = data.iter().take_while(|b| b.is_ascii_uppercase()).count();
@@ -267,15 +279,11 @@ impl Connection {
                         break;
                     }
                     started.get_or_insert(ts);
-                    let from = buf.len();
-                    let take = data.len().min(MAX_HEAD - buf.len());
-                    buf.extend_from_slice(&data[..take]);
-                    match find_head_end(buf, from) {
-                        Some(end) => {
-                            data = &data[end - from..];
-                            let head = std::mem::take(buf);
+                    match read_head(buf, data) {
+                        Some((head, used)) => {
+                            data = &data[used..];
                             let started = started.unwrap_or(ts);
-                            if let Err(reason) = self.request_head(&head[..end], started, ts, &mut up) {
+                            if let Err(reason) = self.request_head(&head, started, ts, &mut up) {
                                 self.not_http(reason, &mut up);
                                 break;
                             }
@@ -457,14 +465,10 @@ impl Connection {
                         self.outbound = Outbound::Lost;
                         break;
                     }
-                    let from = buf.len();
-                    let take = data.len().min(MAX_HEAD - buf.len());
-                    buf.extend_from_slice(&data[..take]);
-                    match find_head_end(buf, from) {
-                        Some(end) => {
-                            data = &data[end - from..];
-                            let head = std::mem::take(buf);
-                            self.response_head(&head[..end], ts, &mut up);
+                    match read_head(buf, data) {
+                        Some((head, used)) => {
+                            data = &data[used..];
+                            self.response_head(&head, ts, &mut up);
                         }
                         None if buf.len() >= MAX_HEAD => {
                             self.outbound = Outbound::Lost;
