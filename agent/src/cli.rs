@@ -194,6 +194,10 @@ pub struct RunArgs {
     /// Connections followed at once; beyond it the least recently used is dropped and counted.
     #[arg(long, default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// TLS and basic auth for the HTTP endpoints: a file in the format of the Prometheus
+    /// exporters' `--web.config.file` (`tls_server_config`, `basic_auth_users`).
+    #[arg(long, value_name = "FILE", env = "INFERWATCH_WEB_CONFIG_FILE")]
+    pub web_config_file: Option<std::path::PathBuf>,
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, default_value = "info", env = "INFERWATCH_LOG")]
     pub log_level: String,

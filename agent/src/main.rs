@@ -16,6 +16,7 @@ mod httpclient;
 mod ipc;
 mod metrics;
 mod preflight;
+mod privileges;
 mod probes;
 mod procfs;
 mod promtext;
@@ -28,6 +29,7 @@ mod toolkit;
 mod top;
 mod topview;
 mod watcher;
+mod webconfig;
 
 use clap::Parser as _;
 
@@ -41,21 +43,7 @@ fn main() -> std::process::ExitCode {
         eprintln!("inferwatch: {e}");
         return std::process::ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("inferwatch: cannot start the async runtime: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = match command {
-        cli::Command::Run(args) => runtime.block_on(run::run(args)),
-        cli::Command::Discover(args) => runtime.block_on(discover::print(args)),
-        cli::Command::Bench(args) => runtime.block_on(bench::run(args.normalized())),
-        cli::Command::Diagnose(args) => runtime.block_on(toolkit::diagnose(args)),
-        cli::Command::Baseline(cmd) => runtime.block_on(toolkit::baseline(cmd)),
-        cli::Command::Top(args) => runtime.block_on(top::run(args)),
-    };
+    let result = execute(command);
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -64,6 +52,29 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn execute(command: cli::Command) -> anyhow::Result<()> {
+    match command {
+        // Loads its programs and drops privileges while this is still the only thread.
+        cli::Command::Run(args) => {
+            let prepared = run::prepare(args)?;
+            runtime()?.block_on(run::run(prepared))
+        }
+        cli::Command::Discover(args) => runtime()?.block_on(discover::print(args)),
+        cli::Command::Bench(args) => runtime()?.block_on(bench::run(args.normalized())),
+        cli::Command::Diagnose(args) => runtime()?.block_on(toolkit::diagnose(args)),
+        cli::Command::Baseline(cmd) => runtime()?.block_on(toolkit::baseline(cmd)),
+        cli::Command::Top(args) => runtime()?.block_on(top::run(args)),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }
 
 fn init_tracing(level: &str) -> anyhow::Result<()> {

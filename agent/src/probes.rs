@@ -59,6 +59,8 @@ pub struct Outputs {
     pub events: RingBuf<MapData>,
     pub lost: PerCpuArray<MapData, u64>,
     pub sched: PerCpuArray<MapData, u64>,
+    /// The programs' log channel, read by [`spawn_kernel_log`] once the runtime runs.
+    pub kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 impl Probes {
@@ -75,7 +77,9 @@ impl Probes {
             .override_global(CAPTURE_BYTES_GLOBAL, &capture_bytes, true)
             .load(OBJECT)
             .context("loading inferwatch's eBPF object")?;
-        init_kernel_log(&mut ebpf);
+        let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
+            .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
+            .ok();
         for name in TRACEPOINTS {
             let program: &mut BtfTracePoint = ebpf
                 .program_mut(name)
@@ -91,7 +95,7 @@ impl Probes {
         let lost = PerCpuArray::try_from(take_map(&mut ebpf, LOST_MAP)?)?;
         let sched_roles = HashMap::try_from(take_map(&mut ebpf, SCHED_ROLES_MAP)?)?;
         let sched = PerCpuArray::try_from(take_map(&mut ebpf, SCHED_STATS_MAP)?)?;
-        Ok((Self { ebpf, watched, sched_roles }, Outputs { events, lost, sched }))
+        Ok((Self { ebpf, watched, sched_roles }, Outputs { events, lost, sched, kernel_log }))
     }
 
     /// Starts watching a process: its socket I/O reaches the ring buffer from now on.
@@ -151,14 +155,9 @@ fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
 }
 
 /// Forwards the programs' own log lines (aya-log) to ours. They log only on unexpected paths.
-fn init_kernel_log(ebpf: &mut Ebpf) {
-    let logger = match aya_log::EbpfLogger::init(ebpf) {
-        Ok(logger) => logger,
-        Err(e) => {
-            tracing::debug!("kernel-side logging unavailable: {e}");
-            return;
-        }
-    };
+/// Forwards the kernel programs' log records to ours.
+pub fn spawn_kernel_log(logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>) {
+    let Some(logger) = logger else { return };
     // SAFETY: the logger owns its map's fd, and flushing neither closes nor replaces it.
     let mut logger = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
         Ok(fd) => fd,

@@ -16,34 +16,60 @@ use crate::{
     aggregator::{Aggregator, Shared},
     cli::RunArgs,
     httpclient::Target,
-    preflight,
-    probes::{self, Probes},
+    preflight, privileges,
+    probes::{self, Outputs, Probes},
     procfs,
     scraper::{self, ScrapeTarget},
     server,
     watcher::{self, WatchConfig},
+    webconfig::{self, TlsListener, WebConfig},
 };
 
 /// Events buffered between the ring-buffer reader and the aggregator.
 const EVENT_QUEUE: usize = 64 * 1024;
 
-pub async fn run(args: RunArgs) -> Result<()> {
-    preflight::check()?;
-    // Bind first: a busy port should fail before anything is attached to the kernel.
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+/// Everything done while the process is still privileged and single-threaded.
+pub struct Prepared {
+    args: RunArgs,
+    listener: std::net::TcpListener,
+    web: WebConfig,
+    explicit_urls: Vec<ScrapeTarget>,
+    probes: Probes,
+    outputs: Outputs,
+}
 
-    let shared = Arc::new(Shared::new());
-    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+/// Checks, binds, loads and attaches, then drops the capabilities no longer needed. Runs
+/// before the async runtime exists, because capabilities are per thread.
+pub fn prepare(args: RunArgs) -> Result<Prepared> {
+    preflight::check()?;
+    let web = match &args.web_config_file {
+        Some(path) => WebConfig::load(path)?,
+        None => WebConfig { tls: None, auth: None },
+    };
+    // Bind first: a busy port should fail before anything is attached to the kernel.
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    listener.set_nonblocking(true).context("making the listening socket non-blocking")?;
     for &pid in &args.pids {
         procfs::comm(pid).with_context(|| format!("--pid {pid}: process {pid} is not running"))?;
     }
     let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
     let (probes, outputs) = Probes::load(args.capture_bytes)?;
+    let kept = privileges::drop_all_but(privileges::kept(!args.no_discovery))
+        .context("dropping the capabilities no longer needed")?;
+    tracing::info!(kept = ?privileges::names(kept), "programs attached; dropped every other capability");
+    Ok(Prepared { args, listener, web, explicit_urls, probes, outputs })
+}
 
+pub async fn run(prepared: Prepared) -> Result<()> {
+    let Prepared { args, listener, web, explicit_urls, probes, outputs } = prepared;
+    let listener = TcpListener::from_std(listener).context("registering the listening socket")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+
+    let shared = Arc::new(Shared::new());
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+    probes::spawn_kernel_log(outputs.kernel_log);
     tokio::spawn(Aggregator::new(shared.clone(), args.max_connections).run(rx));
     let dropped = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));
@@ -65,17 +91,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::warn!("--no-discovery and no --pid: nothing is watched");
     }
 
-    tracing::info!(listen = %args.listen, "serving /metrics, /healthz and /api/v1/requests");
+    let mut app = server::router(shared);
+    if let Some(auth) = web.auth {
+        app = app.layer(axum::middleware::from_fn_with_state(auth, webconfig::require_basic_auth));
+    }
+    let scheme = if web.tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %args.listen, scheme, "serving /metrics, /healthz and /api/v1/*");
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching and exiting"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching and exiting"),
         }
     };
-    let served = tokio::select! {
-        served = axum::serve(listener, server::router(shared)).with_graceful_shutdown(shutdown) => {
-            served.context("HTTP server")
+    let serving = async move {
+        match web.tls {
+            Some(tls) => {
+                let listener = TlsListener::new(listener, tls).context("TLS listener")?;
+                axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+            }
+            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
         }
+        .context("HTTP server")
+    };
+    let served = tokio::select! {
+        served = serving => served,
         failed = reader => Err(match failed {
             Ok(Err(e)) => e,
             Ok(Ok(())) => anyhow::anyhow!("the ring-buffer reader stopped"),

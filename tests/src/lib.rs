@@ -60,6 +60,19 @@ impl Agent {
     }
 
     pub fn start_with(pids: &[u32], extra: &[&str]) -> Agent {
+        let mut agent = Self::spawn(pids, extra);
+        agent.wait_until_ready(|agent| match agent.try_get("/healthz") {
+            Ok((200, body)) => {
+                assert_eq!(body, "ok\n");
+                true
+            }
+            _ => false,
+        });
+        agent
+    }
+
+    /// Starts the agent without waiting for it: see [`Agent::wait_until_ready`].
+    pub fn spawn(pids: &[u32], extra: &[&str]) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log =
             std::env::temp_dir().join(format!("inferwatch-test-{}-{}.log", std::process::id(), addr.port()));
@@ -74,17 +87,20 @@ impl Agent {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", agent_binary().display()));
-        let mut agent = Agent { child: Some(child), addr, log };
+        Agent { child: Some(child), addr, log }
+    }
+
+    /// Polls `ready` for up to 20 s; panics with the agent's log if it exits or never gets there.
+    pub fn wait_until_ready(&mut self, ready: impl Fn(&Agent) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Ok((200, body)) = agent.try_get("/healthz") {
-                assert_eq!(body, "ok\n");
-                return agent;
+            if ready(self) {
+                return;
             }
-            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("the agent exited early ({status}):\n{}", agent.log());
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the agent exited early ({status}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "the agent did not answer /healthz in 20 s:\n{}", agent.log());
+            assert!(Instant::now() < deadline, "the agent was not ready in 20 s:\n{}", self.log());
             thread::sleep(Duration::from_millis(50));
         }
     }

@@ -25,6 +25,9 @@ fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
     let mut watched = SockLoad::spawn(SOCKLOAD, target, writes, sendtos, size);
     let mut unwatched = SockLoad::spawn(SOCKLOAD, target, 300, 200, size);
     let agent = Agent::start(&[watched.pid()]);
+    // Everything below runs after the agent dropped its privileges: the counts prove that
+    // watching, reading the ring buffer and updating maps need none of what it gave up.
+    assert_only_read_capabilities_left(agent.pid());
 
     watched.go();
     unwatched.go();
@@ -62,6 +65,27 @@ fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
     let received = drained.join().unwrap();
     assert_eq!(received, ((writes + sendtos + 300 + 200) as usize * size) as u64);
     assert!(agent.stop().success());
+}
+
+/// Every thread of the agent holds CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE only (with
+/// `--no-discovery`, which also gives up CAP_SYS_ADMIN), in every set, with no_new_privs.
+fn assert_only_read_capabilities_left(pid: u32) {
+    const KEPT: u64 = (1 << 2) | (1 << 19);
+    let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten().collect();
+    assert!(tasks.len() > 1, "the runtime's threads exist by now");
+    for task in tasks {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap();
+        let field = |name: &str| {
+            let hex = status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim();
+            u64::from_str_radix(hex, 16).unwrap()
+        };
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(field(set), KEPT, "{set} of thread {:?}:\n{status}", task.file_name());
+        }
+        assert_eq!(field("CapInh:"), 0);
+        assert_eq!(field("CapAmb:"), 0);
+        assert_eq!(field("NoNewPrivs:"), 1);
+    }
 }
 
 /// Ids of the BPF programs a process holds (from the `prog_id:` lines of its fdinfo).
@@ -170,4 +194,76 @@ fn without_privileges_it_says_what_is_missing() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"), "{stderr}");
+}
+
+/// `--web-config-file` with TLS and basic auth, checked with curl as a client would.
+#[test]
+fn tls_and_basic_auth_from_a_web_config_file() {
+    require_root();
+    let dir = std::env::temp_dir().join(format!("inferwatch-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-days", "2", "-subj", "/CN=inferwatch", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-keyout", "agent.key", "-out", "agent.crt"])
+        .current_dir(&dir)
+        .output()
+        .expect("openssl");
+    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let config = dir.join("web.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_server_config:\n  cert_file: agent.crt\n  key_file: agent.key\nbasic_auth_users:\n  prom: '{hash}'\n"
+        ),
+    )
+    .unwrap();
+    let mut agent = Agent::spawn(&[], &["--no-discovery", "--web-config-file", config.to_str().unwrap()]);
+    let ca = dir.join("agent.crt");
+    // (HTTP status, body) of an HTTPS GET, or None when curl could not get a response.
+    let get = |agent: &Agent, path: &str, user: Option<&str>| -> Option<(u16, String)> {
+        let mut curl = Command::new("curl");
+        curl.args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", "--cacert"]).arg(&ca);
+        if let Some(user) = user {
+            curl.args(["-u", user]);
+        }
+        let out = curl.arg(format!("https://{}{path}", agent.addr)).output().expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let (body, code) = text.rsplit_once('\n')?;
+        out.status.success().then(|| (code.parse().unwrap(), body.to_string()))
+    };
+    agent.wait_until_ready(|agent| get(agent, "/healthz", None).is_some());
+    assert_eq!(get(&agent, "/healthz", None).unwrap(), (200, "ok\n".to_string()), "liveness stays open");
+    assert_eq!(get(&agent, "/metrics", None).unwrap().0, 401);
+    assert_eq!(get(&agent, "/metrics", Some("prom:wrong")).unwrap().0, 401);
+    assert_eq!(get(&agent, "/metrics", Some("nobody:s3cret")).unwrap().0, 401);
+    assert_eq!(get(&agent, "/api/v1/instances", None).unwrap().0, 401, "the API is protected too");
+    for _ in 0..2 {
+        let (status, body) = get(&agent, "/metrics", Some("prom:s3cret")).unwrap();
+        assert_eq!(status, 200);
+        assert!(body.contains("inferwatch_build_info{"), "{body}");
+    }
+    let plain = agent.try_get("/metrics");
+    assert!(!matches!(plain, Ok((200, _))), "plain HTTP must not be served: {plain:?}");
+    assert_eq!(get(&agent, "/healthz", None).unwrap().0, 200, "a bad client harms no one");
+    assert!(agent.stop().success());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_broken_web_config_file_is_a_clear_error() {
+    require_root();
+    let config = std::env::temp_dir().join(format!("inferwatch-web-{}.yml", std::process::id()));
+    std::fs::write(&config, "tls_server_config:\n  cert_file: /nonexistent.crt\n  key_file: /x.key\n")
+        .unwrap();
+    let out = Command::new(agent_binary())
+        .args(["--listen", "127.0.0.1:0", "--no-discovery", "--web-config-file"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("tls_server_config.cert_file /nonexistent.crt"), "{stderr}");
+    std::fs::remove_file(&config).unwrap();
 }
