@@ -85,8 +85,28 @@ impl Shared {
         let sources: Vec<crate::promtext::Source<'_>> =
             vllm.values().zip(&labels).map(|(s, l)| (s.families.as_slice(), l.as_slice())).collect();
         crate::promtext::write_sources(&mut out, &sources);
+        write_own_usage(&mut out);
         out.push_str("# EOF\n");
         Ok(out)
+    }
+}
+
+/// The agent's own CPU time and memory, read when scraped.
+fn write_own_usage(out: &mut String) {
+    use std::fmt::Write as _;
+    if let Some(cpu) = crate::procfs::own_cpu_seconds() {
+        let _ = write!(
+            out,
+            "# HELP inferwatch_agent_cpu_seconds CPU time (user + system) the agent used.\n\
+             # TYPE inferwatch_agent_cpu_seconds counter\ninferwatch_agent_cpu_seconds_total {cpu}\n"
+        );
+    }
+    if let Some(rss) = crate::procfs::own_resident_bytes() {
+        let _ = write!(
+            out,
+            "# HELP inferwatch_agent_resident_memory_bytes Resident memory of the agent.\n\
+             # TYPE inferwatch_agent_resident_memory_bytes gauge\ninferwatch_agent_resident_memory_bytes {rss}\n"
+        );
     }
 }
 

@@ -25,6 +25,32 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
+/// CPU time (user + system) this process has used, in seconds.
+pub fn own_cpu_seconds() -> Option<f64> {
+    let stat = fs::read_to_string("/proc/self/stat").ok()?;
+    let (utime, stime) = parse_stat_times(&stat)?;
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+}
+
+/// utime and stime (clock ticks) from a `/proc/PID/stat` line; the command name may hold
+/// spaces and parentheses, so fields are counted from the last `)`.
+pub fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
+}
+
+/// Resident memory of this process, in bytes.
+pub fn own_resident_bytes() -> Option<u64> {
+    let statm = fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * page.max(0) as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -41,6 +67,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("inferwatch-procfs-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         assert_eq!(comm_at(&dir, 1).unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn parses_stat_times_past_odd_command_names() {
+        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0";
+        assert_eq!(parse_stat_times(stat), Some((17, 5)));
+        assert_eq!(parse_stat_times("42 (x) S 1"), None);
+        assert!(own_cpu_seconds().is_some() && own_resident_bytes().unwrap() > 0);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! The agent binary is `$INFERWATCH_BIN` (set by `cargo xtask test`), else `target/debug/inferwatch`.
 
 pub mod client;
+pub mod prometheus;
 pub mod servers;
 pub mod vllm;
 

@@ -113,3 +113,36 @@ impl Drop for Vllm {
         self.kill();
     }
 }
+
+/// A completion request for the tiny model.
+pub fn completion(stream: bool, i: usize) -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"tiny","prompt":"request number {i} says hello","max_tokens":8,"stream":{stream}}}"#
+    );
+    post("/v1/completions", &body)
+}
+
+/// A stream long enough to still be running when the client gives up.
+pub fn long_completion(i: usize) -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"tiny","prompt":"long request {i}","max_tokens":500,"min_tokens":500,"stream":true}}"#
+    );
+    post("/v1/completions", &body)
+}
+
+/// A chat request for the tiny model.
+pub fn chat(stream: bool, i: usize) -> Vec<u8> {
+    let body = format!(
+        r#"{{"model":"tiny","messages":[{{"role":"user","content":"chat number {i}"}}],"max_tokens":8,"stream":{stream}}}"#
+    );
+    post("/v1/chat/completions", &body)
+}
+
+/// A raw HTTP/1.1 POST with a JSON body.
+pub fn post(path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}

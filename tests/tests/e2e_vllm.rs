@@ -9,40 +9,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use inferwatch_tests::{Agent, client::Client, http_get, require_root, series_value, vllm::Vllm};
+use inferwatch_tests::{
+    Agent,
+    client::Client,
+    http_get, require_root, series_value,
+    vllm::{Vllm, chat, completion, long_completion},
+};
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(360);
-
-fn completion(stream: bool, i: usize) -> Vec<u8> {
-    let body = format!(
-        r#"{{"model":"tiny","prompt":"request number {i} says hello","max_tokens":8,"stream":{stream}}}"#
-    );
-    post("/v1/completions", &body)
-}
-
-/// A stream long enough to still be running when the client gives up.
-fn long_completion(i: usize) -> Vec<u8> {
-    let body = format!(
-        r#"{{"model":"tiny","prompt":"long request {i}","max_tokens":500,"min_tokens":500,"stream":true}}"#
-    );
-    post("/v1/completions", &body)
-}
-
-fn chat(stream: bool, i: usize) -> Vec<u8> {
-    let body = format!(
-        r#"{{"model":"tiny","messages":[{{"role":"user","content":"chat number {i}"}}],"max_tokens":8,"stream":{stream}}}"#
-    );
-    post("/v1/chat/completions", &body)
-}
-
-fn post(path: &str, body: &str) -> Vec<u8> {
-    format!(
-        "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .into_bytes()
-}
 
 /// Sends the requests on one keep-alive connection; all must succeed.
 fn send(addr: SocketAddr, requests: &[Vec<u8>]) {

@@ -13,7 +13,8 @@ pub const BPF_LINKER_VERSION: &str = "0.13.0";
 pub const LLVM_MAJOR: u32 = 22;
 const USERSPACE_COMPONENTS: &[&str] = &["clippy", "rustfmt"];
 /// The Python servers of the fidelity tests: vLLM's HTTP stack, pinned.
-pub const PYTHON_PACKAGES: &[&str] = &["uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0"];
+pub const PYTHON_PACKAGES: &[&str] =
+    &["uvicorn==0.54.0", "uvloop==0.23.0", "httptools==0.9.0", "kubernetes-validate==1.37.0"];
 const EBPF_COMPONENTS: &[&str] = &["rust-src", "clippy"];
 
 /// The pinned userspace toolchain (`rust-version` of the workspace).
@@ -69,6 +70,20 @@ pub fn value_of(toml: &str, key: &str) -> Option<String> {
 
 /// Checks everything; installs what is missing. Prints one line per requirement.
 pub fn ensure() -> Result {
+    ensure_build_tools()?;
+    ensure_python_env()?;
+    ensure_debian_tool("tmux", "tmux")?;
+    // Prometheus and promtool: the deploy/ tests run the real thing.
+    ensure_debian_tool("promtool", "prometheus")?;
+    Ok(())
+}
+
+/// What building the agent needs (and nothing the tests need): the toolchains, LLVM and
+/// bpf-linker. The container image's build stage installs only these.
+pub fn ensure_build_tools() -> Result {
+    if build_tools_present() {
+        return Ok(());
+    }
     if output(command("rustup").arg("--version")).is_none() {
         return Err(
             "rustup is not installed: install it from the Rust project's site (rustup.rs), then rerun".into(),
@@ -77,24 +92,24 @@ pub fn ensure() -> Result {
     ensure_toolchain(&userspace_toolchain(), USERSPACE_COMPONENTS)?;
     ensure_toolchain(&ebpf_toolchain(), EBPF_COMPONENTS)?;
     ensure_llvm()?;
-    ensure_bpf_linker()?;
-    ensure_python_env()?;
-    ensure_debian_tool("tmux", "tmux")?;
-    Ok(())
+    ensure_bpf_linker()
 }
 
-/// Quick check used by every other task: true when nothing needs installing.
-pub fn is_complete() -> bool {
+fn build_tools_present() -> bool {
     toolchain_missing(&userspace_toolchain(), USERSPACE_COMPONENTS).is_empty()
         && toolchain_missing(&ebpf_toolchain(), EBPF_COMPONENTS).is_empty()
         && llvm_present()
         && bpf_linker_present()
-        && python_env_present()
-        && tool_present("tmux")
+}
+
+/// Quick check used by every other task: true when nothing needs installing.
+pub fn is_complete() -> bool {
+    build_tools_present() && python_env_present() && tool_present("tmux") && tool_present("promtool")
 }
 
 fn tool_present(binary: &str) -> bool {
-    output(command(binary).arg("-V")).is_some()
+    let flag = if binary == "tmux" { "-V" } else { "--version" };
+    output(command(binary).arg(flag)).is_some()
 }
 
 /// A command-line tool the tests drive (tmux for `inferwatch top`), from Debian's packages.

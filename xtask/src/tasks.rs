@@ -77,7 +77,7 @@ pub fn build_ebpf() -> Result {
 }
 
 pub fn build(profile: Profile) -> Result {
-    setup::ensure_quietly()?;
+    setup::ensure_build_tools()?;
     build_ebpf()?;
     let mut c = user_cargo();
     c.args(["build", "--package", "inferwatch"]);
@@ -135,7 +135,16 @@ pub fn test() -> Result {
 
     step("kernel integration tests (root)");
     run(user_cargo().args(["build", "--package", "inferwatch"]))?;
-    run(&mut integration_tests(&["--lib", "--bins", "--test", "kernel", "--test", "http_fidelity"]))?;
+    run(&mut integration_tests(&[
+        "--lib",
+        "--bins",
+        "--test",
+        "kernel",
+        "--test",
+        "http_fidelity",
+        "--test",
+        "deploy",
+    ]))?;
 
     e2e_tests()?;
     step("all tests passed");
