@@ -44,6 +44,8 @@ pub struct Shared {
     pub instances: RwLock<Vec<InstanceView>>,
     /// Scheduler statistics per vLLM role, as families (see sched.rs).
     pub sched: RwLock<Vec<crate::promtext::Family>>,
+    /// GPU families from the collector's latest round, joined to vLLM's processes.
+    pub gpu: RwLock<Vec<crate::promtext::Family>>,
     /// One diagnosis sample per instance and scrape, for the last hour.
     pub diagnosis_samples: RwLock<VecDeque<crate::diagnosis::Sample>>,
     pub started: std::time::Instant,
@@ -60,6 +62,7 @@ impl Shared {
             vllm: RwLock::new(BTreeMap::new()),
             instances: RwLock::new(Vec::new()),
             sched: RwLock::new(Vec::new()),
+            gpu: RwLock::new(Vec::new()),
             diagnosis_samples: RwLock::new(VecDeque::new()),
             started: std::time::Instant::now(),
             recent: RwLock::new(VecDeque::new()),
@@ -77,8 +80,10 @@ impl Shared {
             out.truncate(out.len() - "# EOF\n".len());
         }
         let sched = self.sched.read().unwrap_or_else(|e| e.into_inner());
-        crate::promtext::write_sources(&mut out, &[(sched.as_slice(), &[])]);
+        let gpu = self.gpu.read().unwrap_or_else(|e| e.into_inner());
+        crate::promtext::write_sources(&mut out, &[(sched.as_slice(), &[]), (gpu.as_slice(), &[])]);
         drop(sched);
+        drop(gpu);
         let vllm = self.vllm.read().unwrap_or_else(|e| e.into_inner());
         let labels: Vec<Vec<(&str, &str)>> =
             vllm.values().map(|s| s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()).collect();
@@ -185,6 +190,8 @@ pub struct Aggregator {
     ipc: IpcTracker,
     /// The instance id of each API server pid, for per-instance network counters.
     instance_of_pid: HashMap<u32, String>,
+    /// Every vLLM process (API servers, engine cores, workers) → its model and role, for the GPU join.
+    gpu_owners: HashMap<u32, crate::gpu::Owner>,
     /// Last `ListenOverflows` seen per instance.
     listen_overflows: HashMap<String, u64>,
     /// Per instance: kernel-measured TTFT (sum, count) since its last scrape, and vLLM's own
@@ -211,6 +218,7 @@ impl Aggregator {
             instance_model: HashMap::new(),
             ipc: IpcTracker::default(),
             instance_of_pid: HashMap::new(),
+            gpu_owners: HashMap::new(),
             listen_overflows: HashMap::new(),
             ttft_since_scrape: HashMap::new(),
             vllm_ttft_seen: HashMap::new(),
@@ -294,6 +302,10 @@ impl Aggregator {
                     c_runs.inc_by(runs.saturating_sub(c_runs.get()));
                 }
             }
+            AgentEvent::Gpu(snapshot) => {
+                *self.shared.gpu.write().unwrap_or_else(|e| e.into_inner()) =
+                    crate::gpu::families(&snapshot, &self.gpu_owners);
+            }
             AgentEvent::Sched(slots) => {
                 let at = |slot: u32| {
                     let i = (inferwatch_common::ROLE_API_SERVER as u32 * inferwatch_common::SCHED_SLOTS
@@ -341,6 +353,7 @@ impl Aggregator {
         let m = &self.shared.metrics;
         self.instance_model.clear();
         self.instance_of_pid.clear();
+        self.gpu_owners.clear();
         m.vllm_info.clear();
         let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         for i in &instances {
@@ -352,6 +365,11 @@ impl Aggregator {
             }
             for pid in &api {
                 self.instance_of_pid.insert(*pid, i.id.clone());
+            }
+            let model = i.models.first().or(i.instance.cmdline_models.first()).cloned().unwrap_or_default();
+            for p in &i.instance.processes {
+                self.gpu_owners
+                    .insert(p.pid, crate::gpu::Owner { model: model.clone(), role: p.role.as_str() });
             }
             if let Some(n) =
                 crate::discovery::flag_value(&i.instance.flags, "--max-num-seqs").and_then(|v| v.parse().ok())

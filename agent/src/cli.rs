@@ -194,6 +194,13 @@ pub struct RunArgs {
     /// Connections followed at once; beyond it the least recently used is dropped and counted.
     #[arg(long, default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// How often the GPUs are sampled through NVML.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub gpu_interval: Duration,
+    /// NVML library to load (default: `libnvidia-ml.so.1` on the loader's path, then the usual
+    /// driver folders such as /usr/local/nvidia/lib64).
+    #[arg(long, value_name = "PATH", env = "INFERWATCH_NVML_LIB")]
+    pub nvml_lib: Option<std::path::PathBuf>,
     /// TLS and basic auth for the HTTP endpoints: a file in the format of the Prometheus
     /// exporters' `--web.config.file` (`tls_server_config`, `basic_auth_users`).
     #[arg(long, value_name = "FILE", env = "INFERWATCH_WEB_CONFIG_FILE")]

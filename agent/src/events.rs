@@ -106,6 +106,8 @@ pub enum AgentEvent {
     Sched(Vec<u64>),
     /// Cumulative (program, run time ns, runs) of each kernel program.
     ProgramStats(Vec<(&'static str, u64, u64)>),
+    /// The GPU collector's latest round (see gpu/).
+    Gpu(crate::gpu::GpuSnapshot),
 }
 
 #[derive(Debug, PartialEq, Eq)]

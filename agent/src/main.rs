@@ -11,6 +11,7 @@ mod diagnosis;
 mod discover;
 mod discovery;
 mod events;
+mod gpu;
 mod http;
 mod httpclient;
 mod ipc;

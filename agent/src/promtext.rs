@@ -22,6 +22,19 @@ pub struct Family {
     pub samples: Vec<Sample>,
 }
 
+/// A sample with borrowed labels, for families built in code.
+pub fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
+    Sample {
+        name: name.to_string(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        value,
+    }
+}
+
+pub fn family(name: &str, help: &str, kind: &str, samples: Vec<Sample>) -> Family {
+    Family { name: name.to_string(), help: help.to_string(), kind: kind.to_string(), samples }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub struct ParseError {
     pub line: usize,
@@ -275,15 +288,19 @@ pub fn write_sources(out: &mut String, sources: &[Source<'_>]) {
 
 fn write_sample(out: &mut String, s: &Sample, extra: &[(&str, &str)]) {
     out.push_str(&s.name);
-    out.push('{');
     let own = s.labels.iter().filter(|(k, _)| !extra.iter().any(|(e, _)| e == k));
-    for (i, (k, v)) in own.map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).enumerate() {
-        if i > 0 {
-            out.push(',');
+    let mut labels = own.map(|(k, v)| (k.as_str(), v.as_str())).chain(extra.iter().copied()).peekable();
+    if labels.peek().is_some() {
+        out.push('{');
+        for (i, (k, v)) in labels.enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"{}\"", escape_label(v));
         }
-        let _ = write!(out, "{k}=\"{}\"", escape_label(v));
+        out.push('}');
     }
-    let _ = writeln!(out, "}} {}", format_value(s.value));
+    let _ = writeln!(out, " {}", format_value(s.value));
 }
 
 /// Old vLLM names next to which the current ones are also exported (the current family wins

@@ -15,6 +15,7 @@ use tokio::{
 use crate::{
     aggregator::{Aggregator, Shared},
     cli::RunArgs,
+    gpu::{self, nvml::GpuConfig},
     httpclient::Target,
     preflight, privileges,
     probes::{self, Outputs, Probes},
@@ -71,6 +72,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     probes::spawn_kernel_log(outputs.kernel_log);
     tokio::spawn(Aggregator::new(shared.clone(), args.max_connections).run(rx));
+    gpu::nvml::spawn(GpuConfig { interval: args.gpu_interval, library: args.nvml_lib.clone() }, tx.clone());
     let dropped = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));
     tokio::spawn(probes::report_losses(outputs.lost, tx.clone(), dropped));

@@ -8,20 +8,8 @@ use inferwatch_common::{
 
 use crate::{
     discovery::Role,
-    promtext::{Family, Sample},
+    promtext::{Family, family, sample},
 };
-
-fn sample(name: &str, labels: &[(&str, &str)], value: f64) -> Sample {
-    Sample {
-        name: name.to_string(),
-        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        value,
-    }
-}
-
-fn family(name: &str, help: &str, kind: &str, samples: Vec<Sample>) -> Family {
-    Family { name: name.to_string(), help: help.to_string(), kind: kind.to_string(), samples }
-}
 
 /// Families from `slots` (`SCHED_SLOTS` per role, in role order).
 pub fn families(slots: &[u64]) -> Vec<Family> {
