@@ -376,6 +376,11 @@ impl Aggregator {
             {
                 self.max_num_seqs.insert(i.id.clone(), n);
             }
+            // Zero-valued from the start, so rates and alerts see the first retransmit or reset.
+            m.tcp_retransmits.get_or_create(&InstanceLabels { vllm_instance: i.id.clone() });
+            for direction in ["sent", "received"] {
+                m.tcp_resets.get_or_create(&ResetLabels { vllm_instance: i.id.clone(), direction });
+            }
             if let Some(total) = i.listen_overflows {
                 let seen = self.listen_overflows.entry(i.id.clone()).or_insert(total);
                 let counter =

@@ -53,10 +53,19 @@ impl Prometheus {
         std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
     }
 
-    /// GETs an API path; returns the parsed JSON, whatever its status.
+    /// GETs an API path; returns the parsed JSON, whatever its status. HTTP/1.0, so that
+    /// large answers come whole rather than chunked.
     pub fn api(&self, path_and_query: &str) -> serde_json::Value {
-        let (_, body) =
-            http_get(self.addr, path_and_query).unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
+        use std::io::{Read as _, Write as _};
+        let get = || -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(self.addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(s, "GET {path_and_query} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr)?;
+            let mut raw = String::new();
+            s.read_to_string(&mut raw)?;
+            Ok(raw.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+        };
+        let body = get().unwrap_or_else(|e| panic!("GET {path_and_query}: {e}"));
         serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path_and_query}: {e}: {body}"))
     }
 

@@ -179,7 +179,7 @@ pub fn e2e() -> Result {
 fn e2e_tests() -> Result {
     step("end-to-end tests on a real vLLM");
     crate::vllm::ensure()?;
-    run(&mut integration_tests(&["--test", "e2e_vllm", "--test", "e2e_toolkit"]))
+    run(&mut integration_tests(&["--test", "e2e_vllm", "--test", "e2e_toolkit", "--test", "e2e_deploy"]))
 }
 
 fn step(name: &str) {
