@@ -377,9 +377,9 @@ impl Aggregator {
                 self.max_num_seqs.insert(i.id.clone(), n);
             }
             // Zero-valued from the start, so rates and alerts see the first retransmit or reset.
-            m.tcp_retransmits.get_or_create(&InstanceLabels { vllm_instance: i.id.clone() });
+            m.tcp_retransmits.get_or_create(&InstanceLabels { vllm_instance: i.id.clone() }).inc_by(0);
             for direction in ["sent", "received"] {
-                m.tcp_resets.get_or_create(&ResetLabels { vllm_instance: i.id.clone(), direction });
+                m.tcp_resets.get_or_create(&ResetLabels { vllm_instance: i.id.clone(), direction }).inc_by(0);
             }
             if let Some(total) = i.listen_overflows {
                 let seen = self.listen_overflows.entry(i.id.clone()).or_insert(total);
