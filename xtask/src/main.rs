@@ -8,20 +8,21 @@
 //!   demo    a real vLLM (CPU, tiny model), the agent and a short load; serves :9420 until Ctrl-C
 //!   e2e     the end-to-end suite on a real vLLM (CPU build, tiny model; cached install)
 //!   bench   A/B benchmarks (not part of `test`)
+//!   gpu-check  the GPU collector on a real NVIDIA GPU (xtask/gpu-check.sh; builds what it carries)
 //!
 //! Every task but `setup` runs the setup check first and installs only what is missing.
 
 mod bench;
 mod cmd;
 mod demo;
+mod gpu_check;
 mod setup;
 mod tasks;
 mod vllm;
 
 use std::process::ExitCode;
 
-const USAGE: &str =
-    "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | bench devnull>";
+const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | gpu-check>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
         Some("e2e") => tasks::e2e(),
         Some("demo") => demo::demo(),
         Some("bench") => bench::bench(&args[1..]),
+        Some("gpu-check") => gpu_check::gpu_check(),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

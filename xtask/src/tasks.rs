@@ -61,7 +61,7 @@ fn ebpf_cargo() -> std::process::Command {
 }
 
 /// A userspace cargo that embeds the eBPF object we just built.
-fn user_cargo() -> std::process::Command {
+pub fn user_cargo() -> std::process::Command {
     let mut c = cargo(&setup::userspace_toolchain());
     c.env("INFERWATCH_EBPF_OBJECT", ebpf_object());
     c
