@@ -3,7 +3,7 @@
 //! prints what the agent sees; serves `:9420/metrics` until Ctrl-C.
 
 use std::{
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant},
@@ -36,20 +36,7 @@ pub fn demo() -> Result {
         vllm::VLLM_VERSION,
         vllm_log.display()
     );
-    let log = std::fs::File::create(&vllm_log).map_err(|e| e.to_string())?;
-    let mut vllm_child = Command::new(vllm::python())
-        .args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
-        .arg(vllm::tiny_model())
-        .args(["--served-model-name", "tiny", "--dtype", "float32", "--host", "127.0.0.1"])
-        .args(["--port", &port.to_string(), "--max-model-len", "1024", "--max-num-seqs", "16"])
-        .env("VLLM_CPU_KVCACHE_SPACE", "1")
-        .env("HF_HUB_OFFLINE", "1")
-        .env("VLLM_NO_USAGE_STATS", "1")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| e.to_string())?)
-        .stderr(log)
-        .spawn()
-        .map_err(|e| format!("starting vLLM: {e}"))?;
+    let mut vllm_child = vllm::serve(port, &vllm_log)?;
     let mut agent = cmd::as_root(&tasks::agent_binary(Profile::Release))
         .args(["--listen", &format!("0.0.0.0:{AGENT_PORT}"), "--scrape-interval", "2s"])
         .spawn()

@@ -8,6 +8,8 @@
 //!   demo    a real vLLM (CPU, tiny model), the agent and a short load; serves :9420 until Ctrl-C
 //!   e2e     the end-to-end suite on a real vLLM (CPU build, tiny model; cached install)
 //!   bench   A/B benchmarks (not part of `test`)
+//!   soak    `--minutes N [--restart-every M]`: real vLLM, mixed load, restarts; the agent's RSS,
+//!           CPU and lost events sampled, a summary printed (not part of `test`)
 //!   gpu-check  the GPU collector on a real NVIDIA GPU (xtask/gpu-check.sh; builds what it carries)
 //!
 //! Every task but `setup` runs the setup check first and installs only what is missing.
@@ -17,12 +19,13 @@ mod cmd;
 mod demo;
 mod gpu_check;
 mod setup;
+mod soak;
 mod tasks;
 mod vllm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | gpu-check>";
+const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | soak --minutes N | gpu-check>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::demo(),
         Some("bench") => bench::bench(&args[1..]),
         Some("gpu-check") => gpu_check::gpu_check(),
+        Some("soak") => soak::soak(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

