@@ -15,9 +15,9 @@ use crate::{
     http::{FinishedRequest, Update},
     ipc::{IpcTracker, Phases},
     metrics::{
-        InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels, ProgramLabels,
-        ReasonLabels, RequestLabels, ResetLabels, RuleLabels, ScrapeErrorLabels, SocketBytesLabels,
-        SocketOpLabels, StreamEventLabels, VllmInfoLabels,
+        FamilyLabels, InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels,
+        ProgramLabels, ReasonLabels, RequestLabels, ResetLabels, RuleLabels, ScrapeErrorLabels,
+        SocketBytesLabels, SocketOpLabels, StreamEventLabels, VllmInfoLabels,
     },
     procfs,
     scraper::ScrapeResult,
@@ -115,6 +115,29 @@ fn write_own_usage(out: &mut String) {
     }
 }
 
+const SOCKET_OPS: &str = "inferwatch_process_socket_ops";
+const SOCKET_BYTES: &str = "inferwatch_process_socket_bytes";
+const HTTP_REQUESTS: &str = "inferwatch_http_requests";
+/// Samples re-exported per vLLM instance at most (vLLM 0.32 with one model: ~1,100).
+pub const MAX_VLLM_SAMPLES: usize = 50_000;
+
+/// Keeps the first `max` samples of a scraped page (whole families first come, first kept);
+/// returns how many were dropped.
+fn cap_samples(families: &mut Vec<crate::promtext::Family>, max: usize) -> u64 {
+    let mut kept = 0usize;
+    let mut dropped = 0u64;
+    families.retain(|f| {
+        if kept + f.samples.len() <= max {
+            kept += f.samples.len();
+            true
+        } else {
+            dropped += f.samples.len() as u64;
+            false
+        }
+    });
+    dropped
+}
+
 /// vLLM's own cumulative time to first token (sum, count) from its scraped families.
 fn vllm_ttft(families: &[crate::promtext::Family]) -> (f64, f64) {
     let total = |suffix: &str| -> f64 {
@@ -190,6 +213,8 @@ pub struct Aggregator {
     ipc: IpcTracker,
     /// The instance id of each API server pid, for per-instance network counters.
     instance_of_pid: HashMap<u32, String>,
+    /// Caps the families whose labels come from outside (status codes, pids).
+    budget: crate::cardinality::SeriesBudget,
     /// Every vLLM process (API servers, engine cores, workers) → its model and role, for the GPU join.
     gpu_owners: HashMap<u32, crate::gpu::Owner>,
     /// Last `ListenOverflows` seen per instance.
@@ -208,9 +233,10 @@ pub struct Aggregator {
 }
 
 impl Aggregator {
-    pub fn new(shared: Arc<Shared>, max_connections: usize) -> Self {
+    pub fn new(shared: Arc<Shared>, max_connections: usize, max_series_per_family: usize) -> Self {
         Self {
             shared,
+            budget: crate::cardinality::SeriesBudget::new(max_series_per_family),
             connections: ConnectionTable::new(max_connections),
             comms: HashMap::new(),
             lost_totals: HashMap::new(),
@@ -265,9 +291,12 @@ impl Aggregator {
                 metrics.events_lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
             }
             AgentEvent::Unwatched { tgid } => {
-                self.comms.remove(&tgid);
-                metrics.watched_processes.set(self.comms.len() as i64);
-                // Its series stay (counters must not go backwards); new ones stop.
+                // Its per-pid series go: a process that is gone adds nothing more, and vLLM's
+                // restarts must not pile up series of dead pids.
+                if let Some(comm) = self.comms.remove(&tgid) {
+                    self.remove_process_series(tgid, &comm);
+                }
+                self.shared.metrics.watched_processes.set(self.comms.len() as i64);
             }
             AgentEvent::Instances(instances) => self.instances(instances),
             AgentEvent::Scrape(result) => self.scrape(result),
@@ -332,20 +361,38 @@ impl Aggregator {
         }
     }
 
+    fn remove_process_series(&mut self, pid: u32, comm: &str) {
+        let metrics = &self.shared.metrics;
+        for syscall in crate::syscalls::LABELS {
+            let ops = SocketOpLabels { pid, comm: comm.to_string(), syscall };
+            metrics.socket_ops.remove(&ops);
+            self.budget.release(SOCKET_OPS, &ops);
+        }
+        for direction in ["sent", "received"] {
+            let bytes = SocketBytesLabels { pid, comm: comm.to_string(), direction };
+            metrics.socket_bytes.remove(&bytes);
+            self.budget.release(SOCKET_BYTES, &bytes);
+        }
+    }
+
     fn sock_op(&mut self, op: &SockOp) {
         let metrics = &self.shared.metrics;
         metrics.events.inc();
         let comm =
             self.comms.entry(op.tgid).or_insert_with(|| procfs::comm(op.tgid).unwrap_or_default()).clone();
-        metrics
-            .socket_ops
-            .get_or_create(&SocketOpLabels { pid: op.tgid, comm: comm.clone(), syscall: op.syscall })
-            .inc();
+        let ops = SocketOpLabels { pid: op.tgid, comm: comm.clone(), syscall: op.syscall };
+        if self.budget.admit(SOCKET_OPS, &ops) {
+            metrics.socket_ops.get_or_create(&ops).inc();
+        } else {
+            metrics.series_refused.get_or_create(&FamilyLabels { family: SOCKET_OPS }).inc();
+        }
         if op.ret > 0 {
-            metrics
-                .socket_bytes
-                .get_or_create(&SocketBytesLabels { pid: op.tgid, comm, direction: op.direction.as_str() })
-                .inc_by(op.ret as u64);
+            let bytes = SocketBytesLabels { pid: op.tgid, comm, direction: op.direction.as_str() };
+            if self.budget.admit(SOCKET_BYTES, &bytes) {
+                metrics.socket_bytes.get_or_create(&bytes).inc_by(op.ret as u64);
+            } else {
+                metrics.series_refused.get_or_create(&FamilyLabels { family: SOCKET_BYTES }).inc();
+            }
         }
     }
 
@@ -419,8 +466,12 @@ impl Aggregator {
         m.vllm_scrape_duration.get_or_create(&labels).set(result.duration.as_secs_f64());
         let mut vllm = self.shared.vllm.write().unwrap_or_else(|e| e.into_inner());
         match result.outcome {
-            Ok(families) => {
+            Ok(mut families) => {
                 m.vllm_up.get_or_create(&labels).set(1);
+                let refused = cap_samples(&mut families, MAX_VLLM_SAMPLES);
+                if refused > 0 {
+                    m.series_refused.get_or_create(&FamilyLabels { family: "vllm" }).inc_by(refused);
+                }
                 self.record_diagnosis_sample(&id, &families);
                 let theirs = vllm_ttft(&families);
                 let previous = self.vllm_ttft_seen.insert(id.clone(), theirs);
@@ -534,14 +585,12 @@ impl Aggregator {
         let labels = ModelRoute { model: model.clone(), route: req.route };
         m.in_flight.get_or_create(&labels).dec();
         let outcome = req.outcome.as_str();
-        m.http_requests
-            .get_or_create(&RequestLabels {
-                model: model.clone(),
-                route: req.route,
-                status: req.status,
-                outcome,
-            })
-            .inc();
+        let request = RequestLabels { model: model.clone(), route: req.route, status: req.status, outcome };
+        if self.budget.admit(HTTP_REQUESTS, &request) {
+            m.http_requests.get_or_create(&request).inc();
+        } else {
+            m.series_refused.get_or_create(&FamilyLabels { family: HTTP_REQUESTS }).inc();
+        }
         let since = |t: u64| t.saturating_sub(req.received_ns) as f64 / 1e9;
         let headers = req.headers_ns.map(since);
         let ttft = req.first_token_ns.map(since);
@@ -676,9 +725,74 @@ mod tests {
     }
 
     #[test]
+    fn series_of_an_unwatched_process_go_and_their_room_is_freed() {
+        let shared = Arc::new(Shared::new());
+        let mut agg = Aggregator::new(shared.clone(), 16, 4);
+        agg.apply(AgentEvent::Watched { tgid: 10, comm: "vllm".into() });
+        agg.apply(op(10, "write", Direction::Sent, 100));
+        agg.apply(op(10, "read", Direction::Received, 7));
+        agg.apply(AgentEvent::Unwatched { tgid: 10 });
+        let text = shared.metrics.encode().unwrap();
+        assert!(!text.contains("pid=\"10\""), "{text}");
+        assert_eq!(value(&text, "inferwatch_watched_processes"), Some(0.0));
+        // The freed room serves the next process (pid reuse or a restart).
+        agg.apply(AgentEvent::Watched { tgid: 11, comm: "vllm".into() });
+        agg.apply(op(11, "write", Direction::Sent, 1));
+        let text = shared.metrics.encode().unwrap();
+        let write = "inferwatch_process_socket_ops_total{pid=\"11\",comm=\"vllm\",syscall=\"write\"}";
+        assert_eq!(value(&text, write), Some(1.0));
+        assert_eq!(
+            value(&text, "inferwatch_series_refused_total{family=\"inferwatch_process_socket_ops\"}"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_family_stops_growing_at_its_cap_and_counts_what_it_refused() {
+        let shared = Arc::new(Shared::new());
+        let mut agg = Aggregator::new(shared.clone(), 64, 3);
+        // Five status codes from a misbehaving server: three series, two refused requests.
+        for (conn, status) in [200u16, 201, 299, 298, 297].into_iter().enumerate() {
+            let conn = conn as u64 + 1;
+            agg.apply(io(conn, 1, Direction::Received, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"));
+            let head = format!("HTTP/1.1 {status} OK\r\ncontent-length: 0\r\n\r\n");
+            agg.apply(io(conn, 2, Direction::Sent, head.as_bytes()));
+        }
+        let text = shared.metrics.encode().unwrap();
+        let series = text.lines().filter(|l| l.starts_with("inferwatch_http_requests_total{")).count();
+        assert_eq!(series, 3, "{text}");
+        let refused = "inferwatch_series_refused_total{family=\"inferwatch_http_requests\"}";
+        assert_eq!(value(&text, refused), Some(2.0));
+        // Timing families have bounded labels (model, route) and still saw all five.
+        assert!(
+            text.contains(
+                "inferwatch_http_request_duration_seconds_count{model=\"unknown\",route=\"/health\"} 5"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_huge_scraped_page_is_cut_at_the_cap() {
+        use crate::promtext::{family, sample};
+        let mut families: Vec<_> = (0..10)
+            .map(|i| {
+                family(
+                    &format!("vllm:f{i}"),
+                    "",
+                    "gauge",
+                    (0..10).map(|j| sample(&format!("vllm:f{i}"), &[("j", &j.to_string())], 1.0)).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(cap_samples(&mut families, 35), 70);
+        assert_eq!(families.len(), 3, "whole families are kept or dropped");
+    }
+
+    #[test]
     fn counts_ops_and_bytes_per_process_and_call() {
         let shared = Arc::new(Shared::new());
-        let mut agg = Aggregator::new(shared.clone(), 16);
+        let mut agg = Aggregator::new(shared.clone(), 16, 2000);
         agg.apply(AgentEvent::Watched { tgid: 10, comm: "vllm".into() });
         for _ in 0..3 {
             agg.apply(op(10, "write", Direction::Sent, 100));
@@ -712,7 +826,7 @@ mod tests {
     #[test]
     fn kernel_loss_totals_become_increments() {
         let shared = Arc::new(Shared::new());
-        let mut agg = Aggregator::new(shared.clone(), 16);
+        let mut agg = Aggregator::new(shared.clone(), 16, 2000);
         let series = "inferwatch_agent_events_lost_total{reason=\"ring_buffer_full\"}";
         for (total, expect) in [(5, 5.0), (5, 5.0), (12, 12.0), (3, 15.0)] {
             agg.apply(AgentEvent::KernelLost { reason: LOST_RING_BUFFER_FULL, total });
@@ -726,7 +840,7 @@ mod tests {
     #[test]
     fn a_streamed_request_becomes_metrics_and_a_record() {
         let shared = Arc::new(Shared::new());
-        let mut agg = Aggregator::new(shared.clone(), 16);
+        let mut agg = Aggregator::new(shared.clone(), 16, 2000);
         let body = br#"{"model":"tiny","prompt":"hi","stream":true}"#;
         let head =
             format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
@@ -767,7 +881,7 @@ mod tests {
     #[test]
     fn model_labels_are_bounded() {
         let shared = Arc::new(Shared::new());
-        let mut agg = Aggregator::new(shared, 16);
+        let mut agg = Aggregator::new(shared, 16, 2000);
         for i in 0..MAX_MODELS {
             assert_eq!(agg.model_label(Some(&format!("m{i}"))), format!("m{i}"));
         }

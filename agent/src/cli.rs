@@ -194,6 +194,10 @@ pub struct RunArgs {
     /// Connections followed at once; beyond it the least recently used is dropped and counted.
     #[arg(long, default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Series per metric family whose labels come from outside (status codes, pids); beyond
+    /// it new series are refused and counted in inferwatch_series_refused_total.
+    #[arg(long, default_value_t = crate::cardinality::DEFAULT_MAX_SERIES_PER_FAMILY)]
+    pub max_series_per_family: usize,
     /// How often the GPUs are sampled through NVML.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub gpu_interval: Duration,

@@ -5,6 +5,7 @@
 
 mod aggregator;
 mod bench;
+mod cardinality;
 mod cli;
 mod connections;
 mod diagnosis;

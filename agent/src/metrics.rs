@@ -49,6 +49,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FamilyLabels {
+    pub family: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SocketOpLabels {
     pub pid: u32,
     pub comm: String,
@@ -97,6 +102,7 @@ pub struct Metrics {
     pub connections_evicted: Counter,
     pub requests_evicted: Counter,
     pub not_http: Family<ReasonLabels, Counter>,
+    pub series_refused: Family<FamilyLabels, Counter>,
     pub vllm_up: Family<InstanceLabels, Gauge>,
     pub vllm_scrape_duration: Family<InstanceLabels, Gauge<f64, AtomicU64>>,
     pub vllm_scrape_errors: Family<ScrapeErrorLabels, Counter>,
@@ -270,6 +276,12 @@ impl Metrics {
             "Connections (or the rest of them) not followed as HTTP/1.1, by reason",
             not_http.clone(),
         );
+        let series_refused = Family::<FamilyLabels, Counter>::default();
+        registry.register(
+            "inferwatch_series_refused",
+            "Updates refused because their family reached --max-series-per-family (or a scraped page its sample cap)",
+            series_refused.clone(),
+        );
         let vllm_up = Family::<InstanceLabels, Gauge>::default();
         registry.register(
             "inferwatch_vllm_up",
@@ -371,6 +383,7 @@ impl Metrics {
             connections_evicted,
             requests_evicted,
             not_http,
+            series_refused,
             vllm_up,
             vllm_scrape_duration,
             vllm_scrape_errors,

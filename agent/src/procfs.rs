@@ -42,6 +42,16 @@ pub fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
     Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
+/// When a process started (clock ticks since boot, `/proc/PID/stat` field 22): with the pid, it
+/// names one process; a reused pid has another start time.
+pub fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+pub fn parse_start_time(stat: &str) -> Option<u64> {
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
 /// Resident memory of this process, in bytes.
 pub fn own_resident_bytes() -> Option<u64> {
     let statm = fs::read_to_string("/proc/self/statm").ok()?;
@@ -75,6 +85,9 @@ mod tests {
         assert_eq!(parse_stat_times(stat), Some((17, 5)));
         assert_eq!(parse_stat_times("42 (x) S 1"), None);
         assert!(own_cpu_seconds().is_some() && own_resident_bytes().unwrap() > 0);
+        let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 987654 1000 10";
+        assert_eq!(parse_start_time(stat), Some(987654));
+        assert!(start_time(std::process::id()).is_some());
     }
 
     #[test]

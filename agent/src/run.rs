@@ -71,7 +71,7 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     let shared = Arc::new(Shared::new());
     let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     probes::spawn_kernel_log(outputs.kernel_log);
-    tokio::spawn(Aggregator::new(shared.clone(), args.max_connections).run(rx));
+    tokio::spawn(Aggregator::new(shared.clone(), args.max_connections, args.max_series_per_family).run(rx));
     gpu::nvml::spawn(GpuConfig { interval: args.gpu_interval, library: args.nvml_lib.clone() }, tx.clone());
     let dropped = Arc::new(AtomicU64::new(0));
     let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));

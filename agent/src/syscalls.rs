@@ -22,6 +22,25 @@ const X86_64: &[(i32, &str)] = &[
     (426, "io_uring_enter"),
 ];
 
+/// Every value the `syscall` label can take.
+pub const LABELS: [&str; 15] = [
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "sendfile",
+    "sendto",
+    "recvfrom",
+    "sendmsg",
+    "recvmsg",
+    "splice",
+    "recvmmsg",
+    "sendmmsg",
+    "io_uring_enter",
+    "none",
+    "other",
+];
+
 /// The label value for a system call number seen in the saved registers.
 pub fn name(nr: i32) -> &'static str {
     if nr == NO_SYSCALL {
@@ -47,6 +66,14 @@ mod tests {
         assert_eq!(name(NO_SYSCALL), "none");
         assert_eq!(name(59), "other"); // execve
         assert_eq!(name(i32::MAX), "other");
+    }
+
+    #[test]
+    fn labels_list_every_name() {
+        for (_, name) in X86_64 {
+            assert!(LABELS.contains(name), "{name}");
+        }
+        assert_eq!(LABELS.len(), X86_64.len() + 2);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! `/v1/models`), and hands scrape targets to the scraper. It owns the probes' watch map.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     path::Path,
     time::Duration,
 };
@@ -16,6 +16,7 @@ use crate::{
     events::AgentEvent,
     httpclient::{self, Target},
     probes::Probes,
+    procfs,
     scraper::ScrapeTarget,
 };
 
@@ -51,7 +52,11 @@ pub async fn run(
     targets: watch::Sender<Vec<ScrapeTarget>>,
     first_scan_done: tokio::sync::oneshot::Sender<()>,
 ) {
-    let mut watched: BTreeSet<u32> = BTreeSet::new();
+    // Watched processes by pid, with their start time: a pid that now names another process
+    // (reuse) is unwatched and, if still wanted, watched again as a new process.
+    let mut watched: BTreeMap<u32, u64> = BTreeMap::new();
+    // `--pid` values name the process running when the agent started, not their pid's later owners.
+    let mut explicit: HashMap<u32, Option<u64>> = config.explicit_pids.iter().map(|&p| (p, None)).collect();
     let mut roles: HashMap<u32, Role> = HashMap::new();
     let mut described: HashMap<InstanceKey, Description> = HashMap::new();
     let mut first_scan_done = Some(first_scan_done);
@@ -64,32 +69,52 @@ pub async fn run(
         } else {
             Vec::new()
         };
-        let mut desired: BTreeSet<u32> = config
-            .explicit_pids
-            .iter()
-            .copied()
-            .filter(|p| Path::new(&format!("/proc/{p}")).exists())
-            .collect();
+        let mut desired: BTreeMap<u32, u64> = BTreeMap::new();
+        explicit.retain(|&pid, started| match (procfs::start_time(pid), *started) {
+            (Some(now), None) => {
+                *started = Some(now);
+                desired.insert(pid, now);
+                true
+            }
+            (Some(now), Some(then)) if now == then => {
+                desired.insert(pid, now);
+                true
+            }
+            _ => {
+                tracing::info!(pid, "--pid {pid} exited: no longer watched (its pid may be reused)");
+                false
+            }
+        });
         for i in &instances {
-            desired.extend(i.pids(Role::ApiServer));
-        }
-        for &pid in desired.difference(&watched.clone()) {
-            match probes.watch(pid) {
-                Ok(comm) => {
-                    tracing::info!(pid, comm, "watching");
-                    watched.insert(pid);
-                    let _ = tx.send(AgentEvent::Watched { tgid: pid, comm }).await;
+            for pid in i.pids(Role::ApiServer) {
+                if let Some(started) = procfs::start_time(pid) {
+                    desired.insert(pid, started);
                 }
-                Err(e) => tracing::warn!("cannot watch {pid}: {e:#}"),
             }
         }
-        for &pid in watched.clone().difference(&desired) {
+        for (&pid, &started) in &watched.clone() {
+            if desired.get(&pid) == Some(&started) {
+                continue;
+            }
             if let Err(e) = probes.unwatch(pid) {
                 tracing::debug!("unwatching {pid}: {e:#}");
             }
             tracing::info!(pid, "process gone or no longer vLLM: unwatched");
             watched.remove(&pid);
             let _ = tx.send(AgentEvent::Unwatched { tgid: pid }).await;
+        }
+        for (&pid, &started) in &desired {
+            if watched.contains_key(&pid) {
+                continue;
+            }
+            match probes.watch(pid) {
+                Ok(comm) => {
+                    tracing::info!(pid, comm, "watching");
+                    watched.insert(pid, started);
+                    let _ = tx.send(AgentEvent::Watched { tgid: pid, comm }).await;
+                }
+                Err(e) => tracing::warn!("cannot watch {pid}: {e:#}"),
+            }
         }
 
         // Scheduler statistics follow every vLLM process, whatever its role.

@@ -144,6 +144,8 @@ pub fn test() -> Result {
         "http_fidelity",
         "--test",
         "deploy",
+        "--test",
+        "faults",
     ]))?;
 
     e2e_tests()?;
