@@ -55,6 +55,12 @@ pub struct Shared {
     pub realtime_offset_ns: i128,
 }
 
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Shared {
     pub fn new() -> Self {
         Self {

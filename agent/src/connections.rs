@@ -43,6 +43,10 @@ impl ConnectionTable {
         }
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

@@ -140,9 +140,9 @@ pub fn redacted_flags(cmdline: &[u8]) -> Vec<String> {
 /// The value of `--flag V` or `--flag=V` among redacted flags (the last one, as argparse takes).
 pub fn flag_value(flags: &[String], flag: &str) -> Option<String> {
     flags.iter().enumerate().rev().find_map(|(i, a)| {
-        a.strip_prefix(&format!("{flag}="))
-            .map(str::to_string)
-            .or_else(|| (a == flag).then(|| flags.get(i + 1).cloned()).flatten())
+        a.strip_prefix(&format!("{flag}=")).map(str::to_string).or_else(|| {
+            (a == flag).then(|| flags.get(i + 1).filter(|v| !v.starts_with("--")).cloned()).flatten()
+        })
     })
 }
 
@@ -366,6 +366,17 @@ fn listening_addresses_of(proc_dir: &Path) -> BTreeSet<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo xtask fuzz` (procfs): a secret flag with no value is followed by
+    /// another flag, which is not its value.
+    #[test]
+    fn a_valueless_flag_does_not_take_the_next_flag_as_its_value() {
+        let cmdline = b"pym\0--appythmodel\0\0/m\0--api-key\0\0--appythmodel\0se;i-key\0secret\0";
+        let flags = redacted_flags(cmdline);
+        assert_eq!(flag_value(&flags, "--api-key"), None, "{flags:?}");
+        assert_eq!(flag_value(&["--port".into(), "8000".into()], "--port").as_deref(), Some("8000"));
+        assert_eq!(flag_value(&["--api-key".into(), "***".into()], "--api-key").as_deref(), Some("***"));
+    }
 
     fn nul(args: &[&str]) -> Vec<u8> {
         args.join("\0").into_bytes()

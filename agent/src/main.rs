@@ -1,37 +1,6 @@
-//! `inferwatch`: the host agent and its commands.
-//!
-//! Data flows one way (see README): kernel probes → ring buffer → [`events`] decoding →
-//! a channel → the [`aggregator`], sole owner of state → the [`server`]'s exporters.
+//! `inferwatch`: the host agent and its commands (the library, src/lib.rs, holds them all).
 
-mod aggregator;
-mod bench;
-mod cardinality;
-mod cli;
-mod connections;
-mod diagnosis;
-mod discover;
-mod discovery;
-mod events;
-mod gpu;
-mod http;
-mod httpclient;
-mod ipc;
-mod metrics;
-mod preflight;
-mod privileges;
-mod probes;
-mod procfs;
-mod promtext;
-mod run;
-mod sched;
-mod scraper;
-mod server;
-mod syscalls;
-mod toolkit;
-mod top;
-mod topview;
-mod watcher;
-mod webconfig;
+use inferwatch::{bench, cli, discover, run, toolkit, top};
 
 use clap::Parser as _;
 

@@ -161,6 +161,12 @@ pub struct VllmInfoLabels {
     pub port: String,
 }
 
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();

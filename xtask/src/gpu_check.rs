@@ -32,7 +32,7 @@ pub fn gpu_check() -> Result {
 /// Builds the agent's unit tests (release) and returns the test executable.
 fn unit_test_binary() -> Result<PathBuf> {
     let mut c = tasks::user_cargo();
-    c.args(["test", "--release", "--package", "inferwatch", "--bin", "inferwatch", "--no-run"]);
+    c.args(["test", "--release", "--package", "inferwatch", "--lib", "--no-run"]);
     c.args(["--message-format", "json"]);
     eprintln!("xtask: $ cargo test --release --package inferwatch --no-run");
     let out = c.output().map_err(|e| format!("cargo test --no-run: {e}"))?;

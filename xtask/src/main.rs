@@ -10,6 +10,8 @@
 //!   bench   A/B benchmarks (not part of `test`)
 //!   soak    `--minutes N [--restart-every M]`: real vLLM, mixed load, restarts; the agent's RSS,
 //!           CPU and lost events sampled, a summary printed (not part of `test`)
+//!   fuzz    `[--runs N] [TARGET ...]`: the fuzz targets of agent/fuzz, N executions each
+//!           (default 10 million; not part of `test`)
 //!   gpu-check  the GPU collector on a real NVIDIA GPU (xtask/gpu-check.sh; builds what it carries)
 //!
 //! Every task but `setup` runs the setup check first and installs only what is missing.
@@ -17,6 +19,7 @@
 mod bench;
 mod cmd;
 mod demo;
+mod fuzz;
 mod gpu_check;
 mod setup;
 mod soak;
@@ -25,7 +28,7 @@ mod vllm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | soak --minutes N | gpu-check>";
+const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | soak --minutes N | fuzz [--runs N] | gpu-check>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::bench(&args[1..]),
         Some("gpu-check") => gpu_check::gpu_check(),
         Some("soak") => soak::soak(&args[1..]),
+        Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -1,0 +1,39 @@
+//! HTTP/SSE assembly fed arbitrary transfer sequences: any mix of received and sent bytes,
+//! transfers longer than their captured prefix (gaps), closes. Besides not crashing, every
+//! finished request must have times in order and no more content events than events; the
+//! captured bytes also go through the engine-IPC id scanner and the kernel-record decoder.
+#![no_main]
+
+use inferwatch::http::Connection;
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = inferwatch::events::decode(data);
+    let _ = inferwatch::ipc::request_ids(data);
+    let mut conn = Connection::default();
+    let mut ts = 1_000u64;
+    let mut rest = data;
+    while let [control, len, tail @ ..] = rest {
+        let take = (*len as usize).min(tail.len());
+        let (known, next) = tail.split_at(take);
+        rest = next;
+        ts += (*control as u64 + 1) * 1_000;
+        // Bits 0-1: the kind of transfer; bits 2-7: bytes beyond the captured prefix.
+        let gap = ((*control >> 2) as usize) * 97;
+        let update = match control & 3 {
+            0 => conn.received(ts, known, known.len()),
+            1 => conn.sent(ts, known, known.len()),
+            2 => conn.received(ts, known, known.len() + gap),
+            _ if gap % 2 == 0 => conn.sent(ts, known, known.len() + gap),
+            _ => conn.closed(ts),
+        };
+        for req in update.finished {
+            assert!(req.received_ns <= req.end_ns, "{req:?}");
+            for t in [req.headers_ns, req.first_token_ns].into_iter().flatten() {
+                assert!(req.received_ns <= t && t <= req.end_ns, "{req:?}");
+            }
+            assert!(req.content_events <= req.events, "{req:?}");
+        }
+    }
+    let _ = conn.closed(ts + 1);
+});
