@@ -249,31 +249,28 @@ fn is_created_shadow(f: &Family, families: &[Family]) -> bool {
 /// `_total`; kinds OpenMetrics lacks are written as `unknown`; creation times (`_created`
 /// samples and families) are dropped: they describe the source's process, not the metric.
 pub fn write_sources(out: &mut String, sources: &[Source<'_>]) {
+    // Families are keyed by the name they are written under: a counter `x_total` and another
+    // family `x` would otherwise make two blocks of one name, which no parser accepts. The
+    // first one of a name wins, in each source.
     let mut order: Vec<&str> = Vec::new();
     for (families, _) in sources {
         for f in families.iter() {
-            if !is_created_shadow(f, families) && !order.contains(&f.name.as_str()) {
-                order.push(&f.name);
+            if !is_created_shadow(f, families) && !order.contains(&written_name(f)) {
+                order.push(written_name(f));
             }
         }
     }
     for name in order {
         let mut header_written = false;
         for (families, extra) in sources {
-            let Some(f) = families.iter().find(|f| f.name == name) else { continue };
-            let kind = match f.kind.as_str() {
-                "untyped" => "unknown",
-                k => k,
+            let Some(f) =
+                families.iter().find(|f| written_name(f) == name && !is_created_shadow(f, families))
+            else {
+                continue;
             };
             if !header_written {
-                let family_name =
-                    if kind == "counter" { name.strip_suffix("_total").unwrap_or(name) } else { name };
-                let _ = writeln!(
-                    out,
-                    "# HELP {family_name} {}",
-                    f.help.replace('\\', "\\\\").replace('\n', "\\n")
-                );
-                let _ = writeln!(out, "# TYPE {family_name} {kind}");
+                let _ = writeln!(out, "# HELP {name} {}", f.help.replace('\\', "\\\\").replace('\n', "\\n"));
+                let _ = writeln!(out, "# TYPE {name} {}", written_kind(f));
                 header_written = true;
             }
             for s in &f.samples {
@@ -284,6 +281,19 @@ pub fn write_sources(out: &mut String, sources: &[Source<'_>]) {
             }
         }
     }
+}
+
+/// The kind as OpenMetrics names it.
+fn written_kind(f: &Family) -> &str {
+    match f.kind.as_str() {
+        "untyped" => "unknown",
+        k => k,
+    }
+}
+
+/// The family's name in OpenMetrics: counters without their `_total`.
+fn written_name(f: &Family) -> &str {
+    if written_kind(f) == "counter" { f.name.strip_suffix("_total").unwrap_or(&f.name) } else { &f.name }
 }
 
 fn write_sample(out: &mut String, s: &Sample, extra: &[(&str, &str)]) {
@@ -329,6 +339,19 @@ pub fn add_current_names(families: &mut Vec<Family>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo xtask fuzz` (promtext): a counter `x_total` and a family `x` were both
+    /// written as family `x`, and the output did not parse.
+    #[test]
+    fn two_families_written_under_one_name_become_one_block() {
+        let page = "# TYPE vllm:x_total counter\nvllm:x_total 1\n# HELP vllm:x other\nvllm:x 2\n";
+        let families = parse(page).unwrap();
+        let mut out = String::new();
+        write_sources(&mut out, &[(&families, &[("vllm_instance", "a")])]);
+        let again = parse(&out).unwrap_or_else(|e| panic!("{e}\n{out}"));
+        assert_eq!(again.len(), 1, "{out}");
+        assert_eq!(out.matches("# TYPE vllm:x ").count(), 1, "{out}");
+    }
 
     const METRICS: &str = include_str!("../../tests/fixtures/vllm-0.32.0-cpu/metrics.txt");
     const METRICS_2: &str =
