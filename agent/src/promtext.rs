@@ -293,7 +293,8 @@ fn written_kind(f: &Family) -> &str {
 
 /// The family's name in OpenMetrics: counters without their `_total`.
 fn written_name(f: &Family) -> &str {
-    if written_kind(f) == "counter" { f.name.strip_suffix("_total").unwrap_or(&f.name) } else { &f.name }
+    let stripped = f.name.strip_suffix("_total").filter(|n| valid_name(n));
+    if written_kind(f) == "counter" { stripped.unwrap_or(&f.name) } else { &f.name }
 }
 
 fn write_sample(out: &mut String, s: &Sample, extra: &[(&str, &str)]) {
@@ -339,6 +340,17 @@ pub fn add_current_names(families: &mut Vec<Family>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by `cargo xtask fuzz` (promtext): a counter family named `_total` was written
+    /// under the empty name.
+    #[test]
+    fn a_counter_named_total_keeps_its_name() {
+        let families = parse("# TYPE _total counter\n_total 3\n").unwrap();
+        let mut out = String::new();
+        write_sources(&mut out, &[(&families, &[])]);
+        assert!(parse(&out).is_ok(), "{out}");
+        assert!(out.contains("# TYPE _total counter"), "{out}");
+    }
 
     /// Found by `cargo xtask fuzz` (promtext): a counter `x_total` and a family `x` were both
     /// written as family `x`, and the output did not parse.
