@@ -119,6 +119,8 @@ pub fn test() -> Result {
     step("format");
     run(cargo(&user).args(["fmt", "--all", "--check"]))?;
     run(cargo(&user).args(["fmt", "--check", "--manifest-path"]).arg(&ebpf_manifest))?;
+    let fuzz_manifest = root.join("agent/fuzz/Cargo.toml");
+    run(cargo(&user).args(["fmt", "--check", "--manifest-path"]).arg(&fuzz_manifest))?;
 
     step("kernel programs: build and clippy");
     build_ebpf()?;
@@ -129,6 +131,16 @@ pub fn test() -> Result {
 
     step("userspace clippy (warnings denied)");
     run(user_cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+
+    // The fuzz targets (their own workspace, nightly) must keep compiling; running them is
+    // `cargo xtask fuzz`.
+    step("fuzz targets: clippy");
+    run(cargo(&setup::ebpf_toolchain())
+        .args(["clippy", "--manifest-path"])
+        .arg(&fuzz_manifest)
+        .arg("--target-dir")
+        .arg(root.join("target/fuzz/check"))
+        .args(["--", "-D", "warnings"]))?;
 
     step("unit tests");
     run(user_cargo().args(["test", "--workspace", "--exclude", "inferwatch-tests"]))?;

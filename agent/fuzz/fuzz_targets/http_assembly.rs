@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
             0 => conn.received(ts, known, known.len()),
             1 => conn.sent(ts, known, known.len()),
             2 => conn.received(ts, known, known.len() + gap),
-            _ if gap % 2 == 0 => conn.sent(ts, known, known.len() + gap),
+            _ if gap.is_multiple_of(2) => conn.sent(ts, known, known.len() + gap),
             _ => conn.closed(ts),
         };
         for req in update.finished {
