@@ -4,6 +4,9 @@
 //!   cargo xtask bench devnull [--rounds N] [--iterations N]
 //!     the cost the agent adds to `write()` on /dev/null (any process) and to socket I/O of a
 //!     process it does not watch.
+//!   cargo xtask bench wrk [--rounds N] [--seconds N]
+//!     P2, the worst case: `wrk` at full speed against a keep-alive HTTP server the agent
+//!     watches (every request parsed and timed), requests/s with the agent ÷ without.
 
 use std::{
     net::TcpStream,
@@ -18,13 +21,14 @@ use crate::{
     tasks::{self, Profile},
 };
 
-const USAGE: &str = "usage: cargo xtask bench <devnull [--rounds N] [--iterations N] | events [--seconds N] [--connections N] | programs [--iterations N]>";
+const USAGE: &str = "usage: cargo xtask bench <devnull [--rounds N] [--iterations N] | events [--seconds N] [--connections N] | programs [--iterations N] | wrk [--rounds N] [--seconds N]>";
 
 pub fn bench(args: &[String]) -> Result {
     match args.first().map(String::as_str) {
         Some("devnull") => devnull(&args[1..]),
         Some("events") => events(&args[1..]),
         Some("programs") => programs(&args[1..]),
+        Some("wrk") => wrk(&args[1..]),
         _ => Err(USAGE.into()),
     }
 }
@@ -296,6 +300,64 @@ fn describe(mode: &str) -> &'static str {
         "socketpair" => "write()+read() on a socket pair, unwatched process",
         _ => "pipe round trip between two threads (2 switches, 2 wakeups), unwatched process",
     }
+}
+
+/// P2: `wrk -t1 -c8` against the Rust test server (keep-alive; every request a complete HTTP
+/// exchange for the agent to follow), rounds alternating without and with the agent watching it.
+fn wrk(args: &[String]) -> Result {
+    let rounds = flag(args, "--rounds", 5)?;
+    let seconds = flag(args, "--seconds", 10)?;
+    tasks::build(Profile::Release)?;
+    if cmd::output(Command::new("wrk").arg("--version")).is_none()
+        && Command::new("wrk").arg("--version").output().is_err()
+    {
+        run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "wrk"]))?;
+    }
+    let programs = tasks::build_test_programs(&["sseserver"])?;
+    let port = cmd::free_port()?;
+    let mut server = Command::new(programs.join("sseserver"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("sseserver: {e}"))?;
+    wait_for_port(port, &mut server)?;
+    let agent = tasks::agent_binary(Profile::Release);
+    let url = format!("http://127.0.0.1:{port}/health");
+    let once = |secs: u64| -> Result<f64> {
+        let out = Command::new("wrk")
+            .args(["-t1", "-c8", &format!("-d{secs}s"), &url])
+            .output()
+            .map_err(|e| format!("wrk: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse().ok())
+            .ok_or_else(|| format!("no Requests/sec in wrk's output:\n{text}"))
+    };
+    once(2)?; // warm-up
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        without.push(once(seconds)?);
+        let mut child = start_agent(&agent, server.id())?;
+        with.push(once(seconds)?);
+        stop_agent(&mut child)?;
+        eprintln!(
+            "bench wrk: round {}: {:.0} req/s without, {:.0} with",
+            round + 1,
+            without.last().unwrap(),
+            with.last().unwrap()
+        );
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+    let (a, b) = (median(&without), median(&with));
+    println!(
+        "P2 wrk -t1 -c8 -d{seconds}s, {rounds} interleaved rounds against a keep-alive server (404 on /health)"
+    );
+    println!("  without the agent: median {a:.0} req/s  {without:.0?}");
+    println!("  with the agent:    median {b:.0} req/s  {with:.0?}");
+    println!("  ratio with/without: {:.3} (target >= 0.97)", b / a);
+    Ok(())
 }
 
 fn measure(writeloop: &Path, mode: &str, iterations: u64) -> Result<f64> {
