@@ -10,7 +10,9 @@
 //!   to scrape its `/metrics`. With `--no-discovery` it is dropped as well.
 //!
 //! Everything else goes, `CAP_BPF` and `CAP_PERFMON` included: the maps are used through the
-//! file descriptors already held, which needs no capability since Linux 6.5.
+//! file descriptors already held, which needs no capability since Linux 6.5. Before 6.5 (with
+//! `kernel.unprivileged_bpf_disabled` set, the usual default) every bpf() call needs CAP_BPF,
+//! so there it is kept too.
 //!
 //! Capabilities are per thread, so this must run before any other thread exists (before the
 //! async runtime starts); threads created later inherit the reduced sets.
@@ -20,6 +22,7 @@ use anyhow::{Context as _, Result, bail};
 pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_SYS_PTRACE: u32 = 19;
 pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_BPF: u32 = 39;
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
@@ -37,13 +40,30 @@ struct CapData {
     inheritable: u32,
 }
 
-/// The capabilities the running agent keeps.
-pub fn kept(discovery: bool) -> u64 {
+/// The capabilities the running agent keeps on a kernel of version `kernel` (major, minor).
+pub fn kept(discovery: bool, kernel: (u32, u32)) -> u64 {
     let mut caps = (1u64 << CAP_SYS_PTRACE) | (1u64 << CAP_DAC_READ_SEARCH);
     if discovery {
         caps |= 1u64 << CAP_SYS_ADMIN;
     }
+    if kernel < (6, 5) {
+        caps |= 1u64 << CAP_BPF;
+    }
     caps
+}
+
+/// The running kernel's (major, minor), from uname; (0, 0) if unreadable (then CAP_BPF stays).
+pub fn kernel_version() -> (u32, u32) {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    parse_kernel_version(&release)
+}
+
+fn parse_kernel_version(release: &str) -> (u32, u32) {
+    let mut parts = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor),
+        _ => (0, 0),
+    }
 }
 
 /// Names of the capabilities in `mask`, for the log line.
@@ -52,6 +72,7 @@ pub fn names(mask: u64) -> Vec<&'static str> {
         (CAP_DAC_READ_SEARCH, "CAP_DAC_READ_SEARCH"),
         (CAP_SYS_PTRACE, "CAP_SYS_PTRACE"),
         (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+        (CAP_BPF, "CAP_BPF"),
     ]
     .into_iter()
     .filter(|(cap, _)| mask & (1u64 << cap) != 0)
@@ -126,10 +147,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kept_set_depends_on_discovery() {
-        assert_eq!(names(kept(true)), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]);
-        assert_eq!(names(kept(false)), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]);
-        assert_eq!(kept(true), 0x0028_0004);
+    fn kept_set_depends_on_discovery_and_the_kernel() {
+        assert_eq!(names(kept(true, (6, 18))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]);
+        assert_eq!(names(kept(false, (6, 5))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]);
+        assert_eq!(kept(true, (6, 18)), 0x0028_0004);
+        assert_eq!(names(kept(false, (6, 4))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_BPF"]);
+        assert_eq!(parse_kernel_version("6.18.44-cloud-amd64\n"), (6, 18));
+        assert_eq!(parse_kernel_version("5.15.0-91-generic"), (5, 15));
+        assert_eq!(parse_kernel_version("garbage"), (0, 0));
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub fn prepare(args: RunArgs) -> Result<Prepared> {
     }
     let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
     let (probes, outputs) = Probes::load(args.capture_bytes)?;
-    let kept = privileges::drop_all_but(privileges::kept(!args.no_discovery))
+    let kept = privileges::drop_all_but(privileges::kept(!args.no_discovery, privileges::kernel_version()))
         .context("dropping the capabilities no longer needed")?;
     tracing::info!(kept = ?privileges::names(kept), "programs attached; dropped every other capability");
     Ok(Prepared { args, listener, web, explicit_urls, probes, outputs })

@@ -46,6 +46,8 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 /// Longest a client may take to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once: a flood of idle connections cannot take every fd.
+const MAX_HANDSHAKES: usize = 256;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,6 +123,12 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<ServerConfig> {
         .with_protocol_versions(versions)
         .context("TLS versions")?;
     let auth_type = t.client_auth_type.as_deref().unwrap_or("NoClientCert");
+    if auth_type == "NoClientCert" && t.client_ca_file.is_some() {
+        // Silently dropping the CA would let an operator believe client certificates are checked.
+        bail!(
+            "tls_server_config.client_ca_file is set but client_auth_type is NoClientCert: set RequireAndVerifyClientCert or VerifyClientCertIfGiven"
+        );
+    }
     let builder = match auth_type {
         "NoClientCert" => builder.with_no_client_auth(),
         "RequireAndVerifyClientCert" | "VerifyClientCertIfGiven" => {
@@ -237,8 +245,10 @@ impl TlsListener {
         let local = listener.local_addr()?;
         let (tx, ready) = mpsc::channel(64);
         let acceptor = TlsAcceptor::from(config);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
                 let (tcp, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
@@ -251,7 +261,9 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(permit);
+                    match handshake {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
@@ -319,6 +331,10 @@ mod tests {
         );
         assert!(err("tls_server_confg: {}\n").contains("unknown field `tls_server_confg`"));
         assert!(err("tls_server_config:\n  key_file: a\n").contains("missing field `cert_file`"));
+        assert!(
+            err("tls_server_config:\n  cert_file: a\n  key_file: b\n  cipher_suites: [x]\n")
+                .contains("unknown field `cipher_suites`")
+        );
     }
 
     #[test]

@@ -123,7 +123,15 @@ fn daemonset_service_and_monitors_fit_together() {
     assert_eq!(&ds["spec"]["selector"]["matchLabels"], pod_labels);
     let spec = &pod["spec"];
     assert_eq!(spec["hostPID"], true, "vLLM is found through the host's /proc");
-    assert_eq!(spec["nodeSelector"]["nvidia.com/gpu.present"], "true");
+    let terms = &spec["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"];
+    let keys: Vec<&str> = terms
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|t| t["matchExpressions"][0]["key"].as_str().unwrap())
+        .collect();
+    assert_eq!(keys, ["nvidia.com/gpu.present", "cloud.google.com/gke-accelerator"], "GPU nodes only");
+    assert!(spec["priorityClassName"].is_null(), "system-node-critical is not admitted everywhere");
     assert!(spec["tolerations"].as_sequence().unwrap().iter().any(|t| t["key"] == "nvidia.com/gpu"));
     let container = &spec["containers"][0];
     let security = &container["securityContext"];

@@ -44,6 +44,9 @@ const LIBRARY: &str = "libnvidia-ml.so.1";
 const SLOW_ROUNDS: u64 = 30;
 /// How often a missing NVML is looked for again (a driver installed after the agent).
 const RETRY: Duration = Duration::from_secs(60);
+/// Rounds with every GPU down after which NVML is shut down and loaded afresh (a driver
+/// reload or upgrade invalidates the old handle for good).
+const REINIT_AFTER_ROUNDS: u32 = 30;
 
 const NVML_FI_DEV_PCIE_COUNT_TX_BYTES: u32 = 197;
 const NVML_FI_DEV_PCIE_COUNT_RX_BYTES: u32 = 198;
@@ -95,6 +98,9 @@ pub fn spawn(config: GpuConfig, tx: mpsc::Sender<AgentEvent>) {
                         if sample_forever(&nvml, n, &config, &tx).is_err() {
                             return; // the aggregator is gone: the agent is stopping
                         }
+                        tracing::warn!("every GPU stopped answering: loading NVML afresh");
+                        drop(nvml);
+                        continue;
                     }
                     Ok(_) => report_down(&mut logged, "NVML loaded but it sees no GPU", &tx),
                     Err(e) => report_down(&mut logged, &format!("NVML cannot count GPUs: {e}"), &tx),
@@ -184,6 +190,7 @@ fn sample_rounds(
         init_device(nvml, index as u32, state, &mut costs);
     }
     let mut round: u64 = 0;
+    let mut all_down_rounds = 0u32;
     loop {
         let started = Instant::now();
         for (index, state) in states.iter_mut().enumerate() {
@@ -195,6 +202,10 @@ fn sample_rounds(
                 state.sample.xid_errors = *n;
                 state.sample.last_xid = Some(*last);
             }
+        }
+        all_down_rounds = if states.iter().all(|s| !s.sample.up) { all_down_rounds + 1 } else { 0 };
+        if all_down_rounds >= REINIT_AFTER_ROUNDS {
+            return Ok(());
         }
         let snapshot = GpuSnapshot {
             collector_up: true,
