@@ -335,17 +335,23 @@ fn wrk(args: &[String]) -> Result {
             .ok_or_else(|| format!("no Requests/sec in wrk's output:\n{text}"))
     };
     once(2)?; // warm-up
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let (mut without, mut with, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
         without.push(once(seconds)?);
         let mut child = start_agent(&agent, server.id())?;
+        let (ticks, at) = (cpu_ticks(child.id()), Instant::now());
         with.push(once(seconds)?);
+        // The agent's own CPU while wrk ran: what it takes from the two saturated cores.
+        let cores =
+            (cpu_ticks(child.id()) - ticks) as f64 / clock_ticks_per_second() / at.elapsed().as_secs_f64();
+        agent_cpu.push(cores * 100.0);
         stop_agent(&mut child)?;
         eprintln!(
-            "bench wrk: round {}: {:.0} req/s without, {:.0} with",
+            "bench wrk: round {}: {:.0} req/s without, {:.0} with (agent {:.0}% of a core)",
             round + 1,
             without.last().unwrap(),
-            with.last().unwrap()
+            with.last().unwrap(),
+            agent_cpu.last().unwrap()
         );
     }
     let _ = server.kill();
@@ -357,6 +363,10 @@ fn wrk(args: &[String]) -> Result {
     println!("  without the agent: median {a:.0} req/s  {without:.0?}");
     println!("  with the agent:    median {b:.0} req/s  {with:.0?}");
     println!("  ratio with/without: {:.3} (target >= 0.97)", b / a);
+    println!(
+        "  the agent's CPU during the rounds with it: median {:.0}% of one core  {agent_cpu:.0?}",
+        median(&agent_cpu)
+    );
     Ok(())
 }
 
