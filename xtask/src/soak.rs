@@ -192,12 +192,7 @@ fn drive(
 
 /// The agent's RSS, CPU time and event counters now.
 fn sample(pid: u32, agent_port: u16, start: Instant) -> Option<Sample> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu_s = (f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / hz;
+    let cpu_s = crate::bench::cpu_ticks(pid) as f64 / crate::bench::clock_ticks_per_second();
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
     // SAFETY: as above.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
