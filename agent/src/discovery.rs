@@ -148,8 +148,7 @@ pub fn flag_value(flags: &[String], flag: &str) -> Option<String> {
 
 /// Parent pid from `/proc/PID/stat` (the command name may contain spaces and parentheses).
 pub fn ppid_from_stat(stat: &str) -> Option<u32> {
-    let rest = stat.rsplit_once(')')?.1;
-    rest.split_whitespace().nth(1)?.parse().ok()
+    crate::procfs::stat_fields(stat)?.nth(1)?.parse().ok()
 }
 
 /// Listening TCP sockets by inode, from `/proc/PID/net/tcp` or `tcp6`: the address to reach

@@ -34,11 +34,15 @@ pub fn own_cpu_seconds() -> Option<f64> {
     (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
 }
 
-/// utime and stime (clock ticks) from a `/proc/PID/stat` line; the command name may hold
-/// spaces and parentheses, so fields are counted from the last `)`.
+/// The fields of a `/proc/PID/stat` line after the command name, from field 3 (`state`) on:
+/// the name may hold spaces and parentheses, so they start after the last `)`.
+pub fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
+}
+
+/// utime and stime (clock ticks, fields 14 and 15) from a `/proc/PID/stat` line.
 pub fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
+    let mut fields = stat_fields(stat)?.skip(11);
     Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
@@ -49,7 +53,7 @@ pub fn start_time(pid: u32) -> Option<u64> {
 }
 
 pub fn parse_start_time(stat: &str) -> Option<u64> {
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+    stat_fields(stat)?.nth(19)?.parse().ok()
 }
 
 /// Resident memory of this process, in bytes.
