@@ -105,9 +105,7 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<ServerConfig> {
     let resolve = |p: &Path| if p.is_absolute() { p.to_path_buf() } else { base.join(p) };
     let cert_file = resolve(&t.cert_file);
     let key_file = resolve(&t.key_file);
-    let certs = CertificateDer::pem_file_iter(&cert_file)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow::anyhow!("tls_server_config.cert_file {}: {e}", cert_file.display()))?;
+    let certs = read_certs(&cert_file, "cert_file")?;
     if certs.is_empty() {
         bail!("tls_server_config.cert_file {}: no certificate in it", cert_file.display());
     }
@@ -137,10 +135,7 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<ServerConfig> {
             };
             let ca = resolve(ca);
             let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(&ca)
-                .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| anyhow::anyhow!("tls_server_config.client_ca_file {}: {e}", ca.display()))?
-            {
+            for cert in read_certs(&ca, "client_ca_file")? {
                 roots
                     .add(cert)
                     .with_context(|| format!("tls_server_config.client_ca_file {}", ca.display()))?;
@@ -162,6 +157,13 @@ fn tls_config(t: &TlsServerConfig, base: &Path) -> Result<ServerConfig> {
         .context("tls_server_config: the key does not match the certificate")?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// Every certificate of a PEM file; errors name the web-config key.
+fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>> {
+    CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("tls_server_config.{key} {}: {e}", path.display()))
 }
 
 /// Users and their bcrypt hashes. bcrypt is slow on purpose (~50 ms a check at cost 10), so
