@@ -75,6 +75,9 @@ pub fn ensure() -> Result {
     ensure_debian_tool("tmux", "tmux")?;
     // Prometheus and promtool: the deploy/ tests run the real thing.
     ensure_debian_tool("promtool", "prometheus")?;
+    // The TLS test makes its certificate with openssl and checks the agent with curl.
+    ensure_debian_tool("openssl", "openssl")?;
+    ensure_debian_tool("curl", "curl")?;
     Ok(())
 }
 
@@ -108,7 +111,11 @@ pub fn is_complete() -> bool {
 }
 
 fn tool_present(binary: &str) -> bool {
-    let flag = if binary == "tmux" { "-V" } else { "--version" };
+    let flag = match binary {
+        "tmux" => "-V",
+        "openssl" => "version",
+        _ => "--version",
+    };
     output(command(binary).arg(flag)).is_some()
 }
 
