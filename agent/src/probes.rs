@@ -17,7 +17,7 @@ use aya::{
     programs::BtfTracePoint,
 };
 use inferwatch_common::{
-    CAPTURE_BYTES_GLOBAL, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT, SCHED_ROLES_MAP,
+    CAPTURE_BYTES_GLOBAL, DRAIN_INTERVAL_MS, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT, SCHED_ROLES_MAP,
     SCHED_SLOTS, SCHED_STATS_MAP, WATCHED_TGIDS_MAP, WatchFlags,
 };
 use tokio::{
@@ -176,6 +176,10 @@ pub fn spawn_kernel_log(logger: Option<aya_log::EbpfLogger<&'static dyn log::Log
 
 /// Drains the ring buffer into the aggregator's channel. A full channel drops the event and
 /// counts it in `dropped`: the kernel must never wait on us.
+///
+/// Data records do not wake us (see `wakeup_flags` in the kernel programs): we drain every
+/// `DRAIN_INTERVAL_MS`, and earlier when the kernel signals that a burst is filling the ring
+/// or a state change arrived.
 pub async fn read_events(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<AgentEvent>,
@@ -184,24 +188,33 @@ pub async fn read_events(
     // SAFETY: the RingBuf owns its map's fd for as long as the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
+    let mut tick = tokio::time::interval(Duration::from_millis(DRAIN_INTERVAL_MS));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mut guard = ring.readable_mut().await.context("polling the ring buffer")?;
-        // Clear readiness before draining, not after: the kernel signals only when the ring goes
-        // from empty to non-empty, so a signal that came between a drain and a later clear would
-        // be lost and the reader would stall with records waiting.
-        guard.clear_ready();
-        let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
-            let event = match events::decode(&record) {
-                Ok(event) => event,
-                Err(e) => {
-                    tracing::debug!("dropping a ring-buffer record: {e}");
-                    AgentEvent::Malformed
-                }
-            };
-            if tx.try_send(event).is_err() {
-                dropped.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("polling the ring buffer")?;
+                // Clear readiness before draining, not after: a signal that came between a
+                // drain and a later clear would be lost.
+                guard.clear_ready();
+                drain(guard.get_inner_mut(), &tx, &dropped);
             }
+            _ = tick.tick() => drain(ring.get_mut(), &tx, &dropped),
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<AgentEvent>, dropped: &AtomicU64) {
+    while let Some(record) = ring.next() {
+        let event = match events::decode(&record) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::debug!("dropping a ring-buffer record: {e}");
+                AgentEvent::Malformed
+            }
+        };
+        if tx.try_send(event).is_err() {
+            dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

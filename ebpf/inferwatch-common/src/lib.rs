@@ -16,6 +16,11 @@ pub const LOST_MAP: &str = "LOST";
 pub const MAX_WATCHED_TGIDS: u32 = 4096;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
 pub const EVENTS_RING_BYTES: u32 = 1 << 23;
+/// Pending ring-buffer bytes at which a data record wakes the reader (1/16 of the ring); below
+/// it the reader drains every [`DRAIN_INTERVAL_MS`] on its own.
+pub const WAKEUP_PENDING_BYTES: u64 = EVENTS_RING_BYTES as u64 / 16;
+/// How often the agent drains the ring buffer without being woken.
+pub const DRAIN_INTERVAL_MS: u64 = 10;
 
 /// `syscall_nr` when the socket operation did not come from a system call (kernel thread,
 /// io_uring worker without saved user registers).

@@ -14,7 +14,7 @@ mod capture;
 mod sched;
 
 use aya_ebpf::{
-    bindings::pt_regs,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
@@ -27,7 +27,7 @@ use aya_log_ebpf::warn;
 use inferwatch_common::{
     EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_CAPTURE, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS,
     NET_RESET_RECEIVED, NET_RESET_SENT, NET_RETRANSMIT, NO_SYSCALL, SOCK_EVENT_SIZE, Scratch, SockEvent,
-    SockEventKind, TrackedSock, WatchFlags,
+    SockEventKind, TrackedSock, WAKEUP_PENDING_BYTES, WatchFlags,
 };
 
 /// Runtime payload capture limit in bytes (at most `MAX_CAPTURE`); the agent sets it at load.
@@ -155,11 +155,27 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     let len = SOCK_EVENT_SIZE + (captured & (2 * MAX_CAPTURE - 1));
     // SAFETY: len <= size_of::<Scratch>() by the mask above.
     let record = unsafe { core::slice::from_raw_parts((scratch as *const Scratch).cast::<u8>(), len) };
-    if EVENTS.output(record, 0).is_err() {
+    if EVENTS.output(record, wakeup_flags(len)).is_err() {
         count_lost(LostReason::RingFull);
         return Err(1);
     }
     Ok(())
+}
+
+/// Ring-buffer notification policy for data records. The kernel's default wakes the reader
+/// whenever it has caught up, which costs an interrupt and a cross-CPU wakeup per record at
+/// moderate rates. Instead the reader drains on a short timer (`DRAIN_INTERVAL_MS`) and is
+/// woken only when a record makes the pending data cross `WAKEUP_PENDING_BYTES`, so bursts
+/// are drained long before the ring fills.
+#[inline(always)]
+fn wakeup_flags(len: usize) -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let record = (len as u64 + 8 + 7) & !7;
+    if pending < WAKEUP_PENDING_BYTES && pending + record >= WAKEUP_PENDING_BYTES {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
 }
 
 /// `tcp_retransmit_skb(const struct sock *sk, …)`.
