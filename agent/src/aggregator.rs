@@ -24,6 +24,14 @@ use crate::{
     watcher::InstanceView,
 };
 
+/// The series handles of one process: by system call, and bytes sent/received.
+#[derive(Default)]
+struct ProcessCounters {
+    ops: Vec<(&'static str, prometheus_client::metrics::counter::Counter)>,
+    sent: Option<prometheus_client::metrics::counter::Counter>,
+    received: Option<prometheus_client::metrics::counter::Counter>,
+}
+
 /// Finished requests kept for `/api/v1/requests`.
 pub const RECENT_REQUESTS: usize = 2048;
 /// Distinct `model` label values; later names are exported as `other`.
@@ -221,6 +229,8 @@ pub struct Aggregator {
     instance_of_pid: HashMap<u32, String>,
     /// Caps the families whose labels come from outside (status codes, pids).
     budget: crate::cardinality::SeriesBudget,
+    /// Handles of each watched process's per-pid series (see `sock_op`).
+    process_counters: foldhash::HashMap<u32, ProcessCounters>,
     /// Every vLLM process (API servers, engine cores, workers) → its model and role, for the GPU join.
     gpu_owners: HashMap<u32, crate::gpu::Owner>,
     /// Last `ListenOverflows` seen per instance.
@@ -243,6 +253,7 @@ impl Aggregator {
         Self {
             shared,
             budget: crate::cardinality::SeriesBudget::new(max_series_per_family),
+            process_counters: foldhash::HashMap::default(),
             connections: ConnectionTable::new(max_connections),
             comms: HashMap::new(),
             lost_totals: HashMap::new(),
@@ -269,6 +280,11 @@ impl Aggregator {
     pub fn apply(&mut self, event: AgentEvent) {
         let metrics = &self.shared.metrics;
         match event {
+            AgentEvent::Batch(events) => {
+                for event in events {
+                    self.apply(event);
+                }
+            }
             AgentEvent::Sock(op) => {
                 self.sock_op(&op);
                 let (tgid, update, http) = self.connections.on_sock(&op);
@@ -297,6 +313,7 @@ impl Aggregator {
                 metrics.events_lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
             }
             AgentEvent::Unwatched { tgid } => {
+                self.process_counters.remove(&tgid);
                 // Its per-pid series go: a process that is gone adds nothing more, and vLLM's
                 // restarts must not pile up series of dead pids.
                 if let Some(comm) = self.comms.remove(&tgid) {
@@ -381,23 +398,53 @@ impl Aggregator {
         }
     }
 
+    /// Per-process counters. The handles of a process's series are kept after their first
+    /// use, so a socket operation costs two atomic increments, not label hashing and copies.
     fn sock_op(&mut self, op: &SockOp) {
         let metrics = &self.shared.metrics;
         metrics.events.inc();
-        let comm =
-            self.comms.entry(op.tgid).or_insert_with(|| procfs::comm(op.tgid).unwrap_or_default()).clone();
-        let ops = SocketOpLabels { pid: op.tgid, comm: comm.clone(), syscall: op.syscall };
-        if self.budget.admit(SOCKET_OPS, &ops) {
-            metrics.socket_ops.get_or_create(&ops).inc();
-        } else {
-            metrics.series_refused.get_or_create(&FamilyLabels { family: SOCKET_OPS }).inc();
+        let handles = self.process_counters.entry(op.tgid).or_default();
+        let comms = &mut self.comms;
+        let mut comm =
+            |tgid: u32| comms.entry(tgid).or_insert_with(|| procfs::comm(tgid).unwrap_or_default()).clone();
+        match handles.ops.iter().find(|(syscall, _)| *syscall == op.syscall) {
+            Some((_, counter)) => {
+                counter.inc();
+            }
+            None => {
+                let ops = SocketOpLabels { pid: op.tgid, comm: comm(op.tgid), syscall: op.syscall };
+                if self.budget.admit(SOCKET_OPS, &ops) {
+                    let counter = metrics.socket_ops.get_or_create(&ops).clone();
+                    counter.inc();
+                    handles.ops.push((op.syscall, counter));
+                } else {
+                    metrics.series_refused.get_or_create(&FamilyLabels { family: SOCKET_OPS }).inc();
+                }
+            }
         }
         if op.ret > 0 {
-            let bytes = SocketBytesLabels { pid: op.tgid, comm, direction: op.direction.as_str() };
-            if self.budget.admit(SOCKET_BYTES, &bytes) {
-                metrics.socket_bytes.get_or_create(&bytes).inc_by(op.ret as u64);
-            } else {
-                metrics.series_refused.get_or_create(&FamilyLabels { family: SOCKET_BYTES }).inc();
+            let slot = match op.direction {
+                crate::events::Direction::Sent => &mut handles.sent,
+                crate::events::Direction::Received => &mut handles.received,
+            };
+            match slot {
+                Some(counter) => {
+                    counter.inc_by(op.ret as u64);
+                }
+                None => {
+                    let bytes = SocketBytesLabels {
+                        pid: op.tgid,
+                        comm: comm(op.tgid),
+                        direction: op.direction.as_str(),
+                    };
+                    if self.budget.admit(SOCKET_BYTES, &bytes) {
+                        let counter = metrics.socket_bytes.get_or_create(&bytes).clone();
+                        counter.inc_by(op.ret as u64);
+                        *slot = Some(counter);
+                    } else {
+                        metrics.series_refused.get_or_create(&FamilyLabels { family: SOCKET_BYTES }).inc();
+                    }
+                }
             }
         }
     }

@@ -3,10 +3,9 @@
 //! `inferwatch_series_refused_total{family}`, so a misbehaving server cannot grow the agent's
 //! memory or a Prometheus without bound.
 
-use std::{
-    collections::{HashMap, HashSet},
-    hash::{DefaultHasher, Hash, Hasher},
-};
+use std::hash::{BuildHasher as _, Hash};
+
+use foldhash::{HashMap, HashMapExt as _, HashSet};
 
 /// Default for `--max-series-per-family`.
 pub const DEFAULT_MAX_SERIES_PER_FAMILY: usize = 2000;
@@ -45,9 +44,8 @@ impl SeriesBudget {
 }
 
 fn hash(labels: &impl Hash) -> u64 {
-    let mut h = DefaultHasher::new();
-    labels.hash(&mut h);
-    h.finish()
+    // Fixed seed: the same labels must hash alike for the agent's whole life.
+    foldhash::fast::FixedState::with_seed(0).hash_one(labels)
 }
 
 #[cfg(test)]

@@ -1,7 +1,9 @@
 //! The table of connections being followed, bounded: the least recently used connection is
 //! evicted (and counted) when it is full.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
     events::{Direction, SockOp, StateChange},

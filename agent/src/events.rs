@@ -79,6 +79,8 @@ impl StateChange {
 /// Messages to the aggregator. Everything the agent learns arrives as one of these.
 #[derive(Debug)]
 pub enum AgentEvent {
+    /// Kernel records of one ring-buffer drain, in order (one message, not one per record).
+    Batch(Vec<AgentEvent>),
     Sock(SockOp),
     State(StateChange),
     Net(NetEvent),

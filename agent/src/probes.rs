@@ -17,8 +17,8 @@ use aya::{
     programs::BtfTracePoint,
 };
 use inferwatch_common::{
-    CAPTURE_BYTES_GLOBAL, DRAIN_INTERVAL_MS, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT, SCHED_ROLES_MAP,
-    SCHED_SLOTS, SCHED_STATS_MAP, WATCHED_TGIDS_MAP, WatchFlags,
+    CAPTURE_BYTES_GLOBAL, DRAIN_INTERVAL_MS, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT,
+    SCHED_ROLES_MAP, SCHED_SLOTS, SCHED_STATS_MAP, WATCHED_TGIDS_MAP, WatchFlags,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -204,18 +204,32 @@ pub async fn read_events(
     }
 }
 
+/// Records per message to the aggregator: one channel operation and wakeup per batch.
+pub const BATCH: usize = 256;
+
 fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<AgentEvent>, dropped: &AtomicU64) {
+    let mut batch = Vec::with_capacity(BATCH);
     while let Some(record) = ring.next() {
-        let event = match events::decode(&record) {
+        batch.push(match events::decode(&record) {
             Ok(event) => event,
             Err(e) => {
                 tracing::debug!("dropping a ring-buffer record: {e}");
                 AgentEvent::Malformed
             }
-        };
-        if tx.try_send(event).is_err() {
-            dropped.fetch_add(1, Ordering::Relaxed);
+        });
+        if batch.len() == BATCH {
+            send(tx, std::mem::replace(&mut batch, Vec::with_capacity(BATCH)), dropped);
         }
+    }
+    if !batch.is_empty() {
+        send(tx, batch, dropped);
+    }
+}
+
+fn send(tx: &mpsc::Sender<AgentEvent>, batch: Vec<AgentEvent>, dropped: &AtomicU64) {
+    let n = batch.len() as u64;
+    if tx.try_send(AgentEvent::Batch(batch)).is_err() {
+        dropped.fetch_add(n, Ordering::Relaxed);
     }
 }
 

@@ -26,8 +26,9 @@ use crate::{
     webconfig::{self, TlsListener, WebConfig},
 };
 
-/// Events buffered between the ring-buffer reader and the aggregator.
-const EVENT_QUEUE: usize = 64 * 1024;
+/// Messages buffered between the producers and the aggregator: kernel records arrive in
+/// batches of up to `probes::BATCH`, so at most 64 Ki records wait.
+const EVENT_QUEUE: usize = 256;
 
 /// Everything done while the process is still privileged and single-threaded.
 pub struct Prepared {
