@@ -15,9 +15,9 @@ use crate::{
     http::{FinishedRequest, Update},
     ipc::{IpcTracker, Phases},
     metrics::{
-        FamilyLabels, InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, ModelRoute, PhaseLabels,
-        ProgramLabels, ReasonLabels, RequestLabels, ResetLabels, RuleLabels, ScrapeErrorLabels,
-        SocketBytesLabels, SocketOpLabels, StreamEventLabels, VllmInfoLabels,
+        FamilyLabels, InstanceLabels, LOST_MALFORMED, LostLabels, Metrics, PhaseLabels, ProgramLabels,
+        ReasonLabels, ResetLabels, RuleLabels, ScrapeErrorLabels, SocketBytesLabels, SocketOpLabels,
+        VllmInfoLabels,
     },
     procfs,
     scraper::ScrapeResult,
@@ -131,7 +131,6 @@ fn write_own_usage(out: &mut String) {
 
 const SOCKET_OPS: &str = "inferwatch_process_socket_ops";
 const SOCKET_BYTES: &str = "inferwatch_process_socket_bytes";
-const HTTP_REQUESTS: &str = "inferwatch_http_requests";
 /// Samples re-exported per vLLM instance at most (vLLM 0.32 with one model: ~1,100).
 pub const MAX_VLLM_SAMPLES: usize = 50_000;
 
@@ -229,6 +228,8 @@ pub struct Aggregator {
     instance_of_pid: HashMap<u32, String>,
     /// Caps the families whose labels come from outside (status codes, pids).
     budget: crate::cardinality::SeriesBudget,
+    /// Handles of the per-(model, route) request series.
+    route_series: crate::route_series::RouteSeriesCache,
     /// Handles of each watched process's per-pid series (see `sock_op`).
     process_counters: foldhash::HashMap<u32, ProcessCounters>,
     /// Every vLLM process (API servers, engine cores, workers) → its model and role, for the GPU join.
@@ -254,6 +255,7 @@ impl Aggregator {
             shared,
             budget: crate::cardinality::SeriesBudget::new(max_series_per_family),
             process_counters: foldhash::HashMap::default(),
+            route_series: Default::default(),
             connections: ConnectionTable::new(max_connections),
             comms: HashMap::new(),
             lost_totals: HashMap::new(),
@@ -624,7 +626,7 @@ impl Aggregator {
         for (route, model) in update.started {
             let model = model.or_else(|| self.instance_model.get(&tgid).cloned());
             let model = self.model_label(model.as_deref());
-            self.shared.metrics.in_flight.get_or_create(&ModelRoute { model, route }).inc();
+            self.route_series.get(&model, route).in_flight(&self.shared.metrics).inc();
         }
         for req in update.finished {
             self.finished(tgid, req);
@@ -635,15 +637,10 @@ impl Aggregator {
         let model = req.model.clone().or_else(|| self.instance_model.get(&tgid).cloned());
         let model = self.model_label(model.as_deref());
         let m = &self.shared.metrics;
-        let labels = ModelRoute { model: model.clone(), route: req.route };
-        m.in_flight.get_or_create(&labels).dec();
+        let series = self.route_series.get(&model, req.route);
+        series.in_flight(m).dec();
         let outcome = req.outcome.as_str();
-        let request = RequestLabels { model: model.clone(), route: req.route, status: req.status, outcome };
-        if self.budget.admit(HTTP_REQUESTS, &request) {
-            m.http_requests.get_or_create(&request).inc();
-        } else {
-            m.series_refused.get_or_create(&FamilyLabels { family: HTTP_REQUESTS }).inc();
-        }
+        series.count_request(m, &mut self.budget, req.status, outcome);
         let since = |t: u64| t.saturating_sub(req.received_ns) as f64 / 1e9;
         let headers = req.headers_ns.map(since);
         let ttft = req.first_token_ns.map(since);
@@ -653,29 +650,26 @@ impl Aggregator {
             acc.1 += 1;
         }
         let duration = since(req.end_ns);
+        let series = self.route_series.get(&model, req.route);
         if let Some(h) = headers {
-            m.response_headers.get_or_create(&labels).observe(h);
+            series.response_headers(m).observe(h);
         }
         if let Some(t) = ttft {
-            m.time_to_first_token.get_or_create(&labels).observe(t);
+            series.time_to_first_token(m).observe(t);
         }
-        m.request_duration.get_or_create(&labels).observe(duration);
+        series.request_duration(m).observe(duration);
         if !req.chunk_gaps_ns.is_empty() {
-            let gaps = m.chunk_gap.get_or_create(&labels);
+            let gaps = series.chunk_gap(m);
             for g in &req.chunk_gaps_ns {
                 gaps.observe(*g as f64 / 1e9);
             }
         }
         if req.events > 0 {
-            let other = req.events - req.content_events;
-            for (kind, n) in [("content", req.content_events), ("other", other)] {
-                m.stream_events
-                    .get_or_create(&StreamEventLabels { model: model.clone(), route: req.route, kind })
-                    .inc_by(n as u64);
-            }
+            series.stream_events(m, true).inc_by(req.content_events as u64);
+            series.stream_events(m, false).inc_by((req.events - req.content_events) as u64);
         }
-        m.request_bytes.get_or_create(&labels).inc_by(req.request_bytes);
-        m.response_bytes.get_or_create(&labels).inc_by(req.response_bytes);
+        series.request_bytes(m).inc_by(req.request_bytes);
+        series.response_bytes(m).inc_by(req.response_bytes);
 
         let ipc = req.response_id.as_deref().and_then(|id| self.ipc.take(id));
         let generation = GENERATION_ROUTES.contains(&req.route) && req.status == 200;
@@ -756,7 +750,7 @@ mod tests {
             ret,
             syscall,
             direction,
-            payload: vec![],
+            payload: bytes::Bytes::new(),
         })
     }
 
@@ -769,7 +763,7 @@ mod tests {
             ret: bytes.len() as i32,
             syscall: "read",
             direction,
-            payload: bytes.to_vec(),
+            payload: bytes::Bytes::copy_from_slice(bytes),
         })
     }
 

@@ -120,7 +120,7 @@ mod tests {
             ret: payload.len() as i32,
             syscall: "read",
             direction,
-            payload: payload.to_vec(),
+            payload: bytes::Bytes::copy_from_slice(payload),
         }
     }
 

@@ -3,6 +3,7 @@
 //! Decoding is pure: a record is checked for size and kind before anything trusts it, so a
 //! mismatched kernel object or a corrupt record is counted, never misread.
 
+use bytes::Bytes;
 use inferwatch_common::{MAX_CAPTURE, SOCK_EVENT_SIZE, SockEvent, SockEventKind};
 
 use crate::syscalls;
@@ -35,8 +36,9 @@ pub struct SockOp {
     pub ret: i32,
     pub syscall: &'static str,
     pub direction: Direction,
-    /// The first bytes of the transfer (at most the capture limit). Never exported.
-    pub payload: Vec<u8>,
+    /// The first bytes of the transfer (at most the capture limit). Never exported. A slice of
+    /// the batch it arrived in: no allocation per event.
+    pub payload: Bytes,
 }
 
 /// A TCP state change of a socket a watched process used.
@@ -133,8 +135,14 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Decodes one ring-buffer record: a [`SockEvent`] header and its captured payload.
+/// Decodes one ring-buffer record (copied).
 pub fn decode(record: &[u8]) -> Result<AgentEvent, DecodeError> {
+    decode_shared(&Bytes::copy_from_slice(record))
+}
+
+/// Decodes one ring-buffer record: a [`SockEvent`] header and its captured payload, which
+/// stays a slice of `record`.
+pub fn decode_shared(record: &Bytes) -> Result<AgentEvent, DecodeError> {
     if record.len() < SOCK_EVENT_SIZE {
         return Err(DecodeError::Size(record.len()));
     }
@@ -181,7 +189,7 @@ pub fn decode(record: &[u8]) -> Result<AgentEvent, DecodeError> {
         ret: raw.ret,
         syscall: syscalls::name(raw.syscall_nr),
         direction,
-        payload: payload[..captured].to_vec(),
+        payload: record.slice(SOCK_EVENT_SIZE..SOCK_EVENT_SIZE + captured),
     }))
 }
 
@@ -230,7 +238,7 @@ mod tests {
                 ret: 512,
                 syscall: "write",
                 direction: Direction::Sent,
-                payload: b"HTTP/".to_vec(),
+                payload: Bytes::from_static(b"HTTP/"),
             }
         );
     }

@@ -23,6 +23,7 @@ pub mod privileges;
 pub mod probes;
 pub mod procfs;
 pub mod promtext;
+pub mod route_series;
 pub mod run;
 pub mod sched;
 pub mod scraper;

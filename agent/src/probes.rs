@@ -16,6 +16,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::BtfTracePoint,
 };
+use bytes::BytesMut;
 use inferwatch_common::{
     CAPTURE_BYTES_GLOBAL, DRAIN_INTERVAL_MS, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT,
     SCHED_ROLES_MAP, SCHED_SLOTS, SCHED_STATS_MAP, WATCHED_TGIDS_MAP, WatchFlags,
@@ -207,29 +208,42 @@ pub async fn read_events(
 /// Records per message to the aggregator: one channel operation and wakeup per batch.
 pub const BATCH: usize = 256;
 
+/// Copies up to [`BATCH`] records into one buffer, decodes them (payloads stay slices of
+/// it) and sends them as one message; repeats until the ring is empty.
 fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<AgentEvent>, dropped: &AtomicU64) {
-    let mut batch = Vec::with_capacity(BATCH);
-    while let Some(record) = ring.next() {
-        batch.push(match events::decode(&record) {
-            Ok(event) => event,
-            Err(e) => {
-                tracing::debug!("dropping a ring-buffer record: {e}");
-                AgentEvent::Malformed
+    let mut ends = Vec::with_capacity(BATCH);
+    loop {
+        let mut buf = BytesMut::new();
+        ends.clear();
+        while ends.len() < BATCH
+            && let Some(record) = ring.next()
+        {
+            if buf.capacity() == 0 {
+                buf.reserve(BATCH * 256);
             }
-        });
-        if batch.len() == BATCH {
-            send(tx, std::mem::replace(&mut batch, Vec::with_capacity(BATCH)), dropped);
+            buf.extend_from_slice(&record);
+            ends.push(buf.len());
         }
-    }
-    if !batch.is_empty() {
-        send(tx, batch, dropped);
-    }
-}
-
-fn send(tx: &mpsc::Sender<AgentEvent>, batch: Vec<AgentEvent>, dropped: &AtomicU64) {
-    let n = batch.len() as u64;
-    if tx.try_send(AgentEvent::Batch(batch)).is_err() {
-        dropped.fetch_add(n, Ordering::Relaxed);
+        if ends.is_empty() {
+            return;
+        }
+        let buf = buf.freeze();
+        let mut start = 0;
+        let batch = ends
+            .iter()
+            .map(|&end| {
+                let record = buf.slice(start..end);
+                start = end;
+                events::decode_shared(&record).unwrap_or_else(|e| {
+                    tracing::debug!("dropping a ring-buffer record: {e}");
+                    AgentEvent::Malformed
+                })
+            })
+            .collect::<Vec<_>>();
+        let n = batch.len() as u64;
+        if tx.try_send(AgentEvent::Batch(batch)).is_err() {
+            dropped.fetch_add(n, Ordering::Relaxed);
+        }
     }
 }
 
