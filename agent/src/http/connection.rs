@@ -98,11 +98,24 @@ const ID_SCAN: usize = 512;
 
 /// The first `"id":"…"` string of a JSON text (bounded, printable).
 fn response_id(body: &[u8]) -> Option<String> {
-    let text = String::from_utf8_lossy(body);
-    let at = text.find("\"id\"")?;
-    let rest = text[at + 4..].trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
-    let id = &rest[..rest.find('"')?];
-    (!id.is_empty() && id.len() <= 128 && id.chars().all(|c| c.is_ascii_graphic())).then(|| id.to_string())
+    let at = find(body, b"\"id\"")?;
+    let rest =
+        body[at + 4..].trim_ascii_start().strip_prefix(b":")?.trim_ascii_start().strip_prefix(b"\"")?;
+    let id = &rest[..rest.iter().position(|&b| b == b'"')?];
+    if id.is_empty() || id.len() > 128 || !id.iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    String::from_utf8(id.to_vec()).ok()
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether a header value names `token` (case-insensitively), e.g. `chunked` in
+/// `Transfer-Encoding: gzip, chunked`, without allocating.
+fn names(value: &[u8], token: &[u8]) -> bool {
+    value.windows(token.len()).any(|w| w.eq_ignore_ascii_case(token))
 }
 
 #[derive(Debug)]
@@ -390,7 +403,7 @@ impl Connection {
             if h.name.eq_ignore_ascii_case("content-length") {
                 content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = String::from_utf8_lossy(h.value).to_ascii_lowercase().contains("chunked");
+                chunked = names(h.value, b"chunked");
             }
         }
         self.seen_request = true;
@@ -546,13 +559,13 @@ impl Connection {
         let mut chunked = false;
         let mut sse = false;
         for h in resp.headers.iter() {
-            let value = String::from_utf8_lossy(h.value);
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = value.trim().parse::<u64>().ok();
+                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.to_ascii_lowercase().contains("chunked");
+                chunked = names(h.value, b"chunked");
             } else if h.name.eq_ignore_ascii_case("content-type") {
-                sse = value.trim().to_ascii_lowercase().starts_with("text/event-stream");
+                let v = h.value.trim_ascii();
+                sse = v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream");
             }
         }
         if (100..200).contains(&status) && status != 101 {

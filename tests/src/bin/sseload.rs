@@ -1,6 +1,7 @@
-//! Load helper: `sseload ADDR CONNECTIONS SECONDS TOKENS [MODEL]` streams completions (of
-//! MODEL, default `load`) over CONNECTIONS keep-alive connections for SECONDS, then prints
-//! `requests content_events` it received. Used by `cargo xtask bench events` and `demo`.
+//! Load helper: `sseload ADDR CONNECTIONS SECONDS TOKENS [MODEL [DELAY_MS]]` streams
+//! completions (of MODEL, default `load`; the server waits DELAY_MS, default 0, before each
+//! token) over CONNECTIONS keep-alive connections for SECONDS, then prints `requests
+//! content_events` it received. Used by `cargo xtask bench events` and `demo`.
 use std::{
     net::SocketAddr,
     thread,
@@ -11,11 +12,12 @@ use inferwatch_tests::client::{Client, Completion};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (addr, connections, seconds, tokens, model) = match args.as_slice() {
-        [a, c, s, t] => (a, c, s, t, "load".to_string()),
-        [a, c, s, t, m] => (a, c, s, t, m.clone()),
+    let (addr, connections, seconds, tokens, model, delay_ms) = match args.as_slice() {
+        [a, c, s, t] => (a, c, s, t, "load".to_string(), 0.0),
+        [a, c, s, t, m] => (a, c, s, t, m.clone(), 0.0),
+        [a, c, s, t, m, d] => (a, c, s, t, m.clone(), d.parse().expect("DELAY_MS")),
         _ => {
-            eprintln!("usage: sseload ADDR CONNECTIONS SECONDS TOKENS [MODEL]");
+            eprintln!("usage: sseload ADDR CONNECTIONS SECONDS TOKENS [MODEL [DELAY_MS]]");
             std::process::exit(2);
         }
     };
@@ -33,7 +35,7 @@ fn main() {
                         model: model.clone(),
                         pad: 16,
                         max_tokens: tokens,
-                        delay_ms: 0.0,
+                        delay_ms,
                         stream: true,
                     };
                     let (mut requests, mut events) = (0u64, 0u64);

@@ -1,0 +1,193 @@
+//! A/B benchmarks: the same workload without and with the agent, interleaved, in one run.
+//! Ratios, not timed assertions: machines differ, ratios within one run do not lie as much.
+//! Each benchmark writes its section of BENCHMARKS.md (see report.rs); `cargo xtask bench`
+//! alone runs them all.
+//!
+//!   devnull [--rounds N] [--iterations N]   P3: what the probes add to `write()` on /dev/null
+//!                                           and to socket I/O of an unwatched process
+//!   programs [--iterations N]               P3: each program's run time (kernel statistics)
+//!   events [--rates 0,1000,10000] [--seconds N]
+//!                                           P4: agent CPU and RSS at fixed SSE event rates
+//!   render [--pages N] [--gets N]           P4: `/metrics` render time with ~2,000 series
+//!   wrk [--rounds N] [--seconds N]          P2: `wrk` at full speed, requests/s ratio
+//!   vllm [--pairs N] [--requests N] [--concurrency N]
+//!                                           P1: real vLLM throughput and TTFT ratios
+
+mod agent;
+mod kernel;
+mod report;
+mod vllm;
+
+use std::{
+    net::TcpStream,
+    path::Path,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::cmd::{self, Result, run};
+
+const USAGE: &str = "usage: cargo xtask bench [all | devnull [--rounds N] [--iterations N] | programs [--iterations N] | events [--rates LIST] [--seconds N] | render [--pages N] [--gets N] | wrk [--rounds N] [--seconds N] | vllm [--pairs N] [--requests N] [--concurrency N]]";
+
+/// In the order `all` runs them: cheapest first, real vLLM last.
+const ALL: [&str; 6] = ["devnull", "programs", "events", "render", "wrk", "vllm"];
+
+pub fn bench(args: &[String]) -> Result {
+    match args.first().map(String::as_str) {
+        None | Some("all") => {
+            let mut failed = Vec::new();
+            for name in ALL {
+                if let Err(e) = one(name, &[]) {
+                    eprintln!("bench {name}: {e}");
+                    failed.push(name);
+                }
+            }
+            if failed.is_empty() { Ok(()) } else { Err(format!("failed: {}", failed.join(", "))) }
+        }
+        Some(name) if ALL.contains(&name) => one(name, &args[1..]),
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn one(name: &str, args: &[String]) -> Result {
+    let body = match name {
+        "devnull" => kernel::devnull(args)?,
+        "programs" => kernel::programs(args)?,
+        "events" => agent::events(args)?,
+        "render" => agent::render(args)?,
+        "wrk" => agent::wrk(args)?,
+        _ => vllm::vllm(args)?,
+    };
+    report::record(name, args, &body)
+}
+
+fn wait_for_port(port: u16, child: &mut Child) -> Result {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited before listening ({status})"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("nothing listened on port {port} within 20 s"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// utime + stime of a process, in clock ticks.
+pub(crate) fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+pub(crate) fn clock_ticks_per_second() -> f64 {
+    cmd::output(Command::new("getconf").arg("CLK_TCK")).and_then(|v| v.trim().parse().ok()).unwrap_or(100.0)
+}
+
+fn status_field(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix(field)?.split_whitespace().next()?.parse().ok())
+}
+
+fn flag(args: &[String], name: &str, default: u64) -> Result<u64> {
+    match args.iter().position(|a| a == name) {
+        None => Ok(default),
+        Some(i) => {
+            args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} needs a number"))
+        }
+    }
+}
+
+fn start_agent(agent: &Path, watch: u32) -> Result<Child> {
+    start_agent_on(agent, watch).map(|(child, _)| child)
+}
+
+/// Starts the agent watching `watch`; returns it with the port it serves on.
+fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
+    let port = cmd::free_port()?;
+    let mut child = cmd::as_root(agent)
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--pid",
+            &watch.to_string(),
+            "--log-level",
+            "warn",
+            "--no-discovery",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the agent: {e}"))?;
+    // /healthz answers once the programs are attached (the port itself is bound earlier).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cmd::http_get(port, "/healthz").is_none_or(|(_, b)| b != "ok\n") {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the agent exited ({status})"));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err("the agent did not answer /healthz in 20 s".into());
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, port))
+}
+
+fn stop_agent(child: &mut Child) -> Result {
+    run(Command::new("kill").args(["-TERM", &child.id().to_string()]))?;
+    child.wait().map_err(|e| format!("waiting for the agent: {e}"))?;
+    Ok(())
+}
+
+/// The sum of the samples whose line starts with `prefix` in a Prometheus text page.
+fn sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Nearest-rank percentile, `q` in 0..=1.
+fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    if s.is_empty() {
+        return f64::NAN;
+    }
+    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn nearest_rank_percentile_and_prefix_sums() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&v, 1.0), 100.0);
+        assert_eq!(percentile(&[5.0], 0.99), 5.0);
+        let page = "# HELP x_total x\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3.5\ny 9\n";
+        assert_eq!(sum(page, "x_total"), 5.5);
+    }
+}

@@ -1,0 +1,226 @@
+//! P1: real vLLM (CPU, the tiny model of the e2e suite) under `inferwatch bench`'s streamed
+//! load, with and without the agent, in interleaved pairs.
+
+use std::{
+    fmt::Write as _,
+    process::{Child, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use super::{clock_ticks_per_second, cpu_ticks, flag, median, stop_agent, sum};
+use crate::{
+    cmd::{self, Result},
+    tasks::{self, Profile},
+    vllm,
+};
+
+/// One of a run's numbers.
+type Measure = fn(&Run) -> f64;
+
+/// One `inferwatch bench` run: what vLLM's clients saw.
+#[derive(Clone, Copy, Debug, Default)]
+struct Run {
+    throughput: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    failed: f64,
+}
+
+pub fn vllm(args: &[String]) -> Result<String> {
+    let pairs = flag(args, "--pairs", 6)?;
+    let requests = flag(args, "--requests", 400)?;
+    let concurrency = flag(args, "--concurrency", 4)?;
+    if pairs < 5 {
+        return Err("--pairs: at least 5".into());
+    }
+    tasks::build(Profile::Release)?;
+    vllm::ensure()?;
+    let dir = cmd::root().join("target/bench/vllm");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let port = cmd::free_port()?;
+    let mut server = vllm::serve(port, &dir.join("vllm.log"))?;
+    let result = (|| {
+        eprintln!("bench vllm: waiting for vLLM (log in {})", dir.display());
+        vllm::wait_ready(port, &mut server)?;
+        measure_pairs(port, pairs, requests, concurrency, &dir)
+    })();
+    // SAFETY: signalling our own child's process group (vLLM and its engine process).
+    unsafe { libc::kill(-(server.id() as i32), libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while server.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(-(server.id() as i32), libc::SIGKILL) };
+    let _ = server.wait();
+    result
+}
+
+fn measure_pairs(
+    port: u16,
+    pairs: u64,
+    requests: u64,
+    concurrency: u64,
+    dir: &std::path::Path,
+) -> Result<String> {
+    let agent = tasks::agent_binary(Profile::Release);
+    let load = |name: &str, n: u64| -> Result<Run> {
+        let json = dir.join(format!("{name}.json"));
+        let out = std::process::Command::new(&agent)
+            .args(["bench", "--url", &format!("http://127.0.0.1:{port}"), "--model", "tiny"])
+            .args(["--requests", &n.to_string(), "--concurrency", &concurrency.to_string()])
+            .args(["--prompt-tokens", "64", "--max-tokens", "32", "--json"])
+            .arg(&json)
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("inferwatch bench: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("inferwatch bench failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let doc = std::fs::read_to_string(&json).map_err(|e| format!("{}: {e}", json.display()))?;
+        let get = |k: &str| json_number(&doc, k).ok_or_else(|| format!("{}: no {k}", json.display()));
+        Ok(Run {
+            throughput: get("request_throughput")?,
+            ttft_p50_ms: get("median_ttft_ms")?,
+            ttft_p99_ms: get("p99_ttft_ms")?,
+            failed: get("failed")?,
+        })
+    };
+    load("warm-up", requests / 4)?;
+    let (mut without, mut with, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in 0..pairs {
+        // A B, then B A: neither side always runs first (vLLM warms, caches fill).
+        let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
+        for attached in order {
+            if !attached {
+                without.push(load(&format!("pair{pair}-without"), requests)?);
+                continue;
+            }
+            let (mut child, agent_port) = start_discovering_agent(&agent)?;
+            let (ticks, at) = (cpu_ticks(child.id()), Instant::now());
+            let run = load(&format!("pair{pair}-with"), requests);
+            agent_cpu.push(
+                100.0 * (cpu_ticks(child.id()) - ticks) as f64
+                    / clock_ticks_per_second()
+                    / at.elapsed().as_secs_f64(),
+            );
+            let counted = cmd::http_get(agent_port, "/metrics")
+                .map(|(_, t)| sum(&t, "inferwatch_http_requests_total{"))
+                .unwrap_or(0.0);
+            stop_agent(&mut child)?;
+            with.push(run?);
+            eprintln!("bench vllm: pair {pair}: the agent counted {counted:.0} requests");
+        }
+        eprintln!(
+            "bench vllm: pair {}: {:.1} req/s without, {:.1} with",
+            pair + 1,
+            without.last().unwrap().throughput,
+            with.last().unwrap().throughput
+        );
+    }
+    Ok(report(&without, &with, &agent_cpu, requests, concurrency))
+}
+
+/// The agent as deployed (discovery on), once it watches the vLLM API server.
+fn start_discovering_agent(agent: &std::path::Path) -> Result<(Child, u16)> {
+    let port = cmd::free_port()?;
+    let mut child = cmd::as_root(agent)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the agent: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let watched = cmd::http_get(port, "/metrics").map(|(_, t)| sum(&t, "inferwatch_watched_processes"));
+        if watched.is_some_and(|w| w >= 1.0) {
+            return Ok((child, port));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the agent exited ({status})"));
+        }
+        if Instant::now() > deadline {
+            let _ = stop_agent(&mut child);
+            return Err("the agent did not find vLLM within 30 s".into());
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn report(without: &[Run], with: &[Run], agent_cpu: &[f64], requests: u64, concurrency: u64) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = the release agent as deployed (discovery, scraping, scheduler probes), started and stopped outside the measured run.\n",
+        without.len()
+    );
+    let _ = writeln!(
+        md,
+        "| pair | req/s without | req/s with | TTFT p50 without / with (ms) | TTFT p99 without / with (ms) | failed | agent CPU (% of a core) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|");
+    for (i, (a, b)) in without.iter().zip(with).enumerate() {
+        let _ = writeln!(
+            md,
+            "| {} | {:.2} | {:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} | {:.1} |",
+            i + 1,
+            a.throughput,
+            b.throughput,
+            a.ttft_p50_ms,
+            b.ttft_p50_ms,
+            a.ttft_p99_ms,
+            b.ttft_p99_ms,
+            a.failed,
+            b.failed,
+            agent_cpu.get(i).copied().unwrap_or(f64::NAN)
+        );
+    }
+    let m = |runs: &[Run], f: Measure| median(&runs.iter().map(f).collect::<Vec<_>>());
+    let ratio = |f: Measure| m(with, f) / m(without, f);
+    let per_pair =
+        |f: fn(&Run) -> f64| median(&without.iter().zip(with).map(|(a, b)| f(b) / f(a)).collect::<Vec<_>>());
+    let _ =
+        writeln!(md, "\n| ratio with/without | of the medians | median of the per-pair ratios | target |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    let rows: [(&str, Measure, &str); 3] = [
+        ("throughput", |r| r.throughput, "≥ 0.99"),
+        ("TTFT p50", |r| r.ttft_p50_ms, ""),
+        ("TTFT p99", |r| r.ttft_p99_ms, "≤ 1.01"),
+    ];
+    for (name, f, target) in rows {
+        let _ = writeln!(md, "| {name} | **{:.3}** | {:.3} | {target} |", ratio(f), per_pair(f));
+    }
+    let spread = |runs: &[Run]| {
+        let v: Vec<f64> = runs.iter().map(|r| r.throughput).collect();
+        let (lo, hi) = (v.iter().copied().fold(f64::MAX, f64::min), v.iter().copied().fold(0.0, f64::max));
+        100.0 * (hi - lo) / median(&v)
+    };
+    let _ = writeln!(
+        md,
+        "\nRun-to-run spread of throughput (max − min over median): without {:.1}%, with {:.1}%.",
+        spread(without),
+        spread(with)
+    );
+    md
+}
+
+/// The number after `"key":` in a compact JSON document.
+fn json_number(doc: &str, key: &str) -> Option<f64> {
+    let at = doc.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = doc[at..].trim_start();
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_read_from_compact_json() {
+        let doc = r#"{"failed":0,"request_throughput":12.5,"p99_ttft_ms":3.25e1}"#;
+        assert_eq!(json_number(doc, "request_throughput"), Some(12.5));
+        assert_eq!(json_number(doc, "p99_ttft_ms"), Some(32.5));
+        assert_eq!(json_number(doc, "failed"), Some(0.0));
+        assert_eq!(json_number(doc, "missing"), None);
+    }
+}
