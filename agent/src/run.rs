@@ -27,8 +27,9 @@ use crate::{
 };
 
 /// Messages buffered between the producers and the aggregator: kernel records arrive in
-/// batches of up to `probes::BATCH`, so at most 64 Ki records wait.
-const EVENT_QUEUE: usize = 256;
+/// batches of up to `probes::BATCH`, so at most 16 Ki records (a few MiB) wait; beyond that
+/// the aggregator is behind for good and records are dropped and counted.
+const EVENT_QUEUE: usize = 64;
 
 /// Everything done while the process is still privileged and single-threaded.
 pub struct Prepared {

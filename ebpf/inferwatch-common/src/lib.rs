@@ -15,11 +15,15 @@ pub const LOST_MAP: &str = "LOST";
 /// Capacity of the watched-process map.
 pub const MAX_WATCHED_TGIDS: u32 = 4096;
 /// Ring buffer size in bytes (a power of two, a multiple of the page size).
-pub const EVENTS_RING_BYTES: u32 = 1 << 23;
+/// 4 MiB: the reader drains every few milliseconds and is woken at 1/16 full, so this absorbs
+/// bursts; the ring's pages count in the agent's RSS twice (the kernel maps its data area
+/// twice, for wrap-around), so it is no larger than that needs.
+pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 /// Pending ring-buffer bytes at which a data record wakes the reader (1/16 of the ring); below
 /// it the reader drains every [`DRAIN_INTERVAL_MS`] on its own.
 pub const WAKEUP_PENDING_BYTES: u64 = EVENTS_RING_BYTES as u64 / 16;
-/// How often the agent drains the ring buffer without being woken.
+/// How often the agent drains the ring buffer without being woken while records flow (it backs
+/// off to 80 ms while the ring stays empty).
 pub const DRAIN_INTERVAL_MS: u64 = 10;
 
 /// `syscall_nr` when the socket operation did not come from a system call (kernel thread,

@@ -46,7 +46,7 @@ pub fn events(args: &[String]) -> Result<String> {
     );
     let _ = writeln!(
         md,
-        "| target events/s | content events/s counted | kernel events/s | lost | agent CPU (% of one core) | peak RSS (MiB) |"
+        "| target events/s | content events/s counted | kernel events/s | lost: ring full / agent queue full | agent CPU (% of one core) | peak RSS (MiB) |"
     );
     let _ = writeln!(md, "|---|---|---|---|---|---|");
     let mut result = Ok(());
@@ -98,12 +98,14 @@ fn events_at(rate: &str, seconds: u64, port: u16, server: u32, programs: &std::p
     let peak_rss_kib = status_field(agent.id(), "VmHWM:").unwrap_or(0);
     stop_agent(&mut agent)?;
     let delta = |prefix: &str| sum(&after, prefix) - sum(&before, prefix);
-    let content = delta("inferwatch_http_stream_events_total{kind=\"content\"");
+    let content = super::sum_where(&after, "inferwatch_http_stream_events_total{", "kind=\"content\"")
+        - super::sum_where(&before, "inferwatch_http_stream_events_total{", "kind=\"content\"");
     let row = format!(
-        "| {rate} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} |\n",
+        "| {rate} | {:.0} | {:.0} | {:.0} / {:.0} | {:.2} | {:.1} |\n",
         content / seconds as f64,
         delta("inferwatch_agent_events_total") / seconds as f64,
-        delta("inferwatch_agent_events_lost_total"),
+        delta("inferwatch_agent_events_lost_total{reason=\"ring_buffer_full\""),
+        delta("inferwatch_agent_events_lost_total{reason=\"agent_queue_full\""),
         cpu * 100.0,
         peak_rss_kib as f64 / 1024.0
     );
@@ -112,10 +114,10 @@ fn events_at(rate: &str, seconds: u64, port: u16, server: u32, programs: &std::p
 }
 
 /// P4: time to serve `/metrics` with about 2,000 series: the agent scrapes `--pages` copies of
-/// a real vLLM 0.32 page (442 series each, served by Python's http.server on distinct loopback
+/// a real vLLM 0.32 page (442 samples, ~330 re-exported series each, served by Python's http.server on distinct loopback
 /// addresses, so each is its own instance) and re-exports them with its own families.
 pub fn render(args: &[String]) -> Result<String> {
-    let pages = flag(args, "--pages", 4)?;
+    let pages = flag(args, "--pages", 6)?;
     let gets = flag(args, "--gets", 200)?;
     tasks::build(Profile::Release)?;
     let dir = cmd::root().join("target/bench/render");

@@ -148,8 +148,13 @@ fn stop_agent(child: &mut Child) -> Result {
 
 /// The sum of the samples whose line starts with `prefix` in a Prometheus text page.
 fn sum(text: &str, prefix: &str) -> f64 {
+    sum_where(text, prefix, "")
+}
+
+/// Like [`sum`], over the lines that also contain `label` (e.g. `kind="content"`).
+fn sum_where(text: &str, prefix: &str, label: &str) -> f64 {
     text.lines()
-        .filter(|l| l.starts_with(prefix))
+        .filter(|l| l.starts_with(prefix) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
