@@ -59,7 +59,12 @@ fn one(name: &str, args: &[String]) -> Result {
         "wrk" => agent::wrk(args)?,
         _ => vllm::vllm(args)?,
     };
-    report::record(name, args, &body)
+    // A variant keeps its own section next to the default run's.
+    let section = match args.iter().position(|a| a == "--variant").and_then(|i| args.get(i + 1)) {
+        Some(variant) => format!("{name}-{variant}"),
+        None => name.to_string(),
+    };
+    report::record(name, &section, args, &body)
 }
 
 fn wait_for_port(port: u16, child: &mut Child) -> Result {

@@ -6,8 +6,8 @@ use std::process::Command;
 
 use crate::cmd::{self, Result};
 
-/// Prints a benchmark's result and stores it in BENCHMARKS.md under `name`.
-pub fn record(name: &str, args: &[String], body: &str) -> Result {
+/// Prints a benchmark's result and stores it in BENCHMARKS.md under `section`.
+pub fn record(name: &str, section_name: &str, args: &[String], body: &str) -> Result {
     let command = std::iter::once(format!("cargo xtask bench {name}"))
         .chain(args.iter().cloned())
         .collect::<Vec<_>>()
@@ -17,9 +17,9 @@ pub fn record(name: &str, args: &[String], body: &str) -> Result {
     println!("\n{section}\n");
     let path = cmd::root().join("BENCHMARKS.md");
     let doc = std::fs::read_to_string(&path).unwrap_or_else(|_| "# inferwatch benchmarks\n".into());
-    std::fs::write(&path, replace_section(&doc, name, &section))
+    std::fs::write(&path, replace_section(&doc, section_name, &section))
         .map_err(|e| format!("{}: {e}", path.display()))?;
-    eprintln!("bench: {name} written to {}", path.display());
+    eprintln!("bench: {section_name} written to {}", path.display());
     Ok(())
 }
 

@@ -31,6 +31,15 @@ pub fn vllm(args: &[String]) -> Result<String> {
     let pairs = flag(args, "--pairs", 6)?;
     let requests = flag(args, "--requests", 400)?;
     let concurrency = flag(args, "--concurrency", 4)?;
+    // `full`: the agent as deployed; `sockets`: only the API server's socket probes (no
+    // discovery, no scraping, no scheduler roles), to tell the parts' costs apart.
+    let variant = match args.iter().position(|a| a == "--variant") {
+        Some(i) => args.get(i + 1).map(String::as_str).unwrap_or(""),
+        None => "full",
+    };
+    if !["full", "sockets"].contains(&variant) {
+        return Err("--variant: full or sockets".into());
+    }
     if pairs < 5 {
         return Err("--pairs: at least 5".into());
     }
@@ -43,7 +52,8 @@ pub fn vllm(args: &[String]) -> Result<String> {
     let result = (|| {
         eprintln!("bench vllm: waiting for vLLM (log in {})", dir.display());
         vllm::wait_ready(port, &mut server)?;
-        measure_pairs(port, pairs, requests, concurrency, &dir)
+        let only = (variant == "sockets").then(|| server.id());
+        measure_pairs(port, pairs, requests, concurrency, only, &dir)
     })();
     // SAFETY: signalling our own child's process group (vLLM and its engine process).
     unsafe { libc::kill(-(server.id() as i32), libc::SIGTERM) };
@@ -61,6 +71,7 @@ fn measure_pairs(
     pairs: u64,
     requests: u64,
     concurrency: u64,
+    only: Option<u32>,
     dir: &std::path::Path,
 ) -> Result<String> {
     let agent = tasks::agent_binary(Profile::Release);
@@ -96,7 +107,7 @@ fn measure_pairs(
                 without.push(load(&format!("pair{pair}-without"), requests)?);
                 continue;
             }
-            let (mut child, agent_port) = start_discovering_agent(&agent)?;
+            let (mut child, agent_port) = start_watching_agent(&agent, only)?;
             let (ticks, at) = (cpu_ticks(child.id()), Instant::now());
             let run = load(&format!("pair{pair}-with"), requests);
             agent_cpu.push(
@@ -118,17 +129,19 @@ fn measure_pairs(
             with.last().unwrap().throughput
         );
     }
-    Ok(report(&without, &with, &agent_cpu, requests, concurrency))
+    Ok(report(&without, &with, &agent_cpu, requests, concurrency, only.is_some()))
 }
 
-/// The agent as deployed (discovery on), once it watches the vLLM API server.
-fn start_discovering_agent(agent: &std::path::Path) -> Result<(Child, u16)> {
+/// The agent as deployed (discovery on), or watching only `only`'s sockets; returned once it
+/// watches the vLLM API server.
+fn start_watching_agent(agent: &std::path::Path, only: Option<u32>) -> Result<(Child, u16)> {
     let port = cmd::free_port()?;
-    let mut child = cmd::as_root(agent)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("starting the agent: {e}"))?;
+    let mut command = cmd::as_root(agent);
+    command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]);
+    if let Some(pid) = only {
+        command.args(["--no-discovery", "--pid", &pid.to_string()]);
+    }
+    let mut child = command.stdout(Stdio::null()).spawn().map_err(|e| format!("starting the agent: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let watched = cmd::http_get(port, "/metrics").map(|(_, t)| sum(&t, "inferwatch_watched_processes"));
@@ -146,11 +159,23 @@ fn start_discovering_agent(agent: &std::path::Path) -> Result<(Child, u16)> {
     }
 }
 
-fn report(without: &[Run], with: &[Run], agent_cpu: &[f64], requests: u64, concurrency: u64) -> String {
+fn report(
+    without: &[Run],
+    with: &[Run],
+    agent_cpu: &[f64],
+    requests: u64,
+    concurrency: u64,
+    sockets_only: bool,
+) -> String {
     let mut md = String::new();
+    let agent = if sockets_only {
+        "the release agent watching only the API server's sockets (`--no-discovery --pid`: no scraping, no scheduler roles)"
+    } else {
+        "the release agent as deployed (discovery, scraping, scheduler probes)"
+    };
     let _ = writeln!(
         md,
-        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = the release agent as deployed (discovery, scraping, scheduler probes), started and stopped outside the measured run.\n",
+        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run.\n",
         without.len()
     );
     let _ = writeln!(
