@@ -57,13 +57,19 @@ pub fn machine() -> String {
     format!("{cpus} × {model}, {:.0} GiB, kernel {}", mem_kib as f64 / (1024.0 * 1024.0), kernel.trim())
 }
 
-/// The commit measured, `-dirty` when the tree has changes.
+/// The commit measured, `-dirty` when the tree has changes (other than this file's own).
 fn revision() -> String {
     let rev =
         cmd::output(Command::new("git").arg("-C").arg(cmd::root()).args(["rev-parse", "--short", "HEAD"]))
             .unwrap_or_else(|| "unknown".into());
-    let dirty = cmd::output(Command::new("git").arg("-C").arg(cmd::root()).args(["status", "--porcelain"]))
-        .is_some_and(|s| !s.trim().is_empty());
+    let dirty = cmd::output(Command::new("git").arg("-C").arg(cmd::root()).args([
+        "status",
+        "--porcelain",
+        "--",
+        ".",
+        ":!BENCHMARKS.md",
+    ]))
+    .is_some_and(|s| !s.trim().is_empty());
     format!("{}{}", rev.trim(), if dirty { "-dirty" } else { "" })
 }
 
