@@ -32,13 +32,7 @@ pub fn events(args: &[String]) -> Result<String> {
     };
     tasks::build(Profile::Release)?;
     let programs = tasks::build_test_programs(&["sseserver", "sseload"])?;
-    let port = cmd::free_port()?;
-    let mut server = Command::new(programs.join("sseserver"))
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("sseserver: {e}"))?;
-    wait_for_port(port, &mut server)?;
+    let (mut server, port) = start_sseserver(&programs)?;
     let mut md = String::new();
     let _ = writeln!(
         md,
@@ -198,13 +192,7 @@ pub fn wrk(args: &[String]) -> Result<String> {
         cmd::run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "wrk"]))?;
     }
     let programs = tasks::build_test_programs(&["sseserver"])?;
-    let port = cmd::free_port()?;
-    let mut server = Command::new(programs.join("sseserver"))
-        .arg(port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("sseserver: {e}"))?;
-    wait_for_port(port, &mut server)?;
+    let (mut server, port) = start_sseserver(&programs)?;
     let agent = tasks::agent_binary(Profile::Release);
     let url = format!("http://127.0.0.1:{port}/health");
     let once = |secs: u64| -> Result<f64> {
@@ -258,6 +246,18 @@ pub fn wrk(args: &[String]) -> Result<String> {
     );
     let _ = writeln!(md, "\n**Ratio with/without: {:.3}** (target ≥ 0.97).", b / a);
     Ok(md)
+}
+
+/// The Rust SSE test server on a free port, once it listens.
+fn start_sseserver(programs: &std::path::Path) -> Result<(std::process::Child, u16)> {
+    let port = cmd::free_port()?;
+    let mut server = Command::new(programs.join("sseserver"))
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("sseserver: {e}"))?;
+    wait_for_port(port, &mut server)?;
+    Ok((server, port))
 }
 
 fn join(v: &[f64], decimals: usize) -> String {
