@@ -44,16 +44,21 @@ fn add(role: u8, slot: u32, value: u64) {
 }
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`.
+///
+/// Runs on every context switch of the node: tasks that are not vLLM's cost two lookups and
+/// nothing else (the clock is read only when a vLLM task is involved), and a known task's state
+/// is updated in place (an LRU insert, with its lock and allocation, only for a task's first switch).
 #[inline(always)]
 pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
-    let now = unsafe { bpf_ktime_get_ns() };
     let prev: u64 = ctx.arg(1);
     let next: u64 = ctx.arg(2);
-    let prev_state: u32 = ctx.arg(3);
+    let mut now = 0u64;
 
     // The task leaving: `prev` is the current task.
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let Some(&role) = unsafe { SCHED_ROLES.get(&tgid) } {
+        now = unsafe { bpf_ktime_get_ns() };
+        let prev_state: u32 = ctx.arg(3);
         let reason = if prev_state == TASK_RUNNING {
             OFF_PREEMPTED
         } else {
@@ -63,22 +68,36 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
                 _ => OFF_OTHER,
             }
         };
-        let mut state = unsafe { SCHED_TASKS.get(&prev) }.copied().unwrap_or_default();
-        if state.on_ns != 0 {
-            add(role, SLOT_ONCPU_NS, now.saturating_sub(state.on_ns));
-        }
         add(role, SLOT_SWITCHES, 1);
-        state.role = role;
-        state.on_ns = 0;
-        state.off_ns = now;
-        state.off_reason = reason;
         // Preempted: it is runnable now, so its run-queue wait starts now.
-        state.wake_ns = if reason == OFF_PREEMPTED { now } else { 0 };
-        let _ = SCHED_TASKS.insert(&prev, &state, 0);
+        let wake_ns = if reason == OFF_PREEMPTED { now } else { 0 };
+        match SCHED_TASKS.get_ptr_mut(&prev) {
+            Some(state) => {
+                // SAFETY: a live map value; a concurrent update of the same task is impossible
+                // (it is switching out on this CPU).
+                let state = unsafe { &mut *state };
+                if state.on_ns != 0 {
+                    add(role, SLOT_ONCPU_NS, now.saturating_sub(state.on_ns));
+                }
+                state.role = role;
+                state.on_ns = 0;
+                state.off_ns = now;
+                state.off_reason = reason;
+                state.wake_ns = wake_ns;
+            }
+            None => {
+                let state =
+                    TaskSched { role, off_ns: now, off_reason: reason, wake_ns, ..Default::default() };
+                let _ = SCHED_TASKS.insert(&prev, &state, 0);
+            }
+        }
     }
 
     // The task arriving.
     if let Some(state) = SCHED_TASKS.get_ptr_mut(&next) {
+        if now == 0 {
+            now = unsafe { bpf_ktime_get_ns() };
+        }
         let state = unsafe { &mut *state };
         if state.wake_ns != 0 {
             let delay = now.saturating_sub(state.wake_ns);
