@@ -650,7 +650,6 @@ impl Aggregator {
             acc.1 += 1;
         }
         let duration = since(req.end_ns);
-        let series = self.route_series.get(&model, req.route);
         if let Some(h) = headers {
             series.response_headers(m).observe(h);
         }

@@ -31,7 +31,7 @@ pub struct IpcTracker {
 pub fn request_ids(payload: &[u8]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut from = 0;
-    while let Some(at) = find(&payload[from..], b"cmpl-") {
+    while let Some(at) = crate::http::find(&payload[from..], b"cmpl-") {
         let start = from + at;
         from = start + 5;
         let chat = start >= 4 && &payload[start - 4..start] == b"chat";
@@ -47,10 +47,6 @@ pub fn request_ids(payload: &[u8]) -> Vec<String> {
         }
     }
     out
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 impl IpcTracker {

@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 
 use super::{
     chunked::{Dechunker, Piece},
+    find,
     routes::{model_from_body, route_of},
     sse::{EventClass, SseParser},
 };
@@ -108,8 +109,9 @@ fn response_id(body: &[u8]) -> Option<String> {
     String::from_utf8(id.to_vec()).ok()
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
+/// A header value that is a decimal number (`Content-Length`), surrounding spaces allowed.
+fn decimal(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
 }
 
 /// Whether a header value names `token` (case-insensitively), e.g. `chunked` in
@@ -188,7 +190,7 @@ fn method_label(m: &str) -> &'static str {
 
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     let start = from.saturating_sub(3);
-    buf.get(start..)?.windows(4).position(|w| w == b"\r\n\r\n").map(|i| start + i + 4)
+    find(buf.get(start..)?, b"\r\n\r\n").map(|i| start + i + 4)
 }
 
 /// Adds `data` to a head being read (at most [`MAX_HEAD`] bytes). Once the head is complete,
@@ -401,7 +403,7 @@ impl Connection {
         let mut chunked = false;
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                content_length = decimal(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = names(h.value, b"chunked");
             }
@@ -560,7 +562,7 @@ impl Connection {
         let mut sse = false;
         for h in resp.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
-                content_length = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                content_length = decimal(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = names(h.value, b"chunked");
             } else if h.name.eq_ignore_ascii_case("content-type") {

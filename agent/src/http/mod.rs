@@ -18,3 +18,8 @@ pub use connection::{Connection, FinishedRequest, Update};
 
 #[cfg(test)]
 mod tests;
+
+/// Where `needle` first occurs in `haystack`.
+pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
