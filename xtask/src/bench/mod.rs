@@ -93,7 +93,26 @@ pub(crate) fn cpu_ticks(pid: u32) -> u64 {
 }
 
 pub(crate) fn clock_ticks_per_second() -> f64 {
-    cmd::output(Command::new("getconf").arg("CLK_TCK")).and_then(|v| v.trim().parse().ok()).unwrap_or(100.0)
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+/// A process's CPU use (user + system) from its start on, as a percentage of one core.
+struct CpuMeter {
+    pid: u32,
+    ticks: u64,
+    at: Instant,
+}
+
+impl CpuMeter {
+    fn start(pid: u32) -> Self {
+        Self { pid, ticks: cpu_ticks(pid), at: Instant::now() }
+    }
+
+    fn percent(&self) -> f64 {
+        let seconds = cpu_ticks(self.pid).saturating_sub(self.ticks) as f64 / clock_ticks_per_second();
+        100.0 * seconds / self.at.elapsed().as_secs_f64()
+    }
 }
 
 fn status_field(pid: u32, field: &str) -> Option<u64> {
@@ -152,14 +171,20 @@ fn stop_agent(child: &mut Child) -> Result {
 }
 
 /// The sum of the samples whose line starts with `prefix` in a Prometheus text page.
-fn sum(text: &str, prefix: &str) -> f64 {
-    sum_where(text, prefix, "")
+/// `series` is a metric name (that name exactly, any labels) or a name with the start of its
+/// labels (`x_total{reason="a"`).
+pub(crate) fn sum(text: &str, series: &str) -> f64 {
+    sum_where(text, series, "")
 }
 
 /// Like [`sum`], over the lines that also contain `label` (e.g. `kind="content"`).
-fn sum_where(text: &str, prefix: &str, label: &str) -> f64 {
+fn sum_where(text: &str, series: &str, label: &str) -> f64 {
+    let selects = |l: &str| {
+        l.starts_with(series)
+            && (series.contains('{') || matches!(l.as_bytes().get(series.len()), Some(b'{' | b' ')))
+    };
     text.lines()
-        .filter(|l| l.starts_with(prefix) && l.contains(label))
+        .filter(|l| selects(l) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
@@ -199,5 +224,7 @@ mod tests {
         assert_eq!(percentile(&[5.0], 0.99), 5.0);
         let page = "# HELP x_total x\nx_total{a=\"1\"} 2\nx_total{a=\"2\"} 3.5\ny 9\n";
         assert_eq!(sum(page, "x_total"), 5.5);
+        assert_eq!(sum(page, "x"), 0.0, "a name selects that metric only, not x_total");
+        assert_eq!(sum(page, "x_total{a=\"2\""), 3.5);
     }
 }

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{clock_ticks_per_second, cpu_ticks, flag, median, stop_agent, sum};
+use super::{CpuMeter, flag, median, stop_agent, sum};
 use crate::{
     cmd::{self, Result},
     tasks::{self, Profile},
@@ -108,13 +108,9 @@ fn measure_pairs(
                 continue;
             }
             let (mut child, agent_port) = start_watching_agent(&agent, only)?;
-            let (ticks, at) = (cpu_ticks(child.id()), Instant::now());
+            let cpu = CpuMeter::start(child.id());
             let run = load(&format!("pair{pair}-with"), requests);
-            agent_cpu.push(
-                100.0 * (cpu_ticks(child.id()) - ticks) as f64
-                    / clock_ticks_per_second()
-                    / at.elapsed().as_secs_f64(),
-            );
+            agent_cpu.push(cpu.percent());
             let counted = cmd::http_get(agent_port, "/metrics")
                 .map(|(_, t)| sum(&t, "inferwatch_http_requests_total{"))
                 .unwrap_or(0.0);
