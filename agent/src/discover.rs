@@ -11,7 +11,8 @@ use crate::{
 };
 
 pub async fn print(args: DiscoverArgs) -> Result<()> {
-    let instances = tokio::task::spawn_blocking(|| discovery::scan(Path::new("/proc"))).await?;
+    let instances =
+        tokio::task::spawn_blocking(|| discovery::scan(Path::new("/proc"), &mut Default::default())).await?;
     let mut views = Vec::new();
     for i in instances {
         let (version, mut models) = watcher::describe(&i).await;

@@ -293,26 +293,75 @@ pub fn group(processes: &[Process], all_ppids: &HashMap<u32, u32>) -> Vec<(u32, 
     instances.into_iter().filter(|(_, ps)| ps.iter().any(|p| p.role == Role::ApiServer)).collect()
 }
 
-/// Reads /proc under `root` and returns every vLLM instance found.
-pub fn scan(root: &Path) -> Vec<Instance> {
+/// The API servers' listening addresses, by pid and start time. Finding them walks the
+/// kernel's whole TCP table (`/proc/PID/net/tcp` lists every bucket of the established hash, in
+/// every namespace): a third of the idle agent's CPU when it was done on every scan, and more on
+/// large nodes. A server's port does not change once it listens, so a found address is kept
+/// for as long as that process lives; a server not yet listening (loading its model) is looked
+/// at again on the next scan.
+#[derive(Debug, Default)]
+pub struct ListenCache(HashMap<u32, (u64, BTreeSet<SocketAddr>)>);
+
+impl ListenCache {
+    fn addresses(&mut self, root: &Path, pid: u32, started: u64) -> BTreeSet<SocketAddr> {
+        if let Some((s, found)) = self.0.get(&pid)
+            && *s == started
+        {
+            return found.clone();
+        }
+        let found = listening_addresses_of(&root.join(pid.to_string()));
+        if found.is_empty() {
+            self.0.remove(&pid);
+        } else {
+            self.0.insert(pid, (started, found.clone()));
+        }
+        found
+    }
+
+    /// Forgets the servers that are gone.
+    fn keep_only(&mut self, api_servers: &HashMap<u32, u64>) {
+        self.0.retain(|pid, (started, _)| api_servers.get(pid) == Some(started));
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The command name between the parentheses of a `/proc/PID/stat` line (what `comm` holds).
+pub fn comm_from_stat(stat: &str) -> Option<&str> {
+    stat.get(stat.find('(')? + 1..stat.rfind(')')?)
+}
+
+/// Reads /proc under `root` and returns every vLLM instance found; `listen` keeps the API
+/// servers' addresses between scans.
+pub fn scan(root: &Path, listen_cache: &mut ListenCache) -> Vec<Instance> {
     let mut processes = Vec::new();
     let mut ppids = HashMap::new();
     let mut cmdlines = HashMap::new();
+    let mut started = HashMap::new();
     let Ok(entries) = fs::read_dir(root) else { return Vec::new() };
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
         let dir = entry.path();
-        let Some(ppid) = fs::read_to_string(dir.join("stat")).ok().as_deref().and_then(ppid_from_stat) else {
-            continue;
-        };
+        // One read per process for most of them: stat holds the parent and the command name.
+        let Ok(stat) = fs::read_to_string(dir.join("stat")) else { continue };
+        let (Some(ppid), Some(comm)) = (ppid_from_stat(&stat), comm_from_stat(&stat)) else { continue };
         ppids.insert(pid, ppid);
         let cmdline = fs::read(dir.join("cmdline")).unwrap_or_default();
-        let comm = fs::read_to_string(dir.join("comm")).unwrap_or_default().trim_end().to_string();
-        if let Some(role) = classify(&cmdline, &comm) {
-            processes.push(Process { pid, ppid, role, comm });
+        if let Some(role) = classify(&cmdline, comm) {
+            processes.push(Process { pid, ppid, role, comm: comm.to_string() });
             cmdlines.insert(pid, cmdline);
+            started.insert(pid, crate::procfs::parse_start_time(&stat).unwrap_or(0));
         }
     }
+    let api_servers: HashMap<u32, u64> =
+        processes.iter().filter(|p| p.role == Role::ApiServer).map(|p| (p.pid, started[&p.pid])).collect();
+    listen_cache.keep_only(&api_servers);
     group(&processes, &ppids)
         .into_iter()
         .map(|(root_pid, mut procs)| {
@@ -320,7 +369,7 @@ pub fn scan(root: &Path) -> Vec<Instance> {
             let api: Vec<u32> = procs.iter().filter(|p| p.role == Role::ApiServer).map(|p| p.pid).collect();
             let mut listen = BTreeSet::new();
             for pid in &api {
-                listen.extend(listening_addresses_of(&root.join(pid.to_string())));
+                listen.extend(listen_cache.addresses(root, *pid, api_servers[pid]));
             }
             let models = api.iter().find_map(|pid| {
                 let m = models_from_cmdline(cmdlines.get(pid)?);
@@ -537,10 +586,69 @@ mod tests {
         assert_eq!(groups[1].0, 200);
     }
 
+    /// A /proc tree with one API server (pid 100) listening on 127.0.0.1:8000 through fd 3.
+    fn fake_proc(root: &Path, start_time: u64, net_tcp_listens: bool) {
+        let dir = root.join("100");
+        fs::create_dir_all(dir.join("net")).unwrap();
+        fs::create_dir_all(dir.join("fd")).unwrap();
+        let stat = format!("100 (python3) S 1 100 100 0 -1 0 0 0 0 0 1 1 0 0 20 0 1 0 {start_time} 0 0");
+        fs::write(dir.join("stat"), stat).unwrap();
+        fs::write(dir.join("cmdline"), nul(&["python3", "-m", "vllm.entrypoints.openai.api_server"]))
+            .unwrap();
+        let header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n";
+        let row = "   0: 0100007F:1F40 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 555 1\n";
+        let table = if net_tcp_listens { format!("{header}{row}") } else { header.to_string() };
+        fs::write(dir.join("net/tcp"), table).unwrap();
+        let _ = fs::remove_file(dir.join("fd/3"));
+        std::os::unix::fs::symlink("socket:[555]", dir.join("fd/3")).unwrap();
+    }
+
+    #[test]
+    fn listening_addresses_are_read_once_per_server_process() {
+        let root = std::env::temp_dir().join(format!("inferwatch-listen-cache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
+        let mut cache = ListenCache::default();
+
+        // Not listening yet (loading its model): nothing found, nothing remembered.
+        fake_proc(&root, 42, false);
+        assert!(scan(&root, &mut cache)[0].listen.is_empty());
+        assert!(cache.is_empty());
+
+        fake_proc(&root, 42, true);
+        assert_eq!(scan(&root, &mut cache)[0].listen, vec![addr]);
+        assert_eq!(cache.len(), 1);
+
+        // The same process: the table is not read again (here it no longer shows the socket).
+        fake_proc(&root, 42, false);
+        assert_eq!(scan(&root, &mut cache)[0].listen, vec![addr]);
+
+        // Another process under the same pid (a new start time) is looked at afresh.
+        fake_proc(&root, 43, false);
+        assert!(scan(&root, &mut cache)[0].listen.is_empty());
+        assert!(cache.is_empty());
+
+        // A server that is gone is forgotten.
+        fake_proc(&root, 43, true);
+        scan(&root, &mut cache);
+        fs::remove_dir_all(root.join("100")).unwrap();
+        assert!(scan(&root, &mut cache).is_empty());
+        assert!(cache.is_empty());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn the_command_name_comes_from_stat() {
+        assert_eq!(comm_from_stat("7 (VLLM::EngineCor) S 1 7"), Some("VLLM::EngineCor"));
+        assert_eq!(comm_from_stat("8 (a) b) (c) R 1 8"), Some("a) b) (c"));
+        assert_eq!(comm_from_stat("garbage"), None);
+        assert_eq!(comm_from_stat(") 1 ("), None);
+    }
+
     #[test]
     fn scans_this_machine_without_failing() {
         // No vLLM is expected here; the scan must simply work on a real /proc.
-        let found = scan(Path::new("/proc"));
+        let found = scan(Path::new("/proc"), &mut ListenCache::default());
         for i in &found {
             assert!(i.processes.iter().any(|p| p.role == Role::ApiServer));
         }

@@ -92,7 +92,7 @@ pub fn programs(args: &[String]) -> Result<String> {
     result
 }
 
-type Totals = std::collections::BTreeMap<String, (f64, f64)>;
+pub(super) type Totals = std::collections::BTreeMap<String, (f64, f64)>;
 
 fn programs_measured(writeloop: &Path, iterations: u64) -> Result<String> {
     use std::io::Write as _;
@@ -149,7 +149,7 @@ fn programs_measured(writeloop: &Path, iterations: u64) -> Result<String> {
 }
 
 /// (run time ns, runs) per program from the agent's `inferwatch_bpf_program_*` counters.
-fn program_totals(text: &str) -> Totals {
+pub(super) fn program_totals(text: &str) -> Totals {
     let mut out = Totals::new();
     for line in text.lines() {
         for (prefix, runs) in [

@@ -125,7 +125,90 @@ fn measure_pairs(
             with.last().unwrap().throughput
         );
     }
-    Ok(report(&without, &with, &agent_cpu, requests, concurrency, only.is_some()))
+    let mut md = report(&without, &with, &agent_cpu, requests, concurrency, only.is_some());
+    md.push_str(&account(&load, &agent, only, requests)?);
+    Ok(md)
+}
+
+/// Where the CPU goes with the agent attached, from one more run with the kernel's BPF
+/// statistics on: the agent's own CPU and its programs' run time against all the CPU the
+/// machine used. vLLM here is CPU-bound, so that share is what the agent can take from its
+/// throughput; unlike the pairs' ratios it is not drowned in run-to-run noise.
+fn account(
+    load: &dyn Fn(&str, u64) -> Result<Run>,
+    agent: &std::path::Path,
+    only: Option<u32>,
+    requests: u64,
+) -> Result<String> {
+    let stats_flag = "/proc/sys/kernel/bpf_stats_enabled";
+    let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
+    std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
+    let measured = (|| {
+        let (mut child, agent_port) = start_watching_agent(agent, only)?;
+        let programs = || {
+            cmd::http_get(agent_port, "/metrics")
+                .map(|(_, t)| super::kernel::program_totals(&t))
+                .ok_or("the agent does not answer")
+        };
+        // The agent reads the kernel's totals every discovery tick (2 s).
+        thread::sleep(Duration::from_millis(2500));
+        let p0 = programs()?;
+        let (busy0, agent0) = (machine_busy_ticks(), super::cpu_ticks(child.id()));
+        let started = Instant::now();
+        let run = load("accounting", requests);
+        let seconds = started.elapsed().as_secs_f64();
+        let (busy1, agent1) = (machine_busy_ticks(), super::cpu_ticks(child.id()));
+        thread::sleep(Duration::from_millis(2500));
+        let p1 = programs();
+        stop_agent(&mut child)?;
+        let (run, p1) = (run?, p1?);
+        let hz = super::clock_ticks_per_second();
+        Ok::<_, String>((run, seconds, (busy1 - busy0) as f64 / hz, (agent1 - agent0) as f64 / hz, p0, p1))
+    })();
+    let _ = std::fs::write(stats_flag, previous.trim());
+    let (run, seconds, busy_s, agent_s, p0, p1) = measured?;
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "\n**CPU accounting** (one more run of {requests} requests with the agent attached and `kernel.bpf_stats_enabled=1`, {:.2} req/s, {seconds:.1} s; program times include the statistics' own overhead, and runs during the 2.5 s after the load are counted too, so both overstate):\n",
+        run.throughput
+    );
+    let _ = writeln!(md, "| | CPU seconds | per request (ms) | share of the machine's busy CPU |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    let n = requests as f64;
+    let mut row = |name: &str, s: f64| {
+        let _ = writeln!(md, "| {name} | {s:.3} | {:.3} | {:.2}% |", 1000.0 * s / n, 100.0 * s / busy_s);
+    };
+    row("whole machine (all processes, both CPUs)", busy_s);
+    row("the agent's userspace (user + system)", agent_s);
+    let mut kernel_s = 0.0;
+    for (name, (ns1, _)) in &p1 {
+        let ns0 = p0.get(name).map_or(0.0, |t| t.0);
+        let runs = p1[name].1 - p0.get(name).map_or(0.0, |t| t.1);
+        if runs <= 0.0 {
+            continue;
+        }
+        let s = (ns1 - ns0) / 1e9;
+        kernel_s += s;
+        row(&format!("`{name}` ({runs:.0} runs, {:.0} ns each)", 1e9 * s / runs), s);
+    }
+    row("**the agent in all**", agent_s + kernel_s);
+    let _ = writeln!(
+        md,
+        "\nWith vLLM CPU-bound, throughput with the agent can be no lower than about 1 − {:.4} = **{:.3}** of that without it, from this accounting.",
+        (agent_s + kernel_s) / busy_s,
+        1.0 - (agent_s + kernel_s) / busy_s
+    );
+    Ok(md)
+}
+
+/// CPU time the machine used since boot (all but idle, iowait and steal), in clock ticks.
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    // user nice system idle iowait irq softirq (then steal: the hypervisor's, not ours)
+    fields.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
 }
 
 /// The agent as deployed (discovery on), or watching only `only`'s sockets; returned once it
@@ -140,8 +223,14 @@ fn start_watching_agent(agent: &std::path::Path, only: Option<u32>) -> Result<(C
     let mut child = command.stdout(Stdio::null()).spawn().map_err(|e| format!("starting the agent: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let watched = cmd::http_get(port, "/metrics").map(|(_, t)| sum(&t, "inferwatch_watched_processes"));
-        if watched.is_some_and(|w| w >= 1.0) {
+        // Ready = watching the API server and, as deployed, holding vLLM's first scrape: the
+        // start-up work (program loading, first scan, first scrape) stays out of the measured run.
+        let ready = cmd::http_get(port, "/metrics").is_some_and(|(_, t)| {
+            sum(&t, "inferwatch_watched_processes") >= 1.0
+                && (only.is_some() || sum(&t, "inferwatch_vllm_up") >= 1.0)
+        });
+        if ready {
+            thread::sleep(Duration::from_secs(1));
             return Ok((child, port));
         }
         if let Ok(Some(status)) = child.try_wait() {
