@@ -25,25 +25,25 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
-/// CPU time (user + system) this process has used, in seconds.
+/// CPU time (user + system) this process and all its threads, live or exited, have used, in
+/// seconds. From `getrusage`, at microsecond resolution (`/proc/self/stat` counts 10 ms ticks,
+/// too coarse to tell what a few seconds of load cost).
 pub fn own_cpu_seconds() -> Option<f64> {
-    let stat = fs::read_to_string("/proc/self/stat").ok()?;
-    let (utime, stime) = parse_stat_times(&stat)?;
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (ticks > 0).then(|| (utime + stime) as f64 / ticks as f64)
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: filled by the successful call above.
+    let usage = unsafe { usage.assume_init() };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
 }
 
 /// The fields of a `/proc/PID/stat` line after the command name, from field 3 (`state`) on:
 /// the name may hold spaces and parentheses, so they start after the last `)`.
 pub fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
     Some(stat[stat.rfind(')')? + 1..].split_whitespace())
-}
-
-/// utime and stime (clock ticks, fields 14 and 15) from a `/proc/PID/stat` line.
-pub fn parse_stat_times(stat: &str) -> Option<(u64, u64)> {
-    let mut fields = stat_fields(stat)?.skip(11);
-    Some((fields.next()?.parse().ok()?, fields.next()?.parse().ok()?))
 }
 
 /// When a process started (clock ticks since boot, `/proc/PID/stat` field 22): with the pid, it
@@ -84,11 +84,30 @@ mod tests {
     }
 
     #[test]
-    fn parses_stat_times_past_odd_command_names() {
-        let stat = "42 (a) b (c)) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0";
-        assert_eq!(parse_stat_times(stat), Some((17, 5)));
-        assert_eq!(parse_stat_times("42 (x) S 1"), None);
-        assert!(own_cpu_seconds().is_some() && own_resident_bytes().unwrap() > 0);
+    fn own_cpu_time_includes_exited_threads_below_a_tick() {
+        let before = own_cpu_seconds().unwrap();
+        // A thread that burns 30 ms of its own CPU time (not wall time: the machine may be busy).
+        std::thread::spawn(|| {
+            let thread_cpu = || {
+                let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+                // SAFETY: clock_gettime fills the timespec it is given.
+                unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+                t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+            };
+            let start = thread_cpu();
+            while thread_cpu() - start < 0.03 {
+                std::hint::black_box(start);
+            }
+        })
+        .join()
+        .unwrap();
+        let used = own_cpu_seconds().unwrap() - before;
+        assert!(used >= 0.029, "{used} s counted for a thread that used 30 ms");
+        assert!(own_resident_bytes().unwrap() > 0);
+    }
+
+    #[test]
+    fn parses_stat_past_odd_command_names() {
         let stat = "42 (a) b) S 1 42 42 0 -1 4194560 100 0 0 0 17 5 0 0 20 0 3 0 987654 1000 10";
         assert_eq!(parse_start_time(stat), Some(987654));
         assert!(start_time(std::process::id()).is_some());

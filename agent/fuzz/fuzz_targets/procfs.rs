@@ -18,7 +18,6 @@ fuzz_target!(|data: &[u8]| {
     }
     let _ = discovery::ppid_from_stat(&text);
     let _ = discovery::comm_from_stat(&text);
-    let _ = procfs::parse_stat_times(&text);
     let _ = procfs::parse_start_time(&text);
     let _ = procfs::parse_cap_eff(&text);
     let _ = discovery::listening_ports(&text);

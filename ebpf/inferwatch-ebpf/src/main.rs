@@ -226,7 +226,9 @@ fn try_net_event(ctx: &BtfTracePointContext, what: i32) -> Result<(), i32> {
     })
 }
 
-/// Emits a record without payload.
+/// Emits a record without payload, under the same wakeup policy as data records (a
+/// connection's state changes come several per request: a wakeup each would cost more than
+/// the records).
 #[inline(always)]
 fn emit_header(event: SockEvent) -> Result<(), i32> {
     let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
@@ -234,7 +236,7 @@ fn emit_header(event: SockEvent) -> Result<(), i32> {
         return Err(1);
     };
     entry.write(event);
-    entry.submit(0);
+    entry.submit(wakeup_flags(SOCK_EVENT_SIZE));
     Ok(())
 }
 

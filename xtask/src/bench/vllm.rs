@@ -145,25 +145,27 @@ fn account(
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
     let measured = (|| {
         let (mut child, agent_port) = start_watching_agent(agent, only)?;
-        let programs = || {
-            cmd::http_get(agent_port, "/metrics")
-                .map(|(_, t)| super::kernel::program_totals(&t))
-                .ok_or("the agent does not answer")
-        };
+        let metrics =
+            || cmd::http_get(agent_port, "/metrics").map(|(_, t)| t).ok_or("the agent does not answer");
+        // The agent's CPU from its own counter (getrusage: microseconds, exited threads included).
+        let agent_cpu = |t: &str| sum(t, "inferwatch_agent_cpu_seconds_total");
         // The agent reads the kernel's totals every discovery tick (2 s).
         thread::sleep(Duration::from_millis(2500));
-        let p0 = programs()?;
-        let (busy0, agent0) = (machine_busy_ticks(), super::cpu_ticks(child.id()));
+        let t0 = metrics()?;
+        let busy0 = machine_busy_ticks();
         let started = Instant::now();
         let run = load("accounting", requests);
         let seconds = started.elapsed().as_secs_f64();
-        let (busy1, agent1) = (machine_busy_ticks(), super::cpu_ticks(child.id()));
+        let busy1 = machine_busy_ticks();
+        let t1 = metrics();
         thread::sleep(Duration::from_millis(2500));
-        let p1 = programs();
+        let t2 = metrics();
         stop_agent(&mut child)?;
-        let (run, p1) = (run?, p1?);
-        let hz = super::clock_ticks_per_second();
-        Ok::<_, String>((run, seconds, (busy1 - busy0) as f64 / hz, (agent1 - agent0) as f64 / hz, p0, p1))
+        let (run, t1, t2) = (run?, t1?, t2?);
+        let busy_s = (busy1 - busy0) as f64 / super::clock_ticks_per_second();
+        let agent_s = agent_cpu(&t1) - agent_cpu(&t0);
+        let (p0, p1) = (super::kernel::program_totals(&t0), super::kernel::program_totals(&t2));
+        Ok::<_, String>((run, seconds, busy_s, agent_s, p0, p1))
     })();
     let _ = std::fs::write(stats_flag, previous.trim());
     let (run, seconds, busy_s, agent_s, p0, p1) = measured?;
