@@ -31,15 +31,10 @@ pub fn vllm(args: &[String]) -> Result<String> {
     let pairs = flag(args, "--pairs", 6)?;
     let requests = flag(args, "--requests", 400)?;
     let concurrency = flag(args, "--concurrency", 4)?;
-    // `full`: the agent as deployed; `sockets`: only the API server's socket probes (no
-    // discovery, no scraping, no scheduler roles), to tell the parts' costs apart.
     let variant = match args.iter().position(|a| a == "--variant") {
-        Some(i) => args.get(i + 1).map(String::as_str).unwrap_or(""),
-        None => "full",
+        Some(i) => Variant::parse(args.get(i + 1).map(String::as_str).unwrap_or(""))?,
+        None => Variant::Full,
     };
-    if !["full", "sockets"].contains(&variant) {
-        return Err("--variant: full or sockets".into());
-    }
     if pairs < 5 {
         return Err("--pairs: at least 5".into());
     }
@@ -52,8 +47,7 @@ pub fn vllm(args: &[String]) -> Result<String> {
     let result = (|| {
         eprintln!("bench vllm: waiting for vLLM (log in {})", dir.display());
         vllm::wait_ready(port, &mut server)?;
-        let only = (variant == "sockets").then(|| server.id());
-        measure_pairs(port, pairs, requests, concurrency, only, &dir)
+        measure_pairs(port, pairs, requests, concurrency, variant, server.id(), &dir)
     })();
     // SAFETY: signalling our own child's process group (vLLM and its engine process).
     unsafe { libc::kill(-(server.id() as i32), libc::SIGTERM) };
@@ -66,14 +60,67 @@ pub fn vllm(args: &[String]) -> Result<String> {
     result
 }
 
+/// What runs beside vLLM in the "with" runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Variant {
+    /// The agent as deployed.
+    Full,
+    /// The same under the normal scheduling policy instead of SCHED_BATCH.
+    Normal,
+    /// Only the API server's socket probes (no discovery, scraping or scheduler roles): the
+    /// part that times requests, to tell the parts' costs apart.
+    Sockets,
+    /// Nothing: both sides without the agent, to show this machine's noise floor (A/A).
+    Control,
+}
+
+impl Variant {
+    fn parse(name: &str) -> Result<Variant> {
+        match name {
+            "full" => Ok(Variant::Full),
+            "normal" => Ok(Variant::Normal),
+            "sockets" => Ok(Variant::Sockets),
+            "control" => Ok(Variant::Control),
+            _ => Err("--variant: full, normal, sockets or control".into()),
+        }
+    }
+
+    /// The agent's arguments beyond --listen, or None when nothing is started.
+    fn agent_args(self, api_server: u32) -> Option<Vec<String>> {
+        match self {
+            Variant::Full => Some(Vec::new()),
+            Variant::Normal => Some(vec!["--normal-scheduling".into()]),
+            Variant::Sockets => Some(vec!["--no-discovery".into(), "--pid".into(), api_server.to_string()]),
+            Variant::Control => None,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Variant::Full => {
+                "the release agent as deployed (discovery, scraping, scheduler probes, SCHED_BATCH)"
+            }
+            Variant::Normal => {
+                "the release agent as deployed but under the normal scheduling policy (`--normal-scheduling`)"
+            }
+            Variant::Sockets => {
+                "the release agent watching only the API server's sockets (`--no-discovery --pid`: no scraping, no scheduler roles)"
+            }
+            Variant::Control => "nothing either (an A/A control: the ratios below are this machine's noise)",
+        }
+    }
+}
+
 fn measure_pairs(
     port: u16,
     pairs: u64,
     requests: u64,
     concurrency: u64,
-    only: Option<u32>,
+    variant: Variant,
+    api_server: u32,
     dir: &std::path::Path,
 ) -> Result<String> {
+    let agent_args = variant.agent_args(api_server);
     let agent = tasks::agent_binary(Profile::Release);
     let load = |name: &str, n: u64| -> Result<Run> {
         let json = dir.join(format!("{name}.json"));
@@ -103,11 +150,17 @@ fn measure_pairs(
         // A B, then B A: neither side always runs first (vLLM warms, caches fill).
         let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
         for attached in order {
-            if !attached {
-                without.push(load(&format!("pair{pair}-without"), requests)?);
+            let Some(agent_args) = agent_args.as_deref().filter(|_| attached) else {
+                let run =
+                    load(&format!("pair{pair}-{}", if attached { "with" } else { "without" }), requests)?;
+                if attached {
+                    with.push(run)
+                } else {
+                    without.push(run)
+                }
                 continue;
-            }
-            let (mut child, agent_port) = start_watching_agent(&agent, only)?;
+            };
+            let (mut child, agent_port) = start_watching_agent(&agent, agent_args)?;
             let cpu = CpuMeter::start(child.id());
             let run = load(&format!("pair{pair}-with"), requests);
             agent_cpu.push(cpu.percent());
@@ -125,8 +178,10 @@ fn measure_pairs(
             with.last().unwrap().throughput
         );
     }
-    let mut md = report(&without, &with, &agent_cpu, requests, concurrency, only.is_some());
-    md.push_str(&account(&load, &agent, only, requests)?);
+    let mut md = report(&without, &with, &agent_cpu, requests, concurrency, variant);
+    if let Some(agent_args) = &agent_args {
+        md.push_str(&account(&load, &agent, agent_args, requests)?);
+    }
     Ok(md)
 }
 
@@ -137,14 +192,14 @@ fn measure_pairs(
 fn account(
     load: &dyn Fn(&str, u64) -> Result<Run>,
     agent: &std::path::Path,
-    only: Option<u32>,
+    agent_args: &[String],
     requests: u64,
 ) -> Result<String> {
     let stats_flag = "/proc/sys/kernel/bpf_stats_enabled";
     let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
     let measured = (|| {
-        let (mut child, agent_port) = start_watching_agent(agent, only)?;
+        let (mut child, agent_port) = start_watching_agent(agent, agent_args)?;
         let metrics =
             || cmd::http_get(agent_port, "/metrics").map(|(_, t)| t).ok_or("the agent does not answer");
         // The agent's CPU from its own counter (getrusage: microseconds, exited threads included).
@@ -213,15 +268,12 @@ fn machine_busy_ticks() -> u64 {
     fields.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
 }
 
-/// The agent as deployed (discovery on), or watching only `only`'s sockets; returned once it
-/// watches the vLLM API server.
-fn start_watching_agent(agent: &std::path::Path, only: Option<u32>) -> Result<(Child, u16)> {
+/// The agent with `args`; returned once it watches the vLLM API server.
+fn start_watching_agent(agent: &std::path::Path, args: &[String]) -> Result<(Child, u16)> {
     let port = cmd::free_port()?;
     let mut command = cmd::as_root(agent);
-    command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]);
-    if let Some(pid) = only {
-        command.args(["--no-discovery", "--pid", &pid.to_string()]);
-    }
+    command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]).args(args);
+    let discovering = !args.iter().any(|a| a == "--no-discovery");
     let mut child = command.stdout(Stdio::null()).spawn().map_err(|e| format!("starting the agent: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -229,7 +281,7 @@ fn start_watching_agent(agent: &std::path::Path, only: Option<u32>) -> Result<(C
         // start-up work (program loading, first scan, first scrape) stays out of the measured run.
         let ready = cmd::http_get(port, "/metrics").is_some_and(|(_, t)| {
             sum(&t, "inferwatch_watched_processes") >= 1.0
-                && (only.is_some() || sum(&t, "inferwatch_vllm_up") >= 1.0)
+                && (!discovering || sum(&t, "inferwatch_vllm_up") >= 1.0)
         });
         if ready {
             thread::sleep(Duration::from_secs(1));
@@ -252,14 +304,10 @@ fn report(
     agent_cpu: &[f64],
     requests: u64,
     concurrency: u64,
-    sockets_only: bool,
+    variant: Variant,
 ) -> String {
     let mut md = String::new();
-    let agent = if sockets_only {
-        "the release agent watching only the API server's sockets (`--no-discovery --pid`: no scraping, no scheduler roles)"
-    } else {
-        "the release agent as deployed (discovery, scraping, scheduler probes)"
-    };
+    let agent = variant.describe();
     let _ = writeln!(
         md,
         "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run.\n",
@@ -273,7 +321,7 @@ fn report(
     for (i, (a, b)) in without.iter().zip(with).enumerate() {
         let _ = writeln!(
             md,
-            "| {} | {:.2} | {:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} | {:.1} |",
+            "| {} | {:.2} | {:.2} | {:.1} / {:.1} | {:.1} / {:.1} | {:.0} / {:.0} | {} |",
             i + 1,
             a.throughput,
             b.throughput,
@@ -283,7 +331,7 @@ fn report(
             b.ttft_p99_ms,
             a.failed,
             b.failed,
-            agent_cpu.get(i).copied().unwrap_or(f64::NAN)
+            agent_cpu.get(i).map_or("–".to_string(), |c| format!("{c:.1}"))
         );
     }
     let m = |runs: &[Run], f: Measure| median(&runs.iter().map(f).collect::<Vec<_>>());
