@@ -41,7 +41,10 @@ pub fn request_ids(payload: &[u8]) -> Vec<String> {
             continue;
         }
         let prefix = if chat { "chatcmpl-" } else { "cmpl-" };
-        let id = format!("{prefix}{}", String::from_utf8_lossy(&payload[start + 5..start + 5 + hex]));
+        let mut id = String::with_capacity(prefix.len() + hex);
+        id.push_str(prefix);
+        // Hex digits: ASCII, one char each.
+        id.extend(payload[start + 5..start + 5 + hex].iter().map(|&b| b as char));
         if !out.contains(&id) {
             out.push(id);
         }

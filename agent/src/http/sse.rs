@@ -1,5 +1,7 @@
 //! Server-sent events inside a response body, and which of them carry content.
 
+use super::find;
+
 /// What an event was, for timing purposes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EventClass {
@@ -28,14 +30,16 @@ pub struct SseParser {
 impl SseParser {
     /// Feeds known body bytes; completed events are passed to `on_event`.
     pub fn feed(&mut self, bytes: &[u8], on_event: &mut impl FnMut(EventClass)) {
-        for &b in bytes {
-            if b == b'\n' {
-                self.end_line(on_event);
-            } else if self.line.len() < KEEP_LINE {
-                self.line.push(b);
-            } else {
-                self.line_truncated = true;
-            }
+        let mut rest = bytes;
+        loop {
+            let end = memchr::memchr(b'\n', rest);
+            let part = &rest[..end.unwrap_or(rest.len())];
+            let room = KEEP_LINE - self.line.len();
+            self.line.extend_from_slice(&part[..part.len().min(room)]);
+            self.line_truncated |= part.len() > room;
+            let Some(end) = end else { return };
+            self.end_line(on_event);
+            rest = &rest[end + 1..];
         }
     }
 
@@ -87,26 +91,28 @@ impl SseParser {
 /// `text`, chat in a non-empty `delta.content` (or reasoning) or any tool call; a chunk with
 /// empty `choices` is usage. Any other payload counts as content. An event whose end we could
 /// not see and whose visible part decides nothing is taken as content.
+///
+/// Works on bytes (the data may be cut anywhere, even inside a UTF-8 sequence): every key and
+/// delimiter looked for is ASCII.
 pub fn classify(data: &[u8], truncated: bool) -> EventClass {
-    let text = String::from_utf8_lossy(data);
-    let text = text.trim();
-    if text == "[DONE]" {
+    let text = data.trim_ascii();
+    if text == b"[DONE]" {
         return EventClass::Done;
     }
-    if !text.starts_with('{') || !text.contains("\"choices\"") {
+    if !text.starts_with(b"{") || find(text, b"\"choices\"").is_none() {
         return EventClass::Content;
     }
-    if let Some(v) = value_after(text, "choices")
-        && v.starts_with('[')
-        && v[1..].trim_start().starts_with(']')
+    if let Some(v) = value_after(text, b"\"choices\"")
+        && let Some(inside) = v.strip_prefix(b"[")
+        && inside.trim_ascii_start().starts_with(b"]")
     {
         return EventClass::Other;
     }
-    if text.contains("\"tool_calls\"") {
+    if find(text, b"\"tool_calls\"").is_some() {
         return EventClass::Content;
     }
     let mut decided = false;
-    for key in ["text", "content", "reasoning_content", "reasoning"] {
+    for key in [&b"\"text\""[..], b"\"content\"", b"\"reasoning_content\"", b"\"reasoning\""] {
         match string_value_is_empty(text, key) {
             Some(false) => return EventClass::Content,
             Some(true) => decided = true,
@@ -116,14 +122,14 @@ pub fn classify(data: &[u8], truncated: bool) -> EventClass {
     if decided || !truncated { EventClass::Other } else { EventClass::Content }
 }
 
-/// The text after `"key":` (whitespace skipped), for the first occurrence of the key.
-fn value_after<'a>(json: &'a str, key: &str) -> Option<&'a str> {
-    let pattern = format!("\"{key}\"");
+/// The bytes after `"key":` (whitespace skipped), for the first occurrence of the key;
+/// `quoted_key` includes its quotes.
+fn value_after<'a>(json: &'a [u8], quoted_key: &[u8]) -> Option<&'a [u8]> {
     let mut rest = json;
-    while let Some(i) = rest.find(&pattern) {
-        rest = &rest[i + pattern.len()..];
-        if let Some(v) = rest.trim_start().strip_prefix(':') {
-            return Some(v.trim_start());
+    while let Some(i) = find(rest, quoted_key) {
+        rest = &rest[i + quoted_key.len()..];
+        if let Some(v) = rest.trim_ascii_start().strip_prefix(b":") {
+            return Some(v.trim_ascii_start());
         }
     }
     None
@@ -131,11 +137,10 @@ fn value_after<'a>(json: &'a str, key: &str) -> Option<&'a str> {
 
 /// For `"key": "<string>"`: whether that string is empty. None if the key is absent, null, or
 /// cut off before its value.
-fn string_value_is_empty(json: &str, key: &str) -> Option<bool> {
-    let v = value_after(json, key)?;
-    let s = v.strip_prefix('"')?;
-    let first = s.chars().next()?;
-    Some(first == '"')
+fn string_value_is_empty(json: &[u8], quoted_key: &[u8]) -> Option<bool> {
+    let v = value_after(json, quoted_key)?;
+    let s = v.strip_prefix(b"\"")?;
+    Some(*s.first()? == b'"')
 }
 
 #[cfg(test)]
