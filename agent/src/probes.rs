@@ -76,6 +76,9 @@ impl Probes {
         let capture_bytes = capture_bytes.min(MAX_CAPTURE as u32);
         let mut ebpf = EbpfLoader::new()
             .override_global(CAPTURE_BYTES_GLOBAL, &capture_bytes, true)
+            // The scheduler probes' task storage: aya creates it but has no userspace type for
+            // it, and none is needed (only the kernel programs use it).
+            .allow_unsupported_maps()
             .load(OBJECT)
             .context("loading inferwatch's eBPF object")?;
         let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)

@@ -152,7 +152,6 @@ pub struct Scratch {
 pub const SCHED_ROLES_MAP: &str = "SCHED_ROLES";
 /// Name of the per-CPU array of scheduler statistics, [`SCHED_SLOTS`] `u64`s per role.
 pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
-pub const MAX_SCHED_TASKS: u32 = 16 * 1024;
 
 /// vLLM process roles, as indices into [`SCHED_STATS_MAP`].
 pub const SCHED_ROLE_COUNT: u32 = 3;

@@ -2,20 +2,23 @@
 //! context switches, off-CPU time by what the task blocked in, and run-queue delay (woken or
 //! preempted → running again). No events leave the kernel; the agent reads per-CPU sums.
 //!
-//! Tasks are keyed by their `task_struct` address: `sched_switch`'s `prev` is the current task
-//! (its tgid is at hand), and the address recognises `next` and a woken task later without
-//! reading task_struct fields, whose offsets vary between kernels.
+//! A vLLM task's state lives in task-local storage, attached to its `task_struct` when it first
+//! switches out (`prev` is the current task, so its tgid is at hand) and freed with the task.
+//! Finding it again for `next` or a woken task is one load from the task when it has none (the
+//! common case on a node: most switches are not vLLM's) and a cache slot when it has, instead
+//! of a hash-table lookup per switch and per wakeup.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    bindings::{BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE},
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_task_storage_get},
+    macros::{btf_map, map},
+    maps::{HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use inferwatch_common::{
-    MAX_SCHED_TASKS, MAX_WATCHED_TGIDS, OFF_FUTEX, OFF_OTHER, OFF_PREEMPTED, OFF_SLEEP, RUNQUEUE_BUCKETS,
-    SCHED_ROLE_COUNT, SCHED_SLOTS, SLOT_OFFCPU_FUTEX_NS, SLOT_OFFCPU_OTHER_NS, SLOT_OFFCPU_SLEEP_NS,
-    SLOT_ONCPU_NS, SLOT_RUNQUEUE_BUCKETS, SLOT_RUNQUEUE_COUNT, SLOT_RUNQUEUE_NS, SLOT_SWITCHES, TaskSched,
+    MAX_WATCHED_TGIDS, OFF_FUTEX, OFF_OTHER, OFF_PREEMPTED, OFF_SLEEP, RUNQUEUE_BUCKETS, SCHED_ROLE_COUNT,
+    SCHED_SLOTS, SLOT_OFFCPU_FUTEX_NS, SLOT_OFFCPU_OTHER_NS, SLOT_OFFCPU_SLEEP_NS, SLOT_ONCPU_NS,
+    SLOT_RUNQUEUE_BUCKETS, SLOT_RUNQUEUE_COUNT, SLOT_RUNQUEUE_NS, SLOT_SWITCHES, TaskSched,
 };
 
 use crate::{current_regs, syscall_nr_of};
@@ -23,8 +26,43 @@ use crate::{current_regs, syscall_nr_of};
 #[map]
 static SCHED_ROLES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_TGIDS, 0);
 
-#[map]
-static SCHED_TASKS: LruHashMap<u64, TaskSched> = LruHashMap::with_max_entries(MAX_SCHED_TASKS, 0);
+/// The BTF definition of a task-storage map (aya-ebpf has no type for one): the loader reads
+/// the map's type, flags and key/value types from these fields' BTF; they hold nothing.
+#[repr(C)]
+pub struct TaskStorage {
+    r#type: *const [i32; BPF_MAP_TYPE_TASK_STORAGE as usize],
+    key: *const i32,
+    value: *const TaskSched,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; BPF_F_NO_PREALLOC as usize],
+}
+
+// SAFETY: placeholder pointers that are never dereferenced; the static only names the map.
+unsafe impl Sync for TaskStorage {}
+
+impl TaskStorage {
+    const fn new() -> Self {
+        use core::ptr::null;
+        Self { r#type: null(), key: null(), value: null(), max_entries: null(), map_flags: null() }
+    }
+
+    /// The task's state; with `create`, a zeroed one is attached if it has none.
+    #[inline(always)]
+    fn get(&self, task: u64, create: bool) -> Option<&mut TaskSched> {
+        let flags = if create { BPF_LOCAL_STORAGE_GET_F_CREATE as u64 } else { 0 };
+        // SAFETY: `task` is a `struct task_struct *` argument of the tracepoint, which the
+        // verifier checks (PTR_TO_BTF_ID); the helper returns a pointer into the task's
+        // storage, valid for this program run, or null.
+        unsafe {
+            let map = core::ptr::from_ref(self).cast_mut().cast();
+            let p = bpf_task_storage_get(map, task as *mut _, core::ptr::null_mut(), flags);
+            p.cast::<TaskSched>().as_mut()
+        }
+    }
+}
+
+#[btf_map]
+static SCHED_TASKS: TaskStorage = TaskStorage::new();
 
 #[map]
 static SCHED_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SCHED_ROLE_COUNT * SCHED_SLOTS, 0);
@@ -45,9 +83,9 @@ fn add(role: u8, slot: u32, value: u64) {
 
 /// `sched_switch(bool preempt, struct task_struct *prev, struct task_struct *next, unsigned int prev_state)`.
 ///
-/// Runs on every context switch of the node: tasks that are not vLLM's cost two lookups and
-/// nothing else (the clock is read only when a vLLM task is involved), and a known task's state
-/// is updated in place (an LRU insert, with its lock and allocation, only for a task's first switch).
+/// Runs on every context switch of the node: tasks that are not vLLM's cost one hash lookup
+/// (`prev`'s tgid) and one load (`next` has no storage) and nothing else; the clock is read only
+/// when a vLLM task is involved.
 #[inline(always)]
 pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let prev: u64 = ctx.arg(1);
@@ -71,34 +109,25 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
         add(role, SLOT_SWITCHES, 1);
         // Preempted: it is runnable now, so its run-queue wait starts now.
         let wake_ns = if reason == OFF_PREEMPTED { now } else { 0 };
-        match SCHED_TASKS.get_ptr_mut(&prev) {
-            Some(state) => {
-                // SAFETY: a live map value; a concurrent update of the same task is impossible
-                // (it is switching out on this CPU).
-                let state = unsafe { &mut *state };
-                if state.on_ns != 0 {
-                    add(role, SLOT_ONCPU_NS, now.saturating_sub(state.on_ns));
-                }
-                state.role = role;
-                state.on_ns = 0;
-                state.off_ns = now;
-                state.off_reason = reason;
-                state.wake_ns = wake_ns;
+        // A new storage is zeroed: on_ns 0, nothing to account yet. Allocation can fail (memory,
+        // or the storage busy in a nested program on this CPU): the switch then goes uncounted.
+        if let Some(state) = SCHED_TASKS.get(prev, true) {
+            if state.on_ns != 0 {
+                add(role, SLOT_ONCPU_NS, now.saturating_sub(state.on_ns));
             }
-            None => {
-                let state =
-                    TaskSched { role, off_ns: now, off_reason: reason, wake_ns, ..Default::default() };
-                let _ = SCHED_TASKS.insert(&prev, &state, 0);
-            }
+            state.role = role;
+            state.on_ns = 0;
+            state.off_ns = now;
+            state.off_reason = reason;
+            state.wake_ns = wake_ns;
         }
     }
 
     // The task arriving.
-    if let Some(state) = SCHED_TASKS.get_ptr_mut(&next) {
+    if let Some(state) = SCHED_TASKS.get(next, false) {
         if now == 0 {
             now = unsafe { bpf_ktime_get_ns() };
         }
-        let state = unsafe { &mut *state };
         if state.wake_ns != 0 {
             let delay = now.saturating_sub(state.wake_ns);
             add(state.role, SLOT_RUNQUEUE_NS, delay);
@@ -116,8 +145,7 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
 #[inline(always)]
 pub fn try_sched_wakeup(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let task: u64 = ctx.arg(0);
-    let Some(state) = SCHED_TASKS.get_ptr_mut(&task) else { return Ok(()) };
-    let state = unsafe { &mut *state };
+    let Some(state) = SCHED_TASKS.get(task, false) else { return Ok(()) };
     if state.wake_ns != 0 || state.off_ns == 0 {
         return Ok(());
     }
