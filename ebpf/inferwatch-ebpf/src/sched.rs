@@ -47,6 +47,10 @@ impl TaskStorage {
     }
 
     /// The task's state; with `create`, a zeroed one is attached if it has none.
+    #[expect(
+        clippy::mut_from_ref,
+        reason = "the storage lives in the kernel, not in `self`; only the task switching (or being woken, under its runqueue lock) here touches it"
+    )]
     #[inline(always)]
     fn get(&self, task: u64, create: bool) -> Option<&mut TaskSched> {
         let flags = if create { BPF_LOCAL_STORAGE_GET_F_CREATE as u64 } else { 0 };
