@@ -186,8 +186,10 @@ pub struct RunArgs {
     /// How often /proc is scanned for vLLM processes.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub discovery_interval: Duration,
-    /// How often each instance's /metrics is scraped.
-    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    /// How often each instance's /metrics is scraped. Each scrape stalls vLLM's API server: its
+    /// event loop renders the page (5–15 ms under load, measured on vLLM 0.32), delaying every
+    /// stream it serves meanwhile; 15 s is Prometheus's own default interval.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
     pub scrape_interval: Duration,
     /// Longest a scrape may take.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
@@ -301,7 +303,7 @@ mod tests {
         let cli = Cli::try_parse_from(["inferwatch", "discover", "--json"]).unwrap();
         assert!(matches!(cli.command(), Command::Discover(DiscoverArgs { json: true })));
         let args = Cli::try_parse_from(["inferwatch"]).unwrap().run_args();
-        assert_eq!(args.scrape_interval, Duration::from_secs(5));
+        assert_eq!(args.scrape_interval, Duration::from_secs(15));
         assert_eq!(args.discovery_interval, Duration::from_secs(2));
         assert!(!args.no_discovery);
     }
