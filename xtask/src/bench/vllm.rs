@@ -160,7 +160,9 @@ fn measure_pairs(
                 }
                 continue;
             };
-            let (mut child, agent_port) = start_watching_agent(&agent, agent_args)?;
+            // Golden-ratio phases spread the runs evenly over the scrape interval.
+            let phase = (pair as f64 * 0.618_034).fract();
+            let (mut child, agent_port) = start_watching_agent(&agent, agent_args, phase)?;
             let cpu = CpuMeter::start(child.id());
             let run = load(&format!("pair{pair}-with"), requests);
             agent_cpu.push(cpu.percent());
@@ -199,7 +201,7 @@ fn account(
     let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
     let measured = (|| {
-        let (mut child, agent_port) = start_watching_agent(agent, agent_args)?;
+        let (mut child, agent_port) = start_watching_agent(agent, agent_args, 0.5)?;
         let metrics =
             || cmd::http_get(agent_port, "/metrics").map(|(_, t)| t).ok_or("the agent does not answer");
         // The agent's CPU from its own counter (getrusage: microseconds, exited threads included).
@@ -268,8 +270,14 @@ fn machine_busy_ticks() -> u64 {
     fields.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
 }
 
-/// The agent with `args`; returned once it watches the vLLM API server.
-fn start_watching_agent(agent: &std::path::Path, args: &[String]) -> Result<(Child, u16)> {
+/// The agent's default interval between scrapes of vLLM (`--scrape-interval`).
+const SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The agent with `args`; returned once it watches the vLLM API server. A discovering agent
+/// scrapes vLLM at once, then every `SCRAPE_INTERVAL`, and each scrape stalls vLLM's event loop
+/// for a few milliseconds: the run starts `phase` (0..1) of an interval after the first scrape,
+/// so that over the pairs the runs meet scrapes as often as in steady state, not never.
+fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) -> Result<(Child, u16)> {
     let port = cmd::free_port()?;
     let mut command = cmd::as_root(agent);
     command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]).args(args);
@@ -284,7 +292,8 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String]) -> Result<(Chi
                 && (!discovering || sum(&t, "inferwatch_vllm_up") >= 1.0)
         });
         if ready {
-            thread::sleep(Duration::from_secs(1));
+            let offset = if discovering { SCRAPE_INTERVAL.mul_f64(phase) } else { Duration::ZERO };
+            thread::sleep(Duration::from_secs(1) + offset);
             return Ok((child, port));
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -310,8 +319,13 @@ fn report(
     let agent = variant.describe();
     let _ = writeln!(
         md,
-        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run.\n",
-        without.len()
+        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
+        without.len(),
+        if matches!(variant, Variant::Full | Variant::Normal) {
+            " (each run starts at a different phase of the agent's 15 s scrape interval, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         md,
