@@ -72,6 +72,9 @@ enum Variant {
     Sockets,
     /// Nothing: both sides without the agent, to show this machine's noise floor (A/A).
     Control,
+    /// No agent, but a process with the agent's CPU pattern (wakes every 25 ms, spins ~200 µs:
+    /// ~0.8% of a core): what any neighbour that small costs vLLM on this machine.
+    Burn,
 }
 
 impl Variant {
@@ -81,7 +84,8 @@ impl Variant {
             "normal" => Ok(Variant::Normal),
             "sockets" => Ok(Variant::Sockets),
             "control" => Ok(Variant::Control),
-            _ => Err("--variant: full, normal, sockets or control".into()),
+            "burn" => Ok(Variant::Burn),
+            _ => Err("--variant: full, normal, sockets, control or burn".into()),
         }
     }
 
@@ -91,7 +95,7 @@ impl Variant {
             Variant::Full => Some(Vec::new()),
             Variant::Normal => Some(vec!["--normal-scheduling".into()]),
             Variant::Sockets => Some(vec!["--no-discovery".into(), "--pid".into(), api_server.to_string()]),
-            Variant::Control => None,
+            Variant::Control | Variant::Burn => None,
         }
     }
 
@@ -107,6 +111,9 @@ impl Variant {
                 "the release agent watching only the API server's sockets (`--no-discovery --pid`: no scraping, no scheduler roles)"
             }
             Variant::Control => "nothing either (an A/A control: the ratios below are this machine's noise)",
+            Variant::Burn => {
+                "no agent but a Python process that wakes every 25 ms and spins 200 µs (the agent's CPU pattern, ~0.8% of a core; its CPU is in the last column)"
+            }
         }
     }
 }
@@ -150,6 +157,16 @@ fn measure_pairs(
         // A B, then B A: neither side always runs first (vLLM warms, caches fill).
         let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
         for attached in order {
+            if attached && variant == Variant::Burn {
+                let mut burner = start_burner()?;
+                let cpu = CpuMeter::start(burner.id());
+                let run = load(&format!("pair{pair}-burn"), requests);
+                agent_cpu.push(cpu.percent());
+                let _ = burner.kill();
+                let _ = burner.wait();
+                with.push(run?);
+                continue;
+            }
             let Some(agent_args) = agent_args.as_deref().filter(|_| attached) else {
                 let run =
                     load(&format!("pair{pair}-{}", if attached { "with" } else { "without" }), requests)?;
@@ -268,6 +285,16 @@ fn machine_busy_ticks() -> u64 {
         stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
     // user nice system idle iowait irq softirq (then steal: the hypervisor's, not ours)
     fields.iter().take(7).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum()
+}
+
+/// A process that wakes every 25 ms and spins for 200 µs, like the agent's drains.
+fn start_burner() -> Result<Child> {
+    let script = "import time\nwhile True:\n    time.sleep(0.025)\n    t = time.perf_counter()\n    while time.perf_counter() - t < 0.0002: pass\n";
+    std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting the burner (python3): {e}"))
 }
 
 /// The agent's default interval between scrapes of vLLM (`--scrape-interval`).
