@@ -47,7 +47,18 @@ pub fn vllm(args: &[String]) -> Result<String> {
     let result = (|| {
         eprintln!("bench vllm: waiting for vLLM (log in {})", dir.display());
         vllm::wait_ready(port, &mut server)?;
-        measure_pairs(port, pairs, requests, concurrency, variant, server.id(), &dir)
+        // Extra agent flags (`--agent-args "--capture-bytes 256"`), to try a setting A/B.
+        let extra: Vec<String> = match args.iter().position(|a| a == "--agent-args") {
+            Some(i) => {
+                args.get(i + 1).map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
+        let agent_args = variant.agent_args(server.id()).map(|mut a| {
+            a.extend(extra);
+            a
+        });
+        measure_pairs(port, pairs, requests, concurrency, variant, agent_args, &dir)
     })();
     // SAFETY: signalling our own child's process group (vLLM and its engine process).
     unsafe { libc::kill(-(server.id() as i32), libc::SIGTERM) };
@@ -124,10 +135,9 @@ fn measure_pairs(
     requests: u64,
     concurrency: u64,
     variant: Variant,
-    api_server: u32,
+    agent_args: Option<Vec<String>>,
     dir: &std::path::Path,
 ) -> Result<String> {
-    let agent_args = variant.agent_args(api_server);
     let agent = tasks::agent_binary(Profile::Release);
     let load = |name: &str, n: u64| -> Result<Run> {
         let json = dir.join(format!("{name}.json"));
