@@ -81,6 +81,10 @@ enum Variant {
     /// Only the API server's socket probes (no discovery, scraping or scheduler roles): the
     /// part that times requests, to tell the parts' costs apart.
     Sockets,
+    /// The agent with its programs attached but nothing watched (`--no-discovery`, no `--pid`):
+    /// every socket operation and context switch of the node runs the programs' filters, no
+    /// record is made and the agent's userspace idles.
+    Unwatched,
     /// Nothing: both sides without the agent, to show this machine's noise floor (A/A).
     Control,
     /// No agent, but a process with the agent's CPU pattern (wakes every 25 ms, spins ~200 µs:
@@ -94,9 +98,10 @@ impl Variant {
             "full" => Ok(Variant::Full),
             "normal" => Ok(Variant::Normal),
             "sockets" => Ok(Variant::Sockets),
+            "unwatched" => Ok(Variant::Unwatched),
             "control" => Ok(Variant::Control),
             "burn" => Ok(Variant::Burn),
-            _ => Err("--variant: full, normal, sockets, control or burn".into()),
+            _ => Err("--variant: full, normal, sockets, unwatched, control or burn".into()),
         }
     }
 
@@ -106,6 +111,7 @@ impl Variant {
             Variant::Full => Some(Vec::new()),
             Variant::Normal => Some(vec!["--normal-scheduling".into()]),
             Variant::Sockets => Some(vec!["--no-discovery".into(), "--pid".into(), api_server.to_string()]),
+            Variant::Unwatched => Some(vec!["--no-discovery".into()]),
             Variant::Control | Variant::Burn => None,
         }
     }
@@ -120,6 +126,9 @@ impl Variant {
             }
             Variant::Sockets => {
                 "the release agent watching only the API server's sockets (`--no-discovery --pid`: no scraping, no scheduler roles)"
+            }
+            Variant::Unwatched => {
+                "the release agent with its programs attached but watching nothing (`--no-discovery`, no `--pid`: only the programs' filters run)"
             }
             Variant::Control => "nothing either (an A/A control: the ratios below are this machine's noise)",
             Variant::Burn => {
@@ -324,8 +333,9 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) ->
     loop {
         // Ready = watching the API server and, as deployed, holding vLLM's first scrape: the
         // start-up work (program loading, first scan, first scrape) stays out of the measured run.
+        let watching = args.iter().any(|a| a == "--pid") || discovering;
         let ready = cmd::http_get(port, "/metrics").is_some_and(|(_, t)| {
-            sum(&t, "inferwatch_watched_processes") >= 1.0
+            (!watching || sum(&t, "inferwatch_watched_processes") >= 1.0)
                 && (!discovering || sum(&t, "inferwatch_vllm_up") >= 1.0)
         });
         if ready {
