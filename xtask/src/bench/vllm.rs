@@ -171,6 +171,15 @@ fn measure_pairs(
         })
     };
     load("warm-up", requests / 4)?;
+    // Right before every measured run, with or without the agent, a short burst: the runs with
+    // an agent follow an idle gap (its start, the scrape phase) in which vLLM's threads go to
+    // sleep and its caches cool, which alone made them slower; the burst puts both sides on
+    // the same warm footing.
+    let burst = (requests / 20).max(10);
+    let measured = |name: &str| -> Result<Run> {
+        load(&format!("{name}-burst"), burst)?;
+        load(name, requests)
+    };
     let (mut without, mut with, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
     for pair in 0..pairs {
         // A B, then B A: neither side always runs first (vLLM warms, caches fill).
@@ -179,7 +188,7 @@ fn measure_pairs(
             if attached && variant == Variant::Burn {
                 let mut burner = start_burner()?;
                 let cpu = CpuMeter::start(burner.id());
-                let run = load(&format!("pair{pair}-burn"), requests);
+                let run = measured(&format!("pair{pair}-burn"));
                 agent_cpu.push(cpu.percent());
                 let _ = burner.kill();
                 let _ = burner.wait();
@@ -187,8 +196,7 @@ fn measure_pairs(
                 continue;
             }
             let Some(agent_args) = agent_args.as_deref().filter(|_| attached) else {
-                let run =
-                    load(&format!("pair{pair}-{}", if attached { "with" } else { "without" }), requests)?;
+                let run = measured(&format!("pair{pair}-{}", if attached { "with" } else { "without" }))?;
                 if attached {
                     with.push(run)
                 } else {
@@ -200,7 +208,7 @@ fn measure_pairs(
             let phase = (pair as f64 * 0.618_034).fract();
             let (mut child, agent_port) = start_watching_agent(&agent, agent_args, phase)?;
             let cpu = CpuMeter::start(child.id());
-            let run = load(&format!("pair{pair}-with"), requests);
+            let run = measured(&format!("pair{pair}-with"));
             agent_cpu.push(cpu.percent());
             let counted = cmd::http_get(agent_port, "/metrics")
                 .map(|(_, t)| sum(&t, "inferwatch_http_requests_total{"))
@@ -366,7 +374,8 @@ fn report(
     let agent = variant.describe();
     let _ = writeln!(
         md,
-        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run; {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
+        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run, each right after a burst of {} requests (both sides: vLLM warm either way); {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
+        (requests / 20).max(10),
         without.len(),
         if matches!(variant, Variant::Full | Variant::Normal) {
             " (each run starts at a different phase of the agent's 15 s scrape interval, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
