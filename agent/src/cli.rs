@@ -177,12 +177,6 @@ pub struct RunArgs {
     /// Do not look for vLLM processes: watch only `--pid`, scrape only `--vllm-url`.
     #[arg(long)]
     pub no_discovery: bool,
-    /// Keep the normal scheduling policy. By default the agent runs as SCHED_BATCH: it still gets
-    /// its fair share of CPU, but waking up it never preempts the workload (on a busy node each
-    /// of those preemptions stalls vLLM's threads; the agent's timings come from the kernel, so
-    /// running a few milliseconds later changes nothing it measures).
-    #[arg(long)]
-    pub normal_scheduling: bool,
     /// How often /proc is scanned for vLLM processes.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub discovery_interval: Duration,

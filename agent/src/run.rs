@@ -61,28 +61,7 @@ pub fn prepare(args: RunArgs) -> Result<Prepared> {
     let kept = privileges::drop_all_but(privileges::kept(!args.no_discovery, privileges::kernel_version()))
         .context("dropping the capabilities no longer needed")?;
     tracing::info!(kept = ?privileges::names(kept), "programs attached; dropped every other capability");
-    if !args.normal_scheduling {
-        // Still single-threaded: every thread started later inherits the policy.
-        match yield_to_the_workload() {
-            Ok(()) => {
-                tracing::info!("running as SCHED_BATCH: the agent never preempts the workload on wakeup")
-            }
-            Err(e) => tracing::warn!("cannot switch to SCHED_BATCH, keeping the normal policy: {e}"),
-        }
-    }
     Ok(Prepared { args, listener, web, explicit_urls, probes, outputs })
-}
-
-/// Switches the calling thread to SCHED_BATCH (no privilege needed to leave SCHED_OTHER for it).
-/// The scheduler never lets a waking SCHED_BATCH task preempt a running normal one; it runs
-/// when a CPU frees up or the running task's slice ends, with the same fair share as before.
-fn yield_to_the_workload() -> std::io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 pub async fn run(prepared: Prepared) -> Result<()> {

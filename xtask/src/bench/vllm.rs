@@ -76,8 +76,6 @@ pub fn vllm(args: &[String]) -> Result<String> {
 enum Variant {
     /// The agent as deployed.
     Full,
-    /// The same under the normal scheduling policy instead of SCHED_BATCH.
-    Normal,
     /// Only the API server's socket probes (no discovery, scraping or scheduler roles): the
     /// part that times requests, to tell the parts' costs apart.
     Sockets,
@@ -96,12 +94,11 @@ impl Variant {
     fn parse(name: &str) -> Result<Variant> {
         match name {
             "full" => Ok(Variant::Full),
-            "normal" => Ok(Variant::Normal),
             "sockets" => Ok(Variant::Sockets),
             "unwatched" => Ok(Variant::Unwatched),
             "control" => Ok(Variant::Control),
             "burn" => Ok(Variant::Burn),
-            _ => Err("--variant: full, normal, sockets, unwatched, control or burn".into()),
+            _ => Err("--variant: full, sockets, unwatched, control or burn".into()),
         }
     }
 
@@ -109,7 +106,6 @@ impl Variant {
     fn agent_args(self, api_server: u32) -> Option<Vec<String>> {
         match self {
             Variant::Full => Some(Vec::new()),
-            Variant::Normal => Some(vec!["--normal-scheduling".into()]),
             Variant::Sockets => Some(vec!["--no-discovery".into(), "--pid".into(), api_server.to_string()]),
             Variant::Unwatched => Some(vec!["--no-discovery".into()]),
             Variant::Control | Variant::Burn => None,
@@ -118,12 +114,7 @@ impl Variant {
 
     fn describe(self) -> &'static str {
         match self {
-            Variant::Full => {
-                "the release agent as deployed (discovery, scraping, scheduler probes, SCHED_BATCH)"
-            }
-            Variant::Normal => {
-                "the release agent as deployed but under the normal scheduling policy (`--normal-scheduling`)"
-            }
+            Variant::Full => "the release agent as deployed (discovery, scraping, scheduler probes)",
             Variant::Sockets => {
                 "the release agent watching only the API server's sockets (`--no-discovery --pid`: no scraping, no scheduler roles)"
             }
@@ -377,7 +368,7 @@ fn report(
         "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run, each right after a burst of {} requests (both sides: vLLM warm either way); {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
         (requests / 20).max(10),
         without.len(),
-        if matches!(variant, Variant::Full | Variant::Normal) {
+        if variant == Variant::Full {
             " (each run starts at a different phase of the agent's 15 s scrape interval, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
         } else {
             ""
