@@ -226,9 +226,8 @@ fn try_net_event(ctx: &BtfTracePointContext, what: i32) -> Result<(), i32> {
     })
 }
 
-/// Emits a record without payload, under the same wakeup policy as data records (a
-/// connection's state changes come several per request: a wakeup each would cost more than
-/// the records).
+/// Emits a record without payload, waking the reader (state changes and resets are rare next
+/// to data, and a prompt drain at a connection's end keeps the agent's bursts small).
 #[inline(always)]
 fn emit_header(event: SockEvent) -> Result<(), i32> {
     let Some(mut entry) = EVENTS.reserve::<SockEvent>(0) else {
@@ -236,7 +235,7 @@ fn emit_header(event: SockEvent) -> Result<(), i32> {
         return Err(1);
     };
     entry.write(event);
-    entry.submit(wakeup_flags(SOCK_EVENT_SIZE));
+    entry.submit(0);
     Ok(())
 }
 
