@@ -300,7 +300,7 @@ pub fn group(processes: &[Process], all_ppids: &HashMap<u32, u32>) -> Vec<(u32, 
 /// for as long as that process lives; a server not yet listening (loading its model) is looked
 /// at again on the next scan.
 #[derive(Debug, Default)]
-pub struct ListenCache(HashMap<u32, (u64, BTreeSet<SocketAddr>)>);
+struct ListenCache(HashMap<u32, (u64, BTreeSet<SocketAddr>)>);
 
 impl ListenCache {
     fn addresses(&mut self, root: &Path, pid: u32, started: u64) -> BTreeSet<SocketAddr> {
@@ -322,14 +322,6 @@ impl ListenCache {
     fn keep_only(&mut self, api_servers: &HashMap<u32, u64>) {
         self.0.retain(|pid, (started, _)| api_servers.get(pid) == Some(started));
     }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 /// The command name between the parentheses of a `/proc/PID/stat` line (what `comm` holds).
@@ -337,31 +329,117 @@ pub fn comm_from_stat(stat: &str) -> Option<&str> {
     stat.get(stat.find('(')? + 1..stat.rfind(')')?)
 }
 
-/// Reads /proc under `root` and returns every vLLM instance found; `listen` keeps the API
-/// servers' addresses between scans.
-pub fn scan(root: &Path, listen_cache: &mut ListenCache) -> Vec<Instance> {
-    let mut processes = Vec::new();
-    let mut ppids = HashMap::new();
-    let mut cmdlines = HashMap::new();
-    let mut started = HashMap::new();
+/// What discovery keeps between scans: what it learnt of each process, and the API servers'
+/// listening addresses.
+///
+/// Reading every process's `stat` and `cmdline` on every scan was, after the TCP tables, the
+/// agent's largest idle cost (an open and a read per file, per process, every 2 s: ~20% of the
+/// agent's CPU next to a loaded vLLM on a 70-process VM, and it grows with the node's process
+/// count). A process is now recognised from its /proc directory entry (pid and inode: the
+/// kernel gives a new process a new inode, even under a reused pid) and read again only while
+/// it is young (started less than `YOUNG_SECONDS` ago), when processes rename themselves (vLLM
+/// retitles its children after they start), and on every `FULL_SCAN_EVERY`-th scan, which
+/// bounds how late any other change (a late `exec` into vLLM, a parent that exited) is seen.
+#[derive(Debug, Default)]
+pub struct ScanCache {
+    processes: HashMap<u32, Seen>,
+    listen: ListenCache,
+    scans: u64,
+    last_reads: usize,
+}
+
+/// A process as last read, and for how many scans in a row it read the same.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    inode: u64,
+    ppid: u32,
+    started: u64,
+    /// For vLLM processes: role, command name and command line.
+    vllm: Option<(Role, String, Vec<u8>)>,
+}
+
+/// A process younger than this is read on every scan.
+const YOUNG_SECONDS: u64 = 30;
+/// Every this many scans (30 s at the default 2 s interval), every process is read again.
+const FULL_SCAN_EVERY: u64 = 15;
+
+impl ScanCache {
+    /// Processes whose /proc files the last scan read.
+    pub fn last_reads(&self) -> usize {
+        self.last_reads
+    }
+
+    /// Processes known.
+    pub fn len(&self) -> usize {
+        self.processes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.processes.is_empty()
+    }
+}
+
+/// Reads `stat` and `cmdline` of the process in `dir`.
+fn read_process(dir: &Path, inode: u64) -> Option<Seen> {
+    let stat = fs::read_to_string(dir.join("stat")).ok()?;
+    let (ppid, comm) = (ppid_from_stat(&stat)?, comm_from_stat(&stat)?);
+    let cmdline = fs::read(dir.join("cmdline")).unwrap_or_default();
+    let vllm = classify(&cmdline, comm).map(|role| (role, comm.to_string(), cmdline));
+    let started = crate::procfs::parse_start_time(&stat).unwrap_or(0);
+    Some(Seen { inode, ppid, started, vllm })
+}
+
+/// The start time (in clock ticks since boot, as in `stat`) below which a process is no longer
+/// young; 0 (everything young) when the uptime cannot be read.
+fn young_after(root: &Path) -> u64 {
+    let uptime = fs::read_to_string(root.join("uptime")).ok();
+    let seconds = uptime.as_deref().and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    seconds.map_or(0, |s| ((s as u64).saturating_sub(YOUNG_SECONDS)) * ticks_per_second)
+}
+
+/// Reads /proc under `root` and returns every vLLM instance found; `cache` carries what earlier
+/// scans learnt (see [`ScanCache`]).
+pub fn scan(root: &Path, cache: &mut ScanCache) -> Vec<Instance> {
+    use std::os::unix::fs::DirEntryExt;
+
     let Ok(entries) = fs::read_dir(root) else { return Vec::new() };
+    let full = cache.scans.is_multiple_of(FULL_SCAN_EVERY);
+    cache.scans += 1;
+    let young_after = young_after(root);
+    cache.last_reads = 0;
+    let mut known = HashMap::with_capacity(cache.processes.len());
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let dir = entry.path();
-        // One read per process for most of them: stat holds the parent and the command name.
-        let Ok(stat) = fs::read_to_string(dir.join("stat")) else { continue };
-        let (Some(ppid), Some(comm)) = (ppid_from_stat(&stat), comm_from_stat(&stat)) else { continue };
-        ppids.insert(pid, ppid);
-        let cmdline = fs::read(dir.join("cmdline")).unwrap_or_default();
-        if let Some(role) = classify(&cmdline, comm) {
-            processes.push(Process { pid, ppid, role, comm: comm.to_string() });
+        let inode = entry.ino();
+        let seen = match cache.processes.remove(&pid) {
+            Some(s) if s.inode == inode && !full && s.started < young_after => s,
+            _ => {
+                cache.last_reads += 1;
+                let Some(now) = read_process(&entry.path(), inode) else { continue };
+                now
+            }
+        };
+        known.insert(pid, seen);
+    }
+    cache.processes = known;
+
+    let mut processes = Vec::new();
+    let mut cmdlines = HashMap::new();
+    let mut started = HashMap::new();
+    let ppids: HashMap<u32, u32> = cache.processes.iter().map(|(&pid, s)| (pid, s.ppid)).collect();
+    for (&pid, seen) in &cache.processes {
+        if let Some((role, comm, cmdline)) = &seen.vllm {
+            processes.push(Process { pid, ppid: seen.ppid, role: *role, comm: comm.clone() });
             cmdlines.insert(pid, cmdline);
-            started.insert(pid, crate::procfs::parse_start_time(&stat).unwrap_or(0));
+            started.insert(pid, seen.started);
         }
     }
+    processes.sort_by_key(|p| p.pid);
     let api_servers: HashMap<u32, u64> =
         processes.iter().filter(|p| p.role == Role::ApiServer).map(|p| (p.pid, started[&p.pid])).collect();
-    listen_cache.keep_only(&api_servers);
+    cache.listen.keep_only(&api_servers);
     group(&processes, &ppids)
         .into_iter()
         .map(|(root_pid, mut procs)| {
@@ -369,7 +447,7 @@ pub fn scan(root: &Path, listen_cache: &mut ListenCache) -> Vec<Instance> {
             let api: Vec<u32> = procs.iter().filter(|p| p.role == Role::ApiServer).map(|p| p.pid).collect();
             let mut listen = BTreeSet::new();
             for pid in &api {
-                listen.extend(listen_cache.addresses(root, *pid, api_servers[pid]));
+                listen.extend(cache.listen.addresses(root, *pid, api_servers[pid]));
             }
             let models = api.iter().find_map(|pid| {
                 let m = models_from_cmdline(cmdlines.get(pid)?);
@@ -608,29 +686,88 @@ mod tests {
         let root = std::env::temp_dir().join(format!("inferwatch-listen-cache-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let addr: SocketAddr = "127.0.0.1:8000".parse().unwrap();
-        let mut cache = ListenCache::default();
+        let mut cache = ScanCache::default();
 
         // Not listening yet (loading its model): nothing found, nothing remembered.
         fake_proc(&root, 42, false);
         assert!(scan(&root, &mut cache)[0].listen.is_empty());
-        assert!(cache.is_empty());
+        assert!(cache.listen.0.is_empty());
 
         fake_proc(&root, 42, true);
         assert_eq!(scan(&root, &mut cache)[0].listen, vec![addr]);
-        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.listen.0.len(), 1);
 
         // The same process: the table is not read again (here it no longer shows the socket).
         fake_proc(&root, 42, false);
         assert_eq!(scan(&root, &mut cache)[0].listen, vec![addr]);
 
         // Another process under the same pid (a new start time) is looked at afresh.
-        fake_proc(&root, 43, false);
+        replace_process(&root, 43, false);
         assert!(scan(&root, &mut cache)[0].listen.is_empty());
-        assert!(cache.is_empty());
+        assert!(cache.listen.0.is_empty());
 
         // A server that is gone is forgotten.
         fake_proc(&root, 43, true);
         scan(&root, &mut cache);
+        fs::remove_dir_all(root.join("100")).unwrap();
+        assert!(scan(&root, &mut cache).is_empty());
+        assert!(cache.listen.0.is_empty());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Replaces the fake process 100 by a new one: a new directory, so a new inode, as the
+    /// kernel gives a new process (made first, so that the old inode cannot be reused for it).
+    fn replace_process(root: &Path, start_time: u64, net_tcp_listens: bool) {
+        let staging = root.join("staging");
+        let _ = fs::remove_dir_all(&staging);
+        fake_proc(&staging, start_time, net_tcp_listens);
+        fs::remove_dir_all(root.join("100")).unwrap();
+        fs::rename(staging.join("100"), root.join("100")).unwrap();
+        fs::remove_dir_all(&staging).unwrap();
+    }
+
+    #[test]
+    fn known_processes_are_not_read_on_every_scan() {
+        let root = std::env::temp_dir().join(format!("inferwatch-scan-cache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fake_proc(&root, 42, true);
+        let mut cache = ScanCache::default();
+        let server = |found: Vec<Instance>| found[0].processes[0].comm.clone();
+
+        // Young (started 10 s ago): read on every scan, so a rename right after start is seen.
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        fs::write(root.join("uptime"), format!("{}.25 99.0\n", 42 / ticks + 10)).unwrap();
+        assert_eq!(server(scan(&root, &mut cache)), "python3");
+        assert_eq!(cache.last_reads(), 1);
+        for _ in 0..FULL_SCAN_EVERY {
+            scan(&root, &mut cache);
+            assert_eq!(cache.last_reads(), 1);
+        }
+        // Older than YOUNG_SECONDS: not read again until the next full scan, whatever changes.
+        fs::write(root.join("uptime"), format!("{}.25 99.0\n", 42 / ticks + YOUNG_SECONDS + 1)).unwrap();
+        let stat = root.join("100/stat");
+        fs::write(&stat, fs::read_to_string(&stat).unwrap().replace("(python3)", "(vllm-api)")).unwrap();
+        let mut quiet = 0;
+        loop {
+            let found = scan(&root, &mut cache);
+            if cache.last_reads() == 1 {
+                assert_eq!(server(found), "vllm-api", "a full scan reads it again");
+                break;
+            }
+            assert_eq!(server(found), "python3");
+            quiet += 1;
+        }
+        assert_eq!(quiet, FULL_SCAN_EVERY as usize - 1, "scans without reading it");
+
+        // A new process under the same pid (a new inode) is read at once, young or not.
+        replace_process(&root, 43, true);
+        let found = scan(&root, &mut cache);
+        assert_eq!(cache.last_reads(), 1);
+        assert_eq!(server(found), "python3");
+        assert_eq!(cache.processes[&100].started, 43);
+
+        // Gone: forgotten.
         fs::remove_dir_all(root.join("100")).unwrap();
         assert!(scan(&root, &mut cache).is_empty());
         assert!(cache.is_empty());
@@ -648,7 +785,7 @@ mod tests {
     #[test]
     fn scans_this_machine_without_failing() {
         // No vLLM is expected here; the scan must simply work on a real /proc.
-        let found = scan(Path::new("/proc"), &mut ListenCache::default());
+        let found = scan(Path::new("/proc"), &mut ScanCache::default());
         for i in &found {
             assert!(i.processes.iter().any(|p| p.role == Role::ApiServer));
         }

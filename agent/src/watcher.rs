@@ -60,13 +60,13 @@ pub async fn run(
     let mut roles: HashMap<u32, Role> = HashMap::new();
     let mut described: HashMap<InstanceKey, Description> = HashMap::new();
     let mut first_scan_done = Some(first_scan_done);
-    let mut listen_cache = discovery::ListenCache::default();
+    let mut scan_cache = discovery::ScanCache::default();
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let instances = if config.discovery {
-            let mut cache = std::mem::take(&mut listen_cache);
+            let mut cache = std::mem::take(&mut scan_cache);
             let scanned = tokio::task::spawn_blocking(move || {
                 let instances = discovery::scan(Path::new("/proc"), &mut cache);
                 (instances, cache)
@@ -74,7 +74,7 @@ pub async fn run(
             .await;
             match scanned {
                 Ok((instances, cache)) => {
-                    listen_cache = cache;
+                    scan_cache = cache;
                     instances
                 }
                 Err(_) => Vec::new(),
