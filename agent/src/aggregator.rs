@@ -370,8 +370,10 @@ impl Aggregator {
                     at(inferwatch_common::SLOT_RUNQUEUE_NS) / 1e9,
                     at(inferwatch_common::SLOT_RUNQUEUE_COUNT),
                 );
-                *self.shared.sched.write().unwrap_or_else(|e| e.into_inner()) =
-                    crate::sched::families(&slots);
+                crate::sched::update(
+                    &mut self.shared.sched.write().unwrap_or_else(|e| e.into_inner()),
+                    &slots,
+                );
             }
         }
         let metrics = &self.shared.metrics;
