@@ -206,6 +206,39 @@ fn median(v: &[f64]) -> f64 {
     if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
 }
 
+/// A distribution-free interval for the median of `v` with at least 95% confidence, and the
+/// confidence it has: the k-th smallest and k-th largest values, with k the largest rank such
+/// that fewer than k of n values fall below the true median with probability ≤ 2.5% (each value
+/// is below it with probability ½, whatever the distribution). None below 6 values, where even
+/// the extremes give less than 95%.
+fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
+    let n = v.len();
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    // below[j] = P(X <= j) for X ~ Binomial(n, 1/2).
+    let mut term = 0.5f64.powi(n as i32);
+    let mut cumulative = 0.0;
+    let mut k = 0;
+    for j in 0..n {
+        cumulative += term;
+        if cumulative > 0.025 {
+            break;
+        }
+        k = j + 1;
+        term *= (n - j) as f64 / (j + 1) as f64;
+    }
+    if k == 0 {
+        return None;
+    }
+    // P(X <= k - 1), recomputed for the rank chosen.
+    let tail: f64 = (0..k).map(|j| binomial(n, j) * 0.5f64.powi(n as i32)).sum();
+    Some((s[k - 1], s[n - k], 1.0 - 2.0 * tail))
+}
+
+fn binomial(n: usize, k: usize) -> f64 {
+    (0..k).fold(1.0, |c, i| c * (n - i) as f64 / (i + 1) as f64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +247,25 @@ mod tests {
     fn median_of_odd_and_even() {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn median_interval_by_order_statistics() {
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0]), None, "5 values cannot give 95%");
+        // n = 6: the extremes, 1 - 2/64.
+        let (lo, hi, conf) = median_interval(&[6.0, 1.0, 5.0, 2.0, 4.0, 3.0]).unwrap();
+        assert_eq!((lo, hi), (1.0, 6.0));
+        assert!((conf - 0.96875).abs() < 1e-9);
+        // n = 10: 2nd and 9th, 1 - 2 * 11/1024 = 97.9%.
+        let v: Vec<f64> = (1..=10).rev().map(f64::from).collect();
+        let (lo, hi, conf) = median_interval(&v).unwrap();
+        assert_eq!((lo, hi), (2.0, 9.0));
+        assert!((conf - (1.0 - 22.0 / 1024.0)).abs() < 1e-9);
+        // n = 30: 10th and 21st (P(X <= 9) = 2.14%, P(X <= 10) = 4.94%).
+        let v: Vec<f64> = (1..=30).map(f64::from).collect();
+        let (lo, hi, conf) = median_interval(&v).unwrap();
+        assert_eq!((lo, hi), (10.0, 21.0));
+        assert!(conf > 0.95 && conf < 0.96, "{conf}");
     }
 
     #[test]
