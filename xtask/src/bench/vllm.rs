@@ -315,11 +315,12 @@ fn start_burner() -> Result<Child> {
         .map_err(|e| format!("starting the burner (python3): {e}"))
 }
 
-/// The agent's default interval between scrapes of vLLM (`--scrape-interval`).
-const SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
+/// The interval between the agent's scrapes of vLLM, in seconds, unless `--agent-args` sets
+/// one: passed explicitly, so that the run phases below follow what the agent really does.
+const SCRAPE_INTERVAL_SECONDS: u64 = 15;
 
 /// The agent with `args`; returned once it watches the vLLM API server. A discovering agent
-/// scrapes vLLM at once, then every `SCRAPE_INTERVAL`, and each scrape stalls vLLM's event loop
+/// scrapes vLLM at once, then every scrape interval, and each scrape stalls vLLM's event loop
 /// for a few milliseconds: the run starts `phase` (0..1) of an interval after the first scrape,
 /// so that over the pairs the runs meet scrapes as often as in steady state, not never.
 fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) -> Result<(Child, u16)> {
@@ -327,6 +328,19 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) ->
     let mut command = cmd::as_root(agent);
     command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]).args(args);
     let discovering = !args.iter().any(|a| a == "--no-discovery");
+    let given = args.iter().position(|a| a == "--scrape-interval").and_then(|i| args.get(i + 1));
+    let scrape_interval = match given {
+        Some(value) => {
+            let seconds = value.strip_suffix('s').and_then(|v| v.parse::<f64>().ok());
+            Duration::from_secs_f64(
+                seconds.ok_or("--agent-args: give --scrape-interval in seconds, as in 15s")?,
+            )
+        }
+        None => {
+            command.args(["--scrape-interval", &format!("{SCRAPE_INTERVAL_SECONDS}s")]);
+            Duration::from_secs(SCRAPE_INTERVAL_SECONDS)
+        }
+    };
     let mut child = command.stdout(Stdio::null()).spawn().map_err(|e| format!("starting the agent: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -338,7 +352,7 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) ->
                 && (!discovering || sum(&t, "inferwatch_vllm_up") >= 1.0)
         });
         if ready {
-            let offset = if discovering { SCRAPE_INTERVAL.mul_f64(phase) } else { Duration::ZERO };
+            let offset = if discovering { scrape_interval.mul_f64(phase) } else { Duration::ZERO };
             thread::sleep(Duration::from_secs(1) + offset);
             return Ok((child, port));
         }
@@ -369,7 +383,7 @@ fn report(
         (requests / 20).max(10),
         without.len(),
         if variant == Variant::Full {
-            " (each run starts at a different phase of the agent's 15 s scrape interval, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
+            " (each run starts at a different phase of the agent's scrape interval, 15 s unless `--agent-args` sets another, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
         } else {
             ""
         }
