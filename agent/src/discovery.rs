@@ -340,11 +340,16 @@ pub fn comm_from_stat(stat: &str) -> Option<&str> {
 /// it is young (started less than `YOUNG_SECONDS` ago), when processes rename themselves (vLLM
 /// retitles its children after they start), and on every `FULL_SCAN_EVERY`-th scan, which
 /// bounds how late any other change (a late `exec` into vLLM, a parent that exited) is seen.
+/// And when no task started or ended since the last scan, /proc is not even listed.
 #[derive(Debug, Default)]
 pub struct ScanCache {
     processes: HashMap<u32, Seen>,
     listen: ListenCache,
     scans: u64,
+    /// The node's task count and last pid at the last scan.
+    tasks: Option<(u64, u64)>,
+    last_instances: Vec<Instance>,
+    last_listed: bool,
     last_reads: usize,
 }
 
@@ -367,6 +372,11 @@ impl ScanCache {
     /// Processes whose /proc files the last scan read.
     pub fn last_reads(&self) -> usize {
         self.last_reads
+    }
+
+    /// Whether the last scan listed /proc.
+    pub fn last_listed(&self) -> bool {
+        self.last_listed
     }
 
     /// Processes known.
@@ -402,13 +412,41 @@ fn young_after(root: &Path) -> u64 {
 /// Reads /proc under `root` and returns every vLLM instance found; `cache` carries what earlier
 /// scans learnt (see [`ScanCache`]).
 pub fn scan(root: &Path, cache: &mut ScanCache) -> Vec<Instance> {
+    let full = cache.scans.is_multiple_of(FULL_SCAN_EVERY);
+    cache.scans += 1;
+    cache.last_reads = 0;
+    let young_after = young_after(root);
+    // Listing /proc walks every task of the node and touches each one's structures: ~30 µs
+    // with warm caches, but 5-10 ms when it comes every 2 s on a VM whose caches went cold
+    // meanwhile. When no task was created or ended since the last scan (the kernel's task count
+    // and last pid, in `loadavg`), nothing settled changed either, and the last result stands.
+    let tasks = fs::read_to_string(root.join("loadavg")).ok().as_deref().and_then(task_counters);
+    let unchanged = tasks.is_some() && tasks == cache.tasks;
+    cache.tasks = tasks;
+    let settled = cache.processes.values().all(|s| s.started < young_after);
+    let listening = cache.last_instances.iter().all(|i| !i.listen.is_empty());
+    cache.last_listed = full || !unchanged || !settled || !listening;
+    if !cache.last_listed {
+        return cache.last_instances.clone();
+    }
+    let found = scan_listing(root, cache, full, young_after);
+    cache.last_instances = found.clone();
+    found
+}
+
+/// The number of tasks and the last pid handed out, from `/proc/loadavg`
+/// (`0.21 1.00 1.37 2/82 986`): together they change whenever a task starts or ends.
+fn task_counters(loadavg: &str) -> Option<(u64, u64)> {
+    let mut fields = loadavg.split_whitespace().skip(3);
+    let total = fields.next()?.split_once('/')?.1.parse().ok()?;
+    Some((total, fields.next()?.parse().ok()?))
+}
+
+/// A scan that lists /proc, reading the processes `cache` cannot vouch for.
+fn scan_listing(root: &Path, cache: &mut ScanCache, full: bool, young_after: u64) -> Vec<Instance> {
     use std::os::unix::fs::DirEntryExt;
 
     let Ok(entries) = fs::read_dir(root) else { return Vec::new() };
-    let full = cache.scans.is_multiple_of(FULL_SCAN_EVERY);
-    cache.scans += 1;
-    let young_after = young_after(root);
-    cache.last_reads = 0;
     let mut known = HashMap::with_capacity(cache.processes.len());
     for entry in entries.flatten() {
         let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
@@ -771,6 +809,68 @@ mod tests {
         fs::remove_dir_all(root.join("100")).unwrap();
         assert!(scan(&root, &mut cache).is_empty());
         assert!(cache.is_empty());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn proc_is_listed_only_when_tasks_started_or_ended() {
+        let root = std::env::temp_dir().join(format!("inferwatch-scan-tasks-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fake_proc(&root, 42, true);
+        // SAFETY: sysconf has no preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+        fs::write(root.join("uptime"), format!("{}.0 1.0\n", 42 / ticks + YOUNG_SECONDS + 1)).unwrap();
+        let loadavg = |tasks: u32, last_pid: u32| {
+            fs::write(root.join("loadavg"), format!("0.21 1.00 1.37 2/{tasks} {last_pid}\n")).unwrap()
+        };
+        loadavg(82, 986);
+        let mut cache = ScanCache::default();
+        let first = scan(&root, &mut cache);
+        assert!(cache.last_listed());
+        assert_eq!(first[0].listen, vec!["127.0.0.1:8000".parse().unwrap()]);
+
+        // Nothing started or ended: the last result, without listing.
+        assert_eq!(scan(&root, &mut cache), first);
+        assert!(!cache.last_listed());
+
+        // A task started (a new last pid), or one ended (fewer tasks): listed.
+        loadavg(83, 990);
+        scan(&root, &mut cache);
+        assert!(cache.last_listed());
+        scan(&root, &mut cache);
+        assert!(!cache.last_listed());
+        loadavg(82, 990);
+        scan(&root, &mut cache);
+        assert!(cache.last_listed());
+
+        // A young process is looked at on every scan, tasks changing or not.
+        fs::write(root.join("uptime"), format!("{}.0 1.0\n", 42 / ticks + 1)).unwrap();
+        scan(&root, &mut cache);
+        scan(&root, &mut cache);
+        assert!(cache.last_listed());
+        fs::write(root.join("uptime"), format!("{}.0 1.0\n", 42 / ticks + YOUNG_SECONDS + 1)).unwrap();
+        scan(&root, &mut cache);
+
+        // So is an API server that does not listen yet.
+        replace_process(&root, 43, false);
+        fs::write(root.join("uptime"), format!("{}.0 1.0\n", 43 / ticks + YOUNG_SECONDS + 1)).unwrap();
+        loadavg(82, 995);
+        assert!(scan(&root, &mut cache)[0].listen.is_empty());
+        scan(&root, &mut cache);
+        assert!(cache.last_listed(), "still waiting for its port");
+
+        // And every FULL_SCAN_EVERY-th scan lists, whatever the counters say.
+        fake_proc(&root, 43, true);
+        assert_eq!(scan(&root, &mut cache)[0].listen.len(), 1);
+        let mut quiet = 0;
+        loop {
+            scan(&root, &mut cache);
+            if cache.last_listed() {
+                break;
+            }
+            quiet += 1;
+        }
+        assert!(quiet > 0 && quiet < FULL_SCAN_EVERY as usize, "{quiet} scans without listing");
         fs::remove_dir_all(&root).unwrap();
     }
 
