@@ -19,7 +19,7 @@ use aya::{
 use bytes::BytesMut;
 use inferwatch_common::{
     CAPTURE_BYTES_GLOBAL, DRAIN_INTERVAL_MS, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT,
-    SCHED_ROLES_MAP, SCHED_SLOTS, SCHED_STATS_MAP, WATCHED_TGIDS_MAP, WatchFlags,
+    SCHED_ROLES_MAP, SCHED_SLOTS, SCHED_STATS_MAP, SchedStats, WATCHED_TGIDS_MAP, WatchFlags,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -59,7 +59,7 @@ pub struct Probes {
 pub struct Outputs {
     pub events: RingBuf<MapData>,
     pub lost: PerCpuArray<MapData, u64>,
-    pub sched: PerCpuArray<MapData, u64>,
+    pub sched: PerCpuArray<MapData, SchedStats>,
     /// The programs' log channel, read by [`spawn_kernel_log`] once the runtime runs.
     pub kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -140,14 +140,20 @@ impl Probes {
     }
 }
 
-/// Sends the kernel's per-role scheduler sums (summed over CPUs) to the aggregator every second.
-pub async fn report_sched(stats: PerCpuArray<MapData, u64>, tx: mpsc::Sender<AgentEvent>) {
+/// Sends the kernel's per-role scheduler sums (summed over CPUs) to the aggregator every second:
+/// one system call for all of them.
+pub async fn report_sched(stats: PerCpuArray<MapData, SchedStats>, tx: mpsc::Sender<AgentEvent>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let slots: Vec<u64> = (0..SCHED_ROLE_COUNT * SCHED_SLOTS)
-            .map(|i| stats.get(&i, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
-            .collect();
+        let mut slots = vec![0u64; (SCHED_ROLE_COUNT * SCHED_SLOTS) as usize];
+        if let Ok(per_cpu) = stats.get(&0, 0) {
+            for cpu in per_cpu.iter() {
+                for (sum, v) in slots.iter_mut().zip(cpu.slots) {
+                    *sum += v;
+                }
+            }
+        }
         if tx.send(AgentEvent::Sched(slots)).await.is_err() {
             return;
         }

@@ -150,7 +150,8 @@ pub struct Scratch {
 
 /// Name of the hash map from tgid to [`SchedRole`] of the processes whose scheduling is measured.
 pub const SCHED_ROLES_MAP: &str = "SCHED_ROLES";
-/// Name of the per-CPU array of scheduler statistics, [`SCHED_SLOTS`] `u64`s per role.
+/// Name of the per-CPU array of scheduler statistics: one [`SchedStats`] (so that the agent
+/// reads them all with one system call).
 pub const SCHED_STATS_MAP: &str = "SCHED_STATS";
 
 /// vLLM process roles, as indices into [`SCHED_STATS_MAP`].
@@ -177,6 +178,13 @@ pub const SLOT_RUNQUEUE_BUCKETS: u32 = 7;
 pub const RUNQUEUE_BUCKETS: u32 = 24;
 const _: () = assert!(SLOT_RUNQUEUE_BUCKETS + RUNQUEUE_BUCKETS <= SCHED_SLOTS);
 
+/// All scheduler statistics of one CPU: [`SCHED_SLOTS`] `u64`s per role, in role order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SchedStats {
+    pub slots: [u64; (SCHED_ROLE_COUNT * SCHED_SLOTS) as usize],
+}
+
 /// Why a task left the CPU.
 pub const OFF_PREEMPTED: u8 = 0;
 pub const OFF_FUTEX: u8 = 1;
@@ -202,4 +210,5 @@ mod user {
     unsafe impl aya::Pod for super::WatchFlags {}
     unsafe impl aya::Pod for super::SockEvent {}
     unsafe impl aya::Pod for super::TrackedSock {}
+    unsafe impl aya::Pod for super::SchedStats {}
 }

@@ -16,9 +16,9 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use inferwatch_common::{
-    MAX_WATCHED_TGIDS, OFF_FUTEX, OFF_OTHER, OFF_PREEMPTED, OFF_SLEEP, RUNQUEUE_BUCKETS, SCHED_ROLE_COUNT,
-    SCHED_SLOTS, SLOT_OFFCPU_FUTEX_NS, SLOT_OFFCPU_OTHER_NS, SLOT_OFFCPU_SLEEP_NS, SLOT_ONCPU_NS,
-    SLOT_RUNQUEUE_BUCKETS, SLOT_RUNQUEUE_COUNT, SLOT_RUNQUEUE_NS, SLOT_SWITCHES, TaskSched,
+    MAX_WATCHED_TGIDS, OFF_FUTEX, OFF_OTHER, OFF_PREEMPTED, OFF_SLEEP, RUNQUEUE_BUCKETS, SCHED_SLOTS,
+    SLOT_OFFCPU_FUTEX_NS, SLOT_OFFCPU_OTHER_NS, SLOT_OFFCPU_SLEEP_NS, SLOT_ONCPU_NS, SLOT_RUNQUEUE_BUCKETS,
+    SLOT_RUNQUEUE_COUNT, SLOT_RUNQUEUE_NS, SLOT_SWITCHES, SchedStats, TaskSched,
 };
 
 use crate::{current_regs, syscall_nr_of};
@@ -69,7 +69,7 @@ impl TaskStorage {
 static SCHED_TASKS: TaskStorage = TaskStorage::new();
 
 #[map]
-static SCHED_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(SCHED_ROLE_COUNT * SCHED_SLOTS, 0);
+static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
 
 const TASK_RUNNING: u32 = 0;
 const FUTEX: i32 = 202;
@@ -79,9 +79,11 @@ const CLOCK_NANOSLEEP: i32 = 230;
 
 #[inline(always)]
 fn add(role: u8, slot: u32, value: u64) {
-    if let Some(p) = SCHED_STATS.get_ptr_mut(role as u32 * SCHED_SLOTS + slot) {
-        // Per-CPU slot: no other writer.
-        unsafe { *p += value };
+    if let Some(stats) = SCHED_STATS.get_ptr_mut(0) {
+        // Per-CPU value: no other writer. `get_mut` bounds the index for the verifier.
+        if let Some(v) = unsafe { (*stats).slots.get_mut((role as u32 * SCHED_SLOTS + slot) as usize) } {
+            *v += value;
+        }
     }
 }
 
