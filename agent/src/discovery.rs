@@ -764,11 +764,18 @@ mod tests {
         fs::remove_dir_all(&staging).unwrap();
     }
 
-    #[test]
-    fn known_processes_are_not_read_on_every_scan() {
-        let root = std::env::temp_dir().join(format!("inferwatch-scan-cache-{}", std::process::id()));
+    /// A new fake /proc tree named after `test`, holding the API server of [`fake_proc`] started
+    /// at tick 42 and listening.
+    fn fresh_fake_proc(test: &str) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("inferwatch-{test}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         fake_proc(&root, 42, true);
+        root
+    }
+
+    #[test]
+    fn known_processes_are_not_read_on_every_scan() {
+        let root = fresh_fake_proc("scan-cache");
         let mut cache = ScanCache::default();
         let server = |found: Vec<Instance>| found[0].processes[0].comm.clone();
 
@@ -814,9 +821,7 @@ mod tests {
 
     #[test]
     fn proc_is_listed_only_when_tasks_started_or_ended() {
-        let root = std::env::temp_dir().join(format!("inferwatch-scan-tasks-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&root);
-        fake_proc(&root, 42, true);
+        let root = fresh_fake_proc("scan-tasks");
         // SAFETY: sysconf has no preconditions.
         let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
         fs::write(root.join("uptime"), format!("{}.0 1.0\n", 42 / ticks + YOUNG_SECONDS + 1)).unwrap();
