@@ -60,7 +60,7 @@ fn one(name: &str, args: &[String]) -> Result {
         _ => vllm::vllm(args)?,
     };
     // A variant keeps its own section next to the default run's.
-    let section = match args.iter().position(|a| a == "--variant").and_then(|i| args.get(i + 1)) {
+    let section = match flag_text(args, "--variant") {
         Some(variant) => format!("{name}-{variant}"),
         None => name.to_string(),
     };
@@ -127,6 +127,11 @@ fn flag(args: &[String], name: &str, default: u64) -> Result<u64> {
             args.get(i + 1).and_then(|v| v.parse().ok()).ok_or_else(|| format!("{name} needs a number"))
         }
     }
+}
+
+/// The text after `name` in `args`, if both are there.
+fn flag_text<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map(String::as_str)
 }
 
 fn start_agent(agent: &Path, watch: u32) -> Result<Child> {
@@ -215,28 +220,23 @@ fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
     let n = v.len();
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    // below[j] = P(X <= j) for X ~ Binomial(n, 1/2).
+    // `term` = P(X = j) and `cumulative` = P(X <= j) for X ~ Binomial(n, 1/2); `tail` keeps
+    // P(X <= k - 1) for the rank k chosen.
     let mut term = 0.5f64.powi(n as i32);
-    let mut cumulative = 0.0;
+    let (mut cumulative, mut tail) = (0.0, 0.0);
     let mut k = 0;
     for j in 0..n {
         cumulative += term;
         if cumulative > 0.025 {
             break;
         }
-        k = j + 1;
+        (k, tail) = (j + 1, cumulative);
         term *= (n - j) as f64 / (j + 1) as f64;
     }
     if k == 0 {
         return None;
     }
-    // P(X <= k - 1), recomputed for the rank chosen.
-    let tail: f64 = (0..k).map(|j| binomial(n, j) * 0.5f64.powi(n as i32)).sum();
     Some((s[k - 1], s[n - k], 1.0 - 2.0 * tail))
-}
-
-fn binomial(n: usize, k: usize) -> f64 {
-    (0..k).fold(1.0, |c, i| c * (n - i) as f64 / (i + 1) as f64)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{CpuMeter, flag, median, median_interval, stop_agent, sum};
+use super::{CpuMeter, flag, flag_text, median, median_interval, stop_agent, sum};
 use crate::{
     cmd::{self, Result},
     tasks::{self, Profile},
@@ -48,12 +48,9 @@ pub fn vllm(args: &[String]) -> Result<String> {
         eprintln!("bench vllm: waiting for vLLM (log in {})", dir.display());
         vllm::wait_ready(port, &mut server)?;
         // Extra agent flags (`--agent-args "--capture-bytes 256"`), to try a setting A/B.
-        let extra: Vec<String> = match args.iter().position(|a| a == "--agent-args") {
-            Some(i) => {
-                args.get(i + 1).map(|a| a.split_whitespace().map(String::from).collect()).unwrap_or_default()
-            }
-            None => Vec::new(),
-        };
+        let extra: Vec<String> = flag_text(args, "--agent-args")
+            .map(|a| a.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
         let agent_args = variant.agent_args(server.id()).map(|mut a| {
             a.extend(extra);
             a
@@ -129,6 +126,11 @@ impl Variant {
     }
 }
 
+/// Requests in the burst that precedes every measured run.
+fn burst_size(requests: u64) -> u64 {
+    (requests / 20).max(10)
+}
+
 fn measure_pairs(
     port: u16,
     pairs: u64,
@@ -166,7 +168,7 @@ fn measure_pairs(
     // an agent follow an idle gap (its start, the scrape phase) in which vLLM's threads go to
     // sleep and its caches cool, which alone made them slower; the burst puts both sides on
     // the same warm footing.
-    let burst = (requests / 20).max(10);
+    let burst = burst_size(requests);
     let measured = |name: &str| -> Result<Run> {
         load(&format!("{name}-burst"), burst)?;
         load(name, requests)
@@ -328,8 +330,7 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) ->
     let mut command = cmd::as_root(agent);
     command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]).args(args);
     let discovering = !args.iter().any(|a| a == "--no-discovery");
-    let given = args.iter().position(|a| a == "--scrape-interval").and_then(|i| args.get(i + 1));
-    let scrape_interval = match given {
+    let scrape_interval = match flag_text(args, "--scrape-interval") {
         Some(value) => {
             let seconds = value.strip_suffix('s').and_then(|v| v.parse::<f64>().ok());
             Duration::from_secs_f64(
@@ -380,7 +381,7 @@ fn report(
     let _ = writeln!(
         md,
         "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run, each right after a burst of {} requests (both sides: vLLM warm either way); {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
-        (requests / 20).max(10),
+        burst_size(requests),
         without.len(),
         if variant == Variant::Full {
             " (each run starts at a different phase of the agent's scrape interval, 15 s unless `--agent-args` sets another, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
