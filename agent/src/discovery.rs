@@ -353,8 +353,8 @@ pub struct ScanCache {
     last_reads: usize,
 }
 
-/// A process as last read, and for how many scans in a row it read the same.
-#[derive(Debug, Clone, PartialEq)]
+/// A process as last read.
+#[derive(Debug)]
 struct Seen {
     inode: u64,
     ppid: u32,
@@ -463,20 +463,21 @@ fn scan_listing(root: &Path, cache: &mut ScanCache, full: bool, young_after: u64
     }
     cache.processes = known;
 
-    let mut processes = Vec::new();
-    let mut cmdlines = HashMap::new();
-    let mut started = HashMap::new();
     let ppids: HashMap<u32, u32> = cache.processes.iter().map(|(&pid, s)| (pid, s.ppid)).collect();
-    for (&pid, seen) in &cache.processes {
-        if let Some((role, comm, cmdline)) = &seen.vllm {
-            processes.push(Process { pid, ppid: seen.ppid, role: *role, comm: comm.clone() });
-            cmdlines.insert(pid, cmdline);
-            started.insert(pid, seen.started);
-        }
-    }
-    processes.sort_by_key(|p| p.pid);
-    let api_servers: HashMap<u32, u64> =
-        processes.iter().filter(|p| p.role == Role::ApiServer).map(|p| (p.pid, started[&p.pid])).collect();
+    let processes: Vec<Process> = cache
+        .processes
+        .iter()
+        .filter_map(|(&pid, seen)| {
+            let (role, comm, _) = seen.vllm.as_ref()?;
+            Some(Process { pid, ppid: seen.ppid, role: *role, comm: comm.clone() })
+        })
+        .collect();
+    let cmdline = |pid: &u32| Some(cache.processes.get(pid)?.vllm.as_ref()?.2.as_slice());
+    let api_servers: HashMap<u32, u64> = processes
+        .iter()
+        .filter(|p| p.role == Role::ApiServer)
+        .map(|p| (p.pid, cache.processes[&p.pid].started))
+        .collect();
     cache.listen.keep_only(&api_servers);
     group(&processes, &ppids)
         .into_iter()
@@ -488,11 +489,10 @@ fn scan_listing(root: &Path, cache: &mut ScanCache, full: bool, young_after: u64
                 listen.extend(cache.listen.addresses(root, *pid, api_servers[pid]));
             }
             let models = api.iter().find_map(|pid| {
-                let m = models_from_cmdline(cmdlines.get(pid)?);
+                let m = models_from_cmdline(cmdline(pid)?);
                 (!m.is_empty()).then_some(m)
             });
-            let flags =
-                api.first().and_then(|pid| cmdlines.get(pid)).map(|c| redacted_flags(c)).unwrap_or_default();
+            let flags = api.first().and_then(cmdline).map(redacted_flags).unwrap_or_default();
             let cgroup =
                 fs::read_to_string(root.join(root_pid.to_string()).join("cgroup")).unwrap_or_default();
             let (container_id, pod_uid) = container_from_cgroup(&cgroup);
