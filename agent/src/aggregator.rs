@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     connections::ConnectionTable,
-    events::{AgentEvent, SockOp},
+    events::{self, AgentEvent, KernelEvent, SockOp},
     http::{FinishedRequest, Update},
     ipc::{IpcTracker, Phases},
     metrics::{
@@ -216,6 +216,8 @@ const GENERATION_ROUTES: [&str; 3] = ["/v1/completions", "/v1/chat/completions",
 pub struct Aggregator {
     shared: Arc<Shared>,
     connections: ConnectionTable,
+    /// Scratch space for what each transfer reveals, reused so a request allocates none.
+    update: Update,
     /// Command names of watched processes, keyed by tgid.
     comms: HashMap<u32, String>,
     /// Last cumulative loss count seen per reason, to turn totals into counter increments.
@@ -257,6 +259,7 @@ impl Aggregator {
             process_counters: foldhash::HashMap::default(),
             route_series: Default::default(),
             connections: ConnectionTable::new(max_connections),
+            update: Update::default(),
             comms: HashMap::new(),
             lost_totals: HashMap::new(),
             models: HashSet::new(),
@@ -282,23 +285,17 @@ impl Aggregator {
     pub fn apply(&mut self, event: AgentEvent) {
         let metrics = &self.shared.metrics;
         match event {
-            AgentEvent::Batch(events) => {
-                for event in events {
-                    self.apply(event);
+            AgentEvent::Batch(batch) => {
+                for record in batch.records() {
+                    match events::decode(record) {
+                        Ok(event) => self.kernel_event(event),
+                        Err(e) => {
+                            tracing::debug!("dropping a ring-buffer record: {e}");
+                            let lost = &self.shared.metrics.events_lost;
+                            lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
+                        }
+                    }
                 }
-            }
-            AgentEvent::Sock(op) => {
-                self.sock_op(&op);
-                let (tgid, update, http) = self.connections.on_sock(&op);
-                if !http && op.ret > 0 && !op.payload.is_empty() {
-                    // Not a client connection: vLLM's IPC with its engine, or something else.
-                    self.ipc.observe(op.ts_ns, op.direction == crate::events::Direction::Sent, &op.payload);
-                }
-                self.http_update(tgid, update);
-            }
-            AgentEvent::State(st) => {
-                let (tgid, update) = self.connections.on_state(&st);
-                self.http_update(tgid, update);
             }
             AgentEvent::Watched { tgid, comm } => {
                 self.comms.insert(tgid, comm);
@@ -311,9 +308,6 @@ impl Aggregator {
                 *seen = total;
                 metrics.events_lost.get_or_create(&LostLabels { reason }).inc_by(delta);
             }
-            AgentEvent::Malformed => {
-                metrics.events_lost.get_or_create(&LostLabels { reason: LOST_MALFORMED }).inc();
-            }
             AgentEvent::Unwatched { tgid } => {
                 self.process_counters.remove(&tgid);
                 // Its per-pid series go: a process that is gone adds nothing more, and vLLM's
@@ -325,27 +319,6 @@ impl Aggregator {
             }
             AgentEvent::Instances(instances) => self.instances(instances),
             AgentEvent::Scrape(result) => self.scrape(result),
-            AgentEvent::Net(net) => {
-                let vllm_instance = self
-                    .instance_of_pid
-                    .get(&net.tgid)
-                    .cloned()
-                    .unwrap_or_else(|| format!("pid:{}", net.tgid));
-                let m = &self.shared.metrics;
-                match net.what {
-                    crate::events::NetWhat::Retransmit => {
-                        m.tcp_retransmits.get_or_create(&InstanceLabels { vllm_instance }).inc();
-                    }
-                    crate::events::NetWhat::ResetSent => {
-                        m.tcp_resets.get_or_create(&ResetLabels { vllm_instance, direction: "sent" }).inc();
-                    }
-                    crate::events::NetWhat::ResetReceived => {
-                        m.tcp_resets
-                            .get_or_create(&ResetLabels { vllm_instance, direction: "received" })
-                            .inc();
-                    }
-                }
-            }
             AgentEvent::ProgramStats(stats) => {
                 for (program, ns, runs) in stats {
                     let labels = ProgramLabels { program };
@@ -388,6 +361,50 @@ impl Aggregator {
         }
     }
 
+    /// One decoded kernel record.
+    pub fn kernel_event(&mut self, event: KernelEvent<'_>) {
+        match event {
+            KernelEvent::Sock(op) => {
+                self.sock_op(&op);
+                let mut update = std::mem::take(&mut self.update);
+                let (tgid, http) = self.connections.on_sock(&op, &mut update);
+                if !http && op.ret > 0 && !op.payload.is_empty() {
+                    // Not a client connection: vLLM's IPC with its engine, or something else.
+                    self.ipc.observe(op.ts_ns, op.direction == crate::events::Direction::Sent, op.payload);
+                }
+                self.http_update(tgid, &mut update);
+                self.update = update;
+            }
+            KernelEvent::State(st) => {
+                let mut update = std::mem::take(&mut self.update);
+                let tgid = self.connections.on_state(&st, &mut update);
+                self.http_update(tgid, &mut update);
+                self.update = update;
+            }
+            KernelEvent::Net(net) => {
+                let vllm_instance = self
+                    .instance_of_pid
+                    .get(&net.tgid)
+                    .cloned()
+                    .unwrap_or_else(|| format!("pid:{}", net.tgid));
+                let m = &self.shared.metrics;
+                match net.what {
+                    crate::events::NetWhat::Retransmit => {
+                        m.tcp_retransmits.get_or_create(&InstanceLabels { vllm_instance }).inc();
+                    }
+                    crate::events::NetWhat::ResetSent => {
+                        m.tcp_resets.get_or_create(&ResetLabels { vllm_instance, direction: "sent" }).inc();
+                    }
+                    crate::events::NetWhat::ResetReceived => {
+                        m.tcp_resets
+                            .get_or_create(&ResetLabels { vllm_instance, direction: "received" })
+                            .inc();
+                    }
+                }
+            }
+        }
+    }
+
     fn remove_process_series(&mut self, pid: u32, comm: &str) {
         let metrics = &self.shared.metrics;
         for syscall in crate::syscalls::LABELS {
@@ -404,7 +421,7 @@ impl Aggregator {
 
     /// Per-process counters. The handles of a process's series are kept after their first
     /// use, so a socket operation costs two atomic increments, not label hashing and copies.
-    fn sock_op(&mut self, op: &SockOp) {
+    fn sock_op(&mut self, op: &SockOp<'_>) {
         let metrics = &self.shared.metrics;
         metrics.events.inc();
         let handles = self.process_counters.entry(op.tgid).or_default();
@@ -621,16 +638,17 @@ impl Aggregator {
         }
     }
 
-    fn http_update(&mut self, tgid: u32, update: Update) {
-        if let Some(reason) = update.not_http {
+    /// Takes what one transfer revealed out of `update` (leaving it empty, its room kept).
+    fn http_update(&mut self, tgid: u32, update: &mut Update) {
+        if let Some(reason) = update.not_http.take() {
             self.shared.metrics.not_http.get_or_create(&ReasonLabels { reason }).inc();
         }
-        for (route, model) in update.started {
+        for (route, model) in update.started.drain(..) {
             let model = model.or_else(|| self.instance_model.get(&tgid).cloned());
             let model = self.model_label(model.as_deref());
             self.route_series.get(&model, route).in_flight(&self.shared.metrics).inc();
         }
-        for req in update.finished {
+        for req in update.finished.drain(..) {
             self.finished(tgid, req);
         }
     }
@@ -742,8 +760,8 @@ mod tests {
     use super::*;
     use crate::{events::Direction, metrics::LOST_RING_BUFFER_FULL};
 
-    fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> AgentEvent {
-        AgentEvent::Sock(SockOp {
+    fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> KernelEvent<'static> {
+        KernelEvent::Sock(SockOp {
             ts_ns: 1,
             conn_id: 0,
             tgid,
@@ -751,12 +769,12 @@ mod tests {
             ret,
             syscall,
             direction,
-            payload: bytes::Bytes::new(),
+            payload: b"",
         })
     }
 
-    fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> AgentEvent {
-        AgentEvent::Sock(SockOp {
+    fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> KernelEvent<'_> {
+        KernelEvent::Sock(SockOp {
             ts_ns,
             conn_id,
             tgid: 10,
@@ -764,7 +782,7 @@ mod tests {
             ret: bytes.len() as i32,
             syscall: "read",
             direction,
-            payload: bytes::Bytes::copy_from_slice(bytes),
+            payload: bytes,
         })
     }
 
@@ -777,15 +795,15 @@ mod tests {
         let shared = Arc::new(Shared::new());
         let mut agg = Aggregator::new(shared.clone(), 16, 4);
         agg.apply(AgentEvent::Watched { tgid: 10, comm: "vllm".into() });
-        agg.apply(op(10, "write", Direction::Sent, 100));
-        agg.apply(op(10, "read", Direction::Received, 7));
+        agg.kernel_event(op(10, "write", Direction::Sent, 100));
+        agg.kernel_event(op(10, "read", Direction::Received, 7));
         agg.apply(AgentEvent::Unwatched { tgid: 10 });
         let text = shared.metrics.encode().unwrap();
         assert!(!text.contains("pid=\"10\""), "{text}");
         assert_eq!(value(&text, "inferwatch_watched_processes"), Some(0.0));
         // The freed room serves the next process (pid reuse or a restart).
         agg.apply(AgentEvent::Watched { tgid: 11, comm: "vllm".into() });
-        agg.apply(op(11, "write", Direction::Sent, 1));
+        agg.kernel_event(op(11, "write", Direction::Sent, 1));
         let text = shared.metrics.encode().unwrap();
         let write = "inferwatch_process_socket_ops_total{pid=\"11\",comm=\"vllm\",syscall=\"write\"}";
         assert_eq!(value(&text, write), Some(1.0));
@@ -802,9 +820,9 @@ mod tests {
         // Five status codes from a misbehaving server: three series, two refused requests.
         for (conn, status) in [200u16, 201, 299, 298, 297].into_iter().enumerate() {
             let conn = conn as u64 + 1;
-            agg.apply(io(conn, 1, Direction::Received, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"));
+            agg.kernel_event(io(conn, 1, Direction::Received, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"));
             let head = format!("HTTP/1.1 {status} OK\r\ncontent-length: 0\r\n\r\n");
-            agg.apply(io(conn, 2, Direction::Sent, head.as_bytes()));
+            agg.kernel_event(io(conn, 2, Direction::Sent, head.as_bytes()));
         }
         let text = shared.metrics.encode().unwrap();
         let series = text.lines().filter(|l| l.starts_with("inferwatch_http_requests_total{")).count();
@@ -843,10 +861,10 @@ mod tests {
         let mut agg = Aggregator::new(shared.clone(), 16, 2000);
         agg.apply(AgentEvent::Watched { tgid: 10, comm: "vllm".into() });
         for _ in 0..3 {
-            agg.apply(op(10, "write", Direction::Sent, 100));
+            agg.kernel_event(op(10, "write", Direction::Sent, 100));
         }
-        agg.apply(op(10, "sendto", Direction::Sent, -11));
-        agg.apply(op(10, "read", Direction::Received, 7));
+        agg.kernel_event(op(10, "sendto", Direction::Sent, -11));
+        agg.kernel_event(op(10, "read", Direction::Received, 7));
         let text = shared.metrics.encode().unwrap();
         let ops = |s: &str| {
             value(
@@ -880,7 +898,8 @@ mod tests {
             agg.apply(AgentEvent::KernelLost { reason: LOST_RING_BUFFER_FULL, total });
             assert_eq!(value(&shared.metrics.encode().unwrap(), series), Some(expect), "after total {total}");
         }
-        agg.apply(AgentEvent::Malformed);
+        // A record too short for its header is counted as malformed.
+        agg.apply(AgentEvent::Batch(crate::events::RecordBatch::from_records([&[1u8, 2, 3][..]])));
         let text = shared.metrics.encode().unwrap();
         assert_eq!(value(&text, "inferwatch_agent_events_lost_total{reason=\"malformed\"}"), Some(1.0));
     }
@@ -893,22 +912,22 @@ mod tests {
         let head =
             format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
         let request = [head.as_bytes(), body].concat();
-        agg.apply(io(5, 1_000_000, Direction::Received, &request));
+        agg.kernel_event(io(5, 1_000_000, Direction::Received, &request));
         let text = shared.metrics.encode().unwrap();
         let in_flight = "inferwatch_http_requests_in_flight{model=\"tiny\",route=\"/v1/completions\"}";
         assert_eq!(value(&text, in_flight), Some(1.0));
         let head =
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
-        agg.apply(io(5, 3_000_000, Direction::Sent, head));
+        agg.kernel_event(io(5, 3_000_000, Direction::Sent, head));
         let event = |t: &str| {
             let e = format!("data: {{\"choices\":[{{\"text\":\"{t}\"}}]}}\n\n");
             format!("{:x}\r\n{e}\r\n", e.len())
         };
-        agg.apply(io(5, 11_000_000, Direction::Sent, event("").as_bytes()));
-        agg.apply(io(5, 21_000_000, Direction::Sent, event("a").as_bytes()));
-        agg.apply(io(5, 41_000_000, Direction::Sent, event("b").as_bytes()));
-        agg.apply(io(5, 42_000_000, Direction::Sent, b"e\r\ndata: [DONE]\n\n\r\n"));
-        agg.apply(io(5, 43_000_000, Direction::Sent, b"0\r\n\r\n"));
+        agg.kernel_event(io(5, 11_000_000, Direction::Sent, event("").as_bytes()));
+        agg.kernel_event(io(5, 21_000_000, Direction::Sent, event("a").as_bytes()));
+        agg.kernel_event(io(5, 41_000_000, Direction::Sent, event("b").as_bytes()));
+        agg.kernel_event(io(5, 42_000_000, Direction::Sent, b"e\r\ndata: [DONE]\n\n\r\n"));
+        agg.kernel_event(io(5, 43_000_000, Direction::Sent, b"0\r\n\r\n"));
         let text = shared.metrics.encode().unwrap();
         assert_eq!(value(&text, in_flight), Some(0.0));
         let total = "inferwatch_http_requests_total{model=\"tiny\",route=\"/v1/completions\",status=\"200\",outcome=\"complete\"}";

@@ -26,7 +26,7 @@ impl Direction {
 
 /// One socket operation of a watched process.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SockOp {
+pub struct SockOp<'a> {
     pub ts_ns: u64,
     /// The connection, unique for the socket's life (see `TrackedSock::conn_id`).
     pub conn_id: u64,
@@ -36,9 +36,9 @@ pub struct SockOp {
     pub ret: i32,
     pub syscall: &'static str,
     pub direction: Direction,
-    /// The first bytes of the transfer (at most the capture limit). Never exported. A slice of
-    /// the batch it arrived in: no allocation per event.
-    pub payload: Bytes,
+    /// The first bytes of the transfer (at most the capture limit). Never exported. Borrowed
+    /// from the batch it arrived in: no allocation or reference count per event.
+    pub payload: &'a [u8],
 }
 
 /// A TCP state change of a socket a watched process used.
@@ -78,30 +78,72 @@ impl StateChange {
     }
 }
 
+/// What the kernel programs report: one decoded ring-buffer record, borrowing from it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent<'a> {
+    Sock(SockOp<'a>),
+    State(StateChange),
+    Net(NetEvent),
+}
+
+/// The raw records of one ring-buffer drain, in order, in one buffer: one message and no
+/// allocation per record. The records are decoded where they are used (the aggregator), so
+/// nothing is copied twice; the drain takes the buffer back once they are dropped.
+#[derive(Debug, Default)]
+pub struct RecordBatch {
+    buf: Bytes,
+    /// Where each record ends in `buf`.
+    ends: Vec<u32>,
+}
+
+impl RecordBatch {
+    pub fn new(buf: Bytes, ends: Vec<u32>) -> Self {
+        Self { buf, ends }
+    }
+
+    /// A batch of the given records (copied), as a drain would build it.
+    pub fn from_records<'r>(records: impl IntoIterator<Item = &'r [u8]>) -> Self {
+        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        for record in records {
+            buf.extend_from_slice(record);
+            ends.push(buf.len() as u32);
+        }
+        Self { buf: buf.into(), ends }
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let mut start = 0;
+        self.ends.iter().map(move |&end| {
+            // Ends come from the drain in increasing order within `buf`; clamp anyway so a
+            // bad batch yields short records (rejected by `decode`), never a panic.
+            let end = (end as usize).clamp(start, self.buf.len());
+            let record = &self.buf[start..end];
+            start = end;
+            record
+        })
+    }
+}
+
 /// Messages to the aggregator. Everything the agent learns arrives as one of these.
 #[derive(Debug)]
 pub enum AgentEvent {
     /// Kernel records of one ring-buffer drain, in order (one message, not one per record).
-    Batch(Vec<AgentEvent>),
-    Sock(SockOp),
-    State(StateChange),
-    Net(NetEvent),
+    Batch(RecordBatch),
     /// A process is now watched by the kernel programs.
-    Watched {
-        tgid: u32,
-        comm: String,
-    },
+    Watched { tgid: u32, comm: String },
     /// Cumulative count of events the kernel dropped, per reason (read from a per-CPU map).
-    KernelLost {
-        reason: &'static str,
-        total: u64,
-    },
-    /// A ring-buffer record that did not decode.
-    Malformed,
+    KernelLost { reason: &'static str, total: u64 },
     /// A process is no longer watched (it exited or is no longer a vLLM API server).
-    Unwatched {
-        tgid: u32,
-    },
+    Unwatched { tgid: u32 },
     /// The vLLM instances found by the latest discovery scan.
     Instances(Vec<crate::watcher::InstanceView>),
     /// The outcome of scraping one instance's `/metrics`.
@@ -135,14 +177,9 @@ impl std::fmt::Display for DecodeError {
     }
 }
 
-/// Decodes one ring-buffer record (copied).
-pub fn decode(record: &[u8]) -> Result<AgentEvent, DecodeError> {
-    decode_shared(&Bytes::copy_from_slice(record))
-}
-
 /// Decodes one ring-buffer record: a [`SockEvent`] header and its captured payload, which
 /// stays a slice of `record`.
-pub fn decode_shared(record: &Bytes) -> Result<AgentEvent, DecodeError> {
+pub fn decode(record: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
     if record.len() < SOCK_EVENT_SIZE {
         return Err(DecodeError::Size(record.len()));
     }
@@ -158,7 +195,7 @@ pub fn decode_shared(record: &Bytes) -> Result<AgentEvent, DecodeError> {
         Some(SockEventKind::Send) => Direction::Sent,
         Some(SockEventKind::Recv) => Direction::Received,
         Some(SockEventKind::Net) => {
-            return Ok(AgentEvent::Net(NetEvent {
+            return Ok(KernelEvent::Net(NetEvent {
                 ts_ns: raw.ts_ns,
                 conn_id: raw.conn_id,
                 tgid: raw.tgid,
@@ -171,7 +208,7 @@ pub fn decode_shared(record: &Bytes) -> Result<AgentEvent, DecodeError> {
             }));
         }
         Some(SockEventKind::State) => {
-            return Ok(AgentEvent::State(StateChange {
+            return Ok(KernelEvent::State(StateChange {
                 ts_ns: raw.ts_ns,
                 conn_id: raw.conn_id,
                 tgid: raw.tgid,
@@ -181,7 +218,7 @@ pub fn decode_shared(record: &Bytes) -> Result<AgentEvent, DecodeError> {
         }
         None => return Err(DecodeError::Kind(raw.kind)),
     };
-    Ok(AgentEvent::Sock(SockOp {
+    Ok(KernelEvent::Sock(SockOp {
         ts_ns: raw.ts_ns,
         conn_id: raw.conn_id,
         tgid: raw.tgid,
@@ -189,7 +226,7 @@ pub fn decode_shared(record: &Bytes) -> Result<AgentEvent, DecodeError> {
         ret: raw.ret,
         syscall: syscalls::name(raw.syscall_nr),
         direction,
-        payload: record.slice(SOCK_EVENT_SIZE..SOCK_EVENT_SIZE + captured),
+        payload: &payload[..captured],
     }))
 }
 
@@ -223,11 +260,8 @@ mod tests {
 
     #[test]
     fn decodes_a_send_with_its_payload() {
-        let AgentEvent::Sock(op) =
-            decode(&record(&sample(SockEventKind::Send as u8, 1, 5), b"HTTP/")).unwrap()
-        else {
-            panic!("not a socket op")
-        };
+        let raw = record(&sample(SockEventKind::Send as u8, 1, 5), b"HTTP/");
+        let KernelEvent::Sock(op) = decode(&raw).unwrap() else { panic!("not a socket op") };
         assert_eq!(
             op,
             SockOp {
@@ -238,7 +272,7 @@ mod tests {
                 ret: 512,
                 syscall: "write",
                 direction: Direction::Sent,
-                payload: Bytes::from_static(b"HTTP/"),
+                payload: b"HTTP/",
             }
         );
     }
@@ -247,7 +281,7 @@ mod tests {
     fn decodes_a_recv_from_an_unaligned_buffer() {
         let mut buf = vec![0u8];
         buf.extend(record(&sample(SockEventKind::Recv as u8, 45, 0), b""));
-        let AgentEvent::Sock(op) = decode(&buf[1..]).unwrap() else { panic!() };
+        let KernelEvent::Sock(op) = decode(&buf[1..]).unwrap() else { panic!() };
         assert_eq!(op.direction, Direction::Received);
         assert_eq!(op.syscall, "recvfrom");
         assert!(op.payload.is_empty());
@@ -257,7 +291,7 @@ mod tests {
     fn decodes_a_state_change() {
         let mut ev = sample(SockEventKind::State as u8, 1, 0);
         ev.ret = TCP_CLOSE;
-        let AgentEvent::State(st) = decode(&record(&ev, b"")).unwrap() else { panic!() };
+        let KernelEvent::State(st) = decode(&record(&ev, b"")).unwrap() else { panic!() };
         assert_eq!((st.conn_id, st.old, st.new), (77, 1, TCP_CLOSE));
         assert!(st.ends_connection());
     }
@@ -266,10 +300,26 @@ mod tests {
     fn decodes_tcp_events() {
         let mut ev = sample(SockEventKind::Net as u8, -1, 0);
         ev.ret = inferwatch_common::NET_RESET_RECEIVED;
-        let AgentEvent::Net(n) = decode(&record(&ev, b"")).unwrap() else { panic!() };
+        let KernelEvent::Net(n) = decode(&record(&ev, b"")).unwrap() else { panic!() };
         assert_eq!((n.conn_id, n.tgid, n.what), (77, 42, NetWhat::ResetReceived));
         ev.ret = 99;
         assert!(decode(&record(&ev, b"")).is_err());
+    }
+
+    #[test]
+    fn a_batch_yields_its_records_in_order_and_survives_bad_ends() {
+        let send = record(&sample(SockEventKind::Send as u8, 1, 2), b"ok");
+        let state = record(&sample(SockEventKind::State as u8, 1, 0), b"");
+        let batch = RecordBatch::from_records([send.as_slice(), state.as_slice()]);
+        assert_eq!(batch.len(), 2);
+        let decoded: Vec<_> = batch.records().map(decode).collect();
+        assert!(matches!(&decoded[0], Ok(KernelEvent::Sock(op)) if op.payload == b"ok"));
+        assert!(matches!(&decoded[1], Ok(KernelEvent::State(_))));
+        // Ends out of order or past the buffer give short records, which decode rejects.
+        let bad = RecordBatch::new(Bytes::from(send.clone()), vec![60, 10, 9_999]);
+        let sizes: Vec<_> = bad.records().map(<[u8]>::len).collect();
+        assert_eq!(sizes, [send.len(), 0, 0]);
+        assert!(bad.records().skip(1).all(|r| decode(r).is_err()));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tokio::{
 };
 
 use crate::{
-    events::{self, AgentEvent},
+    events::{AgentEvent, RecordBatch},
     metrics::{LOST_AGENT_QUEUE_FULL, LOST_RING_BUFFER_FULL},
     procfs,
 };
@@ -200,6 +200,7 @@ pub async fn read_events(
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
     // Idle, the period doubles up to IDLE_DRAIN_MS: an idle agent wakes ~12 times a second.
     let mut period = Duration::from_millis(DRAIN_INTERVAL_MS);
+    let mut buf = BytesMut::with_capacity(DRAIN_BYTES);
     loop {
         let drained = tokio::select! {
             guard = ring.readable_mut() => {
@@ -207,9 +208,9 @@ pub async fn read_events(
                 // Clear readiness before draining, not after: a signal that came between a
                 // drain and a later clear would be lost.
                 guard.clear_ready();
-                drain(guard.get_inner_mut(), &tx, &dropped)
+                drain(guard.get_inner_mut(), &mut buf, &tx, &dropped)
             }
-            _ = tokio::time::sleep(period) => drain(ring.get_mut(), &tx, &dropped),
+            _ = tokio::time::sleep(period) => drain(ring.get_mut(), &mut buf, &tx, &dropped),
         };
         period = if drained > 0 {
             Duration::from_millis(DRAIN_INTERVAL_MS)
@@ -225,42 +226,45 @@ const IDLE_DRAIN_MS: u64 = 80;
 /// Records per message to the aggregator: one channel operation and wakeup per batch.
 pub const BATCH: usize = 256;
 
-/// Copies up to [`BATCH`] records into one buffer, decodes them (payloads stay slices of
-/// it) and sends them as one message; repeats until the ring is empty.
-/// Returns how many records it read.
-fn drain(ring: &mut RingBuf<MapData>, tx: &mpsc::Sender<AgentEvent>, dropped: &AtomicU64) -> usize {
-    let mut ends = Vec::with_capacity(BATCH);
+/// Bytes set aside per batch: typical records are a header and a short payload prefix. A batch
+/// of larger records grows its buffer; the next one starts afresh.
+const BATCH_BYTES: usize = BATCH * 256;
+
+/// The drain's buffer: room for one 10 ms drain at ~300k records/s of `wrk`-sized exchanges.
+/// Pages are touched only as far as a drain fills it, so an idle agent does not pay for it.
+const DRAIN_BYTES: usize = 16 * BATCH_BYTES;
+
+/// Copies up to [`BATCH`] records into `buf` and sends them as one message; repeats until the
+/// ring is empty. Returns how many records it read.
+///
+/// `buf` lives as long as the reader: each batch is split off it, and once the aggregator has
+/// dropped every batch, the next drain starts again at its front. So a busy agent neither
+/// allocates nor faults in fresh pages per batch (before, that was a third of its CPU under
+/// `wrk`). While the aggregator still holds batches, `reserve` allocates a new buffer.
+fn drain(
+    ring: &mut RingBuf<MapData>,
+    buf: &mut BytesMut,
+    tx: &mpsc::Sender<AgentEvent>,
+    dropped: &AtomicU64,
+) -> usize {
+    // Only succeeds (and only moves a pointer) when no batch of this buffer is still held.
+    let _ = buf.try_reclaim(DRAIN_BYTES);
     let mut total = 0;
     loop {
-        let mut buf = BytesMut::new();
-        ends.clear();
+        buf.reserve(BATCH_BYTES);
+        let mut ends = Vec::with_capacity(BATCH);
         while ends.len() < BATCH
             && let Some(record) = ring.next()
         {
-            if buf.capacity() == 0 {
-                buf.reserve(BATCH * 256);
-            }
             buf.extend_from_slice(&record);
-            ends.push(buf.len());
+            ends.push(buf.len() as u32);
         }
         if ends.is_empty() {
             return total;
         }
         total += ends.len();
-        let buf = buf.freeze();
-        let mut start = 0;
-        let batch = ends
-            .iter()
-            .map(|&end| {
-                let record = buf.slice(start..end);
-                start = end;
-                events::decode_shared(&record).unwrap_or_else(|e| {
-                    tracing::debug!("dropping a ring-buffer record: {e}");
-                    AgentEvent::Malformed
-                })
-            })
-            .collect::<Vec<_>>();
-        let n = batch.len() as u64;
+        let n = ends.len() as u64;
+        let batch = RecordBatch::new(buf.split().freeze(), ends);
         if tx.try_send(AgentEvent::Batch(batch)).is_err() {
             dropped.fetch_add(n, Ordering::Relaxed);
         }
@@ -291,5 +295,41 @@ pub async fn report_losses(
         if tx.send(event).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain's buffer discipline: once the aggregator drops a batch, the next `reserve`
+    /// reuses the same memory instead of allocating (a `bytes` upgrade must not change that).
+    #[test]
+    fn a_dropped_batch_gives_its_memory_back_to_the_drain() {
+        let mut buf = BytesMut::with_capacity(DRAIN_BYTES);
+        let start = buf.as_ptr() as usize;
+        let range = start..start + buf.capacity();
+        for round in 0..20 {
+            buf.reserve(BATCH_BYTES);
+            assert!(range.contains(&(buf.as_ptr() as usize)), "round {round}: a new allocation");
+            buf.extend_from_slice(&[7; 3000]);
+            buf.extend_from_slice(&[8; 1000]);
+            let batch = RecordBatch::new(buf.split().freeze(), vec![3000, 4000]);
+            assert_eq!(batch.records().map(<[u8]>::len).collect::<Vec<_>>(), [3000, 1000]);
+            drop(batch);
+        }
+        // Batches still held (the aggregator is behind): no reclaim, and past the buffer's end
+        // the drain allocates afresh.
+        let held: Vec<_> = (0..17)
+            .map(|_| {
+                buf.reserve(BATCH_BYTES);
+                buf.extend_from_slice(&[9; BATCH_BYTES]);
+                buf.split().freeze()
+            })
+            .collect();
+        assert!(!buf.try_reclaim(DRAIN_BYTES));
+        buf.reserve(BATCH_BYTES);
+        assert!(!range.contains(&(buf.as_ptr() as usize)));
+        drop(held);
     }
 }

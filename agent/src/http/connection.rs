@@ -1,7 +1,7 @@
 //! One TCP connection of a server: requests in, responses out, in order (keep-alive and
 //! pipelining), with the timestamps a client would see.
 
-use std::collections::VecDeque;
+use std::{borrow::Cow, collections::VecDeque};
 
 use super::{
     chunked::{Dechunker, Piece},
@@ -195,14 +195,20 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
 
 /// Adds `data` to a head being read (at most [`MAX_HEAD`] bytes). Once the head is complete,
 /// takes it out of `buf` and returns it with the number of bytes of `data` it used.
-fn read_head(buf: &mut Vec<u8>, data: &[u8]) -> Option<(Vec<u8>, usize)> {
+fn read_head<'a>(buf: &mut Vec<u8>, data: &'a [u8]) -> Option<(Cow<'a, [u8]>, usize)> {
+    // The common case, a whole head in one transfer: parsed where it lies, not copied.
+    if buf.is_empty()
+        && let Some(end) = find_head_end(&data[..data.len().min(MAX_HEAD)], 0)
+    {
+        return Some((Cow::Borrowed(&data[..end]), end));
+    }
     let from = buf.len();
     let take = data.len().min(MAX_HEAD - buf.len());
     buf.extend_from_slice(&data[..take]);
     let end = find_head_end(buf, from)?;
     let mut head = std::mem::take(buf);
     head.truncate(end);
-    Some((head, end - from))
+    Some((Cow::Owned(head), end - from))
 }
 
 /// `METHOD SP target`: the start of a request line (used to pick a stream back up).
@@ -272,11 +278,18 @@ impl Connection {
         self.pending.len()
     }
 
-    /// Bytes the server received: `total` of them, the first `known.len()` seen.
+    /// [`Self::receive_into`], into a fresh [`Update`].
+    #[cfg(test)]
     pub fn received(&mut self, ts: u64, known: &[u8], total: usize) -> Update {
         let mut up = Update::default();
+        self.receive_into(ts, known, total, &mut up);
+        up
+    }
+
+    /// Bytes the server received: `total` of them, the first `known.len()` seen.
+    pub fn receive_into(&mut self, ts: u64, known: &[u8], total: usize, up: &mut Update) {
         if self.closed {
-            return up;
+            return;
         }
         if matches!(self.inbound, Inbound::Lost) && request_line_start(known) {
             self.inbound = Inbound::Head { buf: Vec::new(), started: None };
@@ -290,7 +303,7 @@ impl Connection {
                     if data.is_empty() {
                         // The rest of this head is beyond the capture.
                         let (buf, started) = (std::mem::take(buf), started.unwrap_or(ts));
-                        self.head_cut(&buf, started, total as u64, &mut up);
+                        self.head_cut(&buf, started, total as u64, up);
                         break;
                     }
                     started.get_or_insert(ts);
@@ -298,18 +311,18 @@ impl Connection {
                         Some((head, used)) => {
                             data = &data[used..];
                             let started = started.unwrap_or(ts);
-                            if let Err(reason) = self.request_head(&head, started, ts, &mut up) {
-                                self.not_http(reason, &mut up);
+                            if let Err(reason) = self.request_head(&head, started, ts, up) {
+                                self.not_http(reason, up);
                                 break;
                             }
                         }
                         None if !self.seen_request && !may_be_request(buf) => {
-                            self.not_http("not_http", &mut up);
+                            self.not_http("not_http", up);
                             break;
                         }
                         None if buf.len() >= MAX_HEAD => {
                             let (buf, started) = (std::mem::take(buf), started.unwrap_or(ts));
-                            self.head_cut(&buf, started, total as u64, &mut up);
+                            self.head_cut(&buf, started, total as u64, up);
                             break;
                         }
                         None => data = &[],
@@ -317,7 +330,7 @@ impl Connection {
                 }
                 Inbound::Sized { remaining } => {
                     let (body, skipped, done) = take_sized(remaining, &mut data, &mut gap);
-                    self.request_body(body, skipped, done, &mut up);
+                    self.request_body(body, skipped, done, up);
                     if done {
                         self.inbound = Inbound::Head { buf: Vec::new(), started: None };
                     }
@@ -337,7 +350,7 @@ impl Connection {
                         gap -= skipped;
                     }
                     let (done, lost) = (d.is_done(), d.is_lost());
-                    self.request_body(&body, skipped, done || lost, &mut up);
+                    self.request_body(&body, skipped, done || lost, up);
                     if done {
                         self.inbound = Inbound::Head { buf: Vec::new(), started: None };
                     } else if lost {
@@ -346,7 +359,6 @@ impl Connection {
                 }
             }
         }
-        up
     }
 
     fn not_http(&mut self, reason: &'static str, up: &mut Update) {
@@ -437,11 +449,19 @@ impl Connection {
         }
     }
 
-    /// Bytes the server sent: `total` of them, the first `known.len()` seen.
+    /// [`Self::send_into`], into a fresh [`Update`].
+    #[cfg(test)]
     pub fn sent(&mut self, ts: u64, known: &[u8], total: usize) -> Update {
         let mut up = Update::default();
+        self.send_into(ts, known, total, &mut up);
+        up
+    }
+
+    /// Bytes the server sent: `total` of them, the first `known.len()` seen. What they reveal
+    /// is added to `up` (the caller reuses one, so a request allocates no update of its own).
+    pub fn send_into(&mut self, ts: u64, known: &[u8], total: usize, up: &mut Update) {
         if self.closed || matches!(self.inbound, Inbound::NotHttp) {
-            return up;
+            return;
         }
         if known.starts_with(b"HTTP/1.") {
             match &self.outbound {
@@ -449,7 +469,7 @@ impl Connection {
                 Outbound::Lost | Outbound::UntilClose => {
                     let end = self.last_sent_ns;
                     if self.pending.front().is_some_and(|r| r.headers_ns.is_some()) {
-                        self.finish_front(end, Outcome::Complete, &mut up);
+                        self.finish_front(end, Outcome::Complete, up);
                     }
                     self.outbound = Outbound::Head { buf: Vec::new() };
                 }
@@ -483,7 +503,7 @@ impl Connection {
                     match read_head(buf, data) {
                         Some((head, used)) => {
                             data = &data[used..];
-                            self.response_head(&head, ts, &mut up);
+                            self.response_head(&head, ts, up);
                         }
                         None if buf.len() >= MAX_HEAD => {
                             self.outbound = Outbound::Lost;
@@ -496,7 +516,7 @@ impl Connection {
                     let (body, skipped, done) = take_sized(remaining, &mut data, &mut gap);
                     self.body_bytes(body, skipped, ts);
                     if done {
-                        self.finish_front(ts, Outcome::Complete, &mut up);
+                        self.finish_front(ts, Outcome::Complete, up);
                     }
                 }
                 Outbound::Chunked(d) => {
@@ -523,7 +543,7 @@ impl Connection {
                         }
                     }
                     if done {
-                        self.finish_front(ts, Outcome::Complete, &mut up);
+                        self.finish_front(ts, Outcome::Complete, up);
                     } else if lost {
                         // Wait for a transfer that starts a chunk (see resync), or the terminator.
                         break;
@@ -544,9 +564,8 @@ impl Connection {
             && known.len() == total
             && known.ends_with(b"0\r\n\r\n")
         {
-            self.finish_front(ts, Outcome::Complete, &mut up);
+            self.finish_front(ts, Outcome::Complete, up);
         }
-        up
     }
 
     fn response_head(&mut self, head: &[u8], ts: u64, up: &mut Update) {
@@ -651,16 +670,23 @@ impl Connection {
         }
     }
 
-    /// The connection ended (peer EOF, reset, close). What is still open is aborted, except a
-    /// body delimited by the close itself.
+    /// [`Self::close_into`], into a fresh [`Update`].
+    #[cfg(test)]
     pub fn closed(&mut self, ts: u64) -> Update {
         let mut up = Update::default();
+        self.close_into(ts, &mut up);
+        up
+    }
+
+    /// The connection ended (peer EOF, reset, close). What is still open is aborted, except a
+    /// body delimited by the close itself.
+    pub fn close_into(&mut self, ts: u64, up: &mut Update) {
         if self.closed {
-            return up;
+            return;
         }
         self.closed = true;
         if matches!(self.outbound, Outbound::UntilClose) {
-            self.finish_front(ts, Outcome::Complete, &mut up);
+            self.finish_front(ts, Outcome::Complete, up);
         }
         while let Some(req) = self.pending.pop_front() {
             if !req.started {
@@ -668,7 +694,6 @@ impl Connection {
             }
             up.finished.push(finished(req, ts, Outcome::Aborted));
         }
-        up
     }
 }
 
