@@ -31,7 +31,8 @@ pub struct IpcTracker {
 pub fn request_ids(payload: &[u8]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut from = 0;
-    while let Some(at) = crate::http::find(&payload[from..], b"cmpl-") {
+    static CMPL: crate::http::Needle = crate::http::needle!(b"cmpl-");
+    while let Some(at) = crate::http::find(&payload[from..], &CMPL) {
         let start = from + at;
         from = start + 5;
         let chat = start >= 4 && &payload[start - 4..start] == b"chat";

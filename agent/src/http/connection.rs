@@ -4,8 +4,9 @@
 use std::{borrow::Cow, collections::VecDeque};
 
 use super::{
+    Needle,
     chunked::{Dechunker, Piece},
-    find,
+    find, needle,
     routes::{model_from_body, route_of},
     sse::{EventClass, SseParser},
 };
@@ -99,7 +100,8 @@ const ID_SCAN: usize = 512;
 
 /// The first `"id":"…"` string of a JSON text (bounded, printable).
 fn response_id(body: &[u8]) -> Option<String> {
-    let at = find(body, b"\"id\"")?;
+    static ID: Needle = needle!(b"\"id\"");
+    let at = find(body, &ID)?;
     let rest =
         body[at + 4..].trim_ascii_start().strip_prefix(b":")?.trim_ascii_start().strip_prefix(b"\"")?;
     let id = &rest[..rest.iter().position(|&b| b == b'"')?];
@@ -190,7 +192,8 @@ fn method_label(m: &str) -> &'static str {
 
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     let start = from.saturating_sub(3);
-    find(buf.get(start..)?, b"\r\n\r\n").map(|i| start + i + 4)
+    static HEAD_END: Needle = needle!(b"\r\n\r\n");
+    find(buf.get(start..)?, &HEAD_END).map(|i| start + i + 4)
 }
 
 /// Adds `data` to a head being read (at most [`MAX_HEAD`] bytes). Once the head is complete,

@@ -19,26 +19,26 @@ pub use connection::{Connection, FinishedRequest, Update};
 #[cfg(test)]
 mod tests;
 
-/// Where `needle` first occurs in `haystack`. This runs over every captured payload: short
-/// ones (request and response heads, SSE events) are searched for the needle's first byte
-/// and compared, which costs a few nanoseconds; `memmem` (SIMD, but with a set-up cost per
-/// call that dominated the agent's profile under `wrk`) takes long ones, engine outputs of up
-/// to 4 KiB.
-pub(crate) fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    let Some((&first, rest)) = needle.split_first() else { return Some(0) };
-    if haystack.len() >= SHORT_HAYSTACK {
-        return memchr::memmem::find(haystack, needle);
+/// A fixed byte string the parsers search payloads for, with its SIMD searcher built once:
+/// this runs over every captured payload, and building a searcher per call (what
+/// `memmem::find` does) cost more than the search itself on heads and SSE events.
+pub(crate) struct Needle(pub(crate) std::sync::LazyLock<memchr::memmem::Finder<'static>>);
+
+impl Needle {
+    pub(crate) fn len(&self) -> usize {
+        self.0.needle().len()
     }
-    let mut from = 0;
-    while let Some(i) = memchr::memchr(first, &haystack[from..]) {
-        let at = from + i;
-        if haystack[at + 1..].starts_with(rest) {
-            return Some(at);
-        }
-        from = at + 1;
-    }
-    None
 }
 
-/// Below this length `find` compares at each occurrence of the needle's first byte.
-const SHORT_HAYSTACK: usize = 256;
+/// `needle!(b"...")`: a [`Needle`] for a `static`.
+macro_rules! needle {
+    ($bytes:literal) => {
+        $crate::http::Needle(std::sync::LazyLock::new(|| memchr::memmem::Finder::new($bytes)))
+    };
+}
+pub(crate) use needle;
+
+/// Where `needle` first occurs in `haystack`.
+pub(crate) fn find(haystack: &[u8], needle: &Needle) -> Option<usize> {
+    needle.0.find(haystack)
+}

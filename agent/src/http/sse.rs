@@ -1,6 +1,6 @@
 //! Server-sent events inside a response body, and which of them carry content.
 
-use super::find;
+use super::{Needle, find, needle};
 
 /// What an event was, for timing purposes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +87,13 @@ impl SseParser {
     }
 }
 
+static CHOICES: Needle = needle!(b"\"choices\"");
+static TOOL_CALLS: Needle = needle!(b"\"tool_calls\"");
+static TEXT: Needle = needle!(b"\"text\"");
+static CONTENT: Needle = needle!(b"\"content\"");
+static REASONING_CONTENT: Needle = needle!(b"\"reasoning_content\"");
+static REASONING: Needle = needle!(b"\"reasoning\"");
+
 /// Classifies an event's data. OpenAI-style JSON: completions carry content in a non-empty
 /// `text`, chat in a non-empty `delta.content` (or reasoning) or any tool call; a chunk with
 /// empty `choices` is usage. Any other payload counts as content. An event whose end we could
@@ -99,20 +106,20 @@ pub fn classify(data: &[u8], truncated: bool) -> EventClass {
     if text == b"[DONE]" {
         return EventClass::Done;
     }
-    if !text.starts_with(b"{") || find(text, b"\"choices\"").is_none() {
+    if !text.starts_with(b"{") || find(text, &CHOICES).is_none() {
         return EventClass::Content;
     }
-    if let Some(v) = value_after(text, b"\"choices\"")
+    if let Some(v) = value_after(text, &CHOICES)
         && let Some(inside) = v.strip_prefix(b"[")
         && inside.trim_ascii_start().starts_with(b"]")
     {
         return EventClass::Other;
     }
-    if find(text, b"\"tool_calls\"").is_some() {
+    if find(text, &TOOL_CALLS).is_some() {
         return EventClass::Content;
     }
     let mut decided = false;
-    for key in [&b"\"text\""[..], b"\"content\"", b"\"reasoning_content\"", b"\"reasoning\""] {
+    for key in [&TEXT, &CONTENT, &REASONING_CONTENT, &REASONING] {
         match string_value_is_empty(text, key) {
             Some(false) => return EventClass::Content,
             Some(true) => decided = true,
@@ -124,7 +131,7 @@ pub fn classify(data: &[u8], truncated: bool) -> EventClass {
 
 /// The bytes after `"key":` (whitespace skipped), for the first occurrence of the key;
 /// `quoted_key` includes its quotes.
-fn value_after<'a>(json: &'a [u8], quoted_key: &[u8]) -> Option<&'a [u8]> {
+fn value_after<'a>(json: &'a [u8], quoted_key: &Needle) -> Option<&'a [u8]> {
     let mut rest = json;
     while let Some(i) = find(rest, quoted_key) {
         rest = &rest[i + quoted_key.len()..];
@@ -137,7 +144,7 @@ fn value_after<'a>(json: &'a [u8], quoted_key: &[u8]) -> Option<&'a [u8]> {
 
 /// For `"key": "<string>"`: whether that string is empty. None if the key is absent, null, or
 /// cut off before its value.
-fn string_value_is_empty(json: &[u8], quoted_key: &[u8]) -> Option<bool> {
+fn string_value_is_empty(json: &[u8], quoted_key: &Needle) -> Option<bool> {
     let v = value_after(json, quoted_key)?;
     let s = v.strip_prefix(b"\"")?;
     Some(*s.first()? == b'"')
