@@ -625,9 +625,10 @@ impl Aggregator {
         }
     }
 
-    /// A bounded model label: the request's model if it is one of the first few seen.
-    fn model_label(&mut self, model: Option<&str>) -> String {
-        match model {
+    /// A bounded model label: the model the request named, else its instance's (`tgid`), if it
+    /// is one of the first few seen.
+    fn model_label(&mut self, named: Option<&str>, tgid: u32) -> String {
+        match named.or_else(|| self.instance_model.get(&tgid).map(String::as_str)) {
             None => "unknown".into(),
             Some(m) if self.models.contains(m) => m.to_string(),
             Some(m) if self.models.len() < MAX_MODELS => {
@@ -644,8 +645,7 @@ impl Aggregator {
             self.shared.metrics.not_http.get_or_create(&ReasonLabels { reason }).inc();
         }
         for (route, model) in update.started.drain(..) {
-            let model = model.or_else(|| self.instance_model.get(&tgid).cloned());
-            let model = self.model_label(model.as_deref());
+            let model = self.model_label(model.as_deref(), tgid);
             self.route_series.get(&model, route).in_flight(&self.shared.metrics).inc();
         }
         for req in update.finished.drain(..) {
@@ -654,8 +654,7 @@ impl Aggregator {
     }
 
     fn finished(&mut self, tgid: u32, req: FinishedRequest) {
-        let model = req.model.clone().or_else(|| self.instance_model.get(&tgid).cloned());
-        let model = self.model_label(model.as_deref());
+        let model = self.model_label(req.model.as_deref(), tgid);
         let m = &self.shared.metrics;
         let series = self.route_series.get(&model, req.route);
         series.in_flight(m).dec();
@@ -950,10 +949,10 @@ mod tests {
         let shared = Arc::new(Shared::new());
         let mut agg = Aggregator::new(shared, 16, 2000);
         for i in 0..MAX_MODELS {
-            assert_eq!(agg.model_label(Some(&format!("m{i}"))), format!("m{i}"));
+            assert_eq!(agg.model_label(Some(&format!("m{i}")), 1), format!("m{i}"));
         }
-        assert_eq!(agg.model_label(Some("one-too-many")), "other");
-        assert_eq!(agg.model_label(Some("m0")), "m0");
-        assert_eq!(agg.model_label(None), "unknown");
+        assert_eq!(agg.model_label(Some("one-too-many"), 1), "other");
+        assert_eq!(agg.model_label(Some("m0"), 1), "m0");
+        assert_eq!(agg.model_label(None, 1), "unknown");
     }
 }

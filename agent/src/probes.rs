@@ -234,6 +234,16 @@ const BATCH_BYTES: usize = BATCH * 256;
 /// Pages are touched only as far as a drain fills it, so an idle agent does not pay for it.
 const DRAIN_BYTES: usize = 16 * BATCH_BYTES;
 
+/// Readies `buf` for a drain: back to the front of its memory when the aggregator has dropped
+/// every batch of it (only a pointer moves). When it still holds some and little room is left,
+/// or an earlier overflow left a small buffer behind (`bytes` grows a shared buffer in small
+/// steps), a full-size one replaces it; the old one is freed with its last batch.
+fn start_drain(buf: &mut BytesMut) {
+    if !buf.try_reclaim(DRAIN_BYTES) && buf.capacity() - buf.len() < DRAIN_BYTES / 2 {
+        *buf = BytesMut::with_capacity(DRAIN_BYTES);
+    }
+}
+
 /// Copies up to [`BATCH`] records into `buf` and sends them as one message; repeats until the
 /// ring is empty. Returns how many records it read.
 ///
@@ -247,8 +257,7 @@ fn drain(
     tx: &mpsc::Sender<AgentEvent>,
     dropped: &AtomicU64,
 ) -> usize {
-    // Only succeeds (and only moves a pointer) when no batch of this buffer is still held.
-    let _ = buf.try_reclaim(DRAIN_BYTES);
+    start_drain(buf);
     let mut total = 0;
     loop {
         buf.reserve(BATCH_BYTES);
@@ -302,24 +311,31 @@ pub async fn report_losses(
 mod tests {
     use super::*;
 
-    /// The drain's buffer discipline: once the aggregator drops a batch, the next `reserve`
-    /// reuses the same memory instead of allocating (a `bytes` upgrade must not change that).
+    /// The drain's buffer discipline: once the aggregator has dropped a drain's batches, the
+    /// next drain reuses the same memory from its front instead of allocating (a `bytes`
+    /// upgrade must not change that).
     #[test]
     fn a_dropped_batch_gives_its_memory_back_to_the_drain() {
         let mut buf = BytesMut::with_capacity(DRAIN_BYTES);
         let start = buf.as_ptr() as usize;
         let range = start..start + buf.capacity();
-        for round in 0..20 {
-            buf.reserve(BATCH_BYTES);
-            assert!(range.contains(&(buf.as_ptr() as usize)), "round {round}: a new allocation");
-            buf.extend_from_slice(&[7; 3000]);
-            buf.extend_from_slice(&[8; 1000]);
-            let batch = RecordBatch::new(buf.split().freeze(), vec![3000, 4000]);
-            assert_eq!(batch.records().map(<[u8]>::len).collect::<Vec<_>>(), [3000, 1000]);
-            drop(batch);
+        for round in 0..100 {
+            start_drain(&mut buf);
+            assert_eq!(buf.as_ptr() as usize, start, "round {round}: a drain starts at the front");
+            let batches: Vec<_> = (0..3)
+                .map(|_| {
+                    buf.reserve(BATCH_BYTES);
+                    assert!(range.contains(&(buf.as_ptr() as usize)), "round {round}: a new allocation");
+                    buf.extend_from_slice(&[7; 3000]);
+                    buf.extend_from_slice(&[8; 1000]);
+                    RecordBatch::new(buf.split().freeze(), vec![3000, 4000])
+                })
+                .collect();
+            assert_eq!(batches[2].records().map(<[u8]>::len).collect::<Vec<_>>(), [3000, 1000]);
+            drop(batches);
         }
         // Batches still held (the aggregator is behind): no reclaim, and past the buffer's end
-        // the drain allocates afresh.
+        // `bytes` allocates afresh, in small steps.
         let held: Vec<_> = (0..17)
             .map(|_| {
                 buf.reserve(BATCH_BYTES);
@@ -327,9 +343,16 @@ mod tests {
                 buf.split().freeze()
             })
             .collect();
-        assert!(!buf.try_reclaim(DRAIN_BYTES));
-        buf.reserve(BATCH_BYTES);
         assert!(!range.contains(&(buf.as_ptr() as usize)));
+        assert!(buf.capacity() < DRAIN_BYTES / 2);
+        // The next drain gets a full-size buffer again, and keeps it once the batches are gone.
+        start_drain(&mut buf);
+        assert!(buf.capacity() >= DRAIN_BYTES);
+        let full = buf.as_ptr() as usize;
         drop(held);
+        buf.extend_from_slice(&[1; 100]);
+        drop(buf.split().freeze());
+        start_drain(&mut buf);
+        assert_eq!(buf.as_ptr() as usize, full);
     }
 }
