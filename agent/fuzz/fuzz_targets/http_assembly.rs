@@ -4,13 +4,15 @@
 //! captured bytes also go through the engine-IPC id scanner and the kernel-record decoder.
 #![no_main]
 
-use inferwatch::http::Connection;
+use inferwatch::http::{Connection, Update};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let _ = inferwatch::events::decode(data);
     let _ = inferwatch::ipc::request_ids(data);
     let mut conn = Connection::default();
+    // One update reused for every transfer, as the agent does.
+    let mut update = Update::default();
     let mut ts = 1_000u64;
     let mut rest = data;
     while let [control, len, tail @ ..] = rest {
@@ -20,14 +22,16 @@ fuzz_target!(|data: &[u8]| {
         ts += (*control as u64 + 1) * 1_000;
         // Bits 0-1: the kind of transfer; bits 2-7: bytes beyond the captured prefix.
         let gap = ((*control >> 2) as usize) * 97;
-        let update = match control & 3 {
-            0 => conn.received(ts, known, known.len()),
-            1 => conn.sent(ts, known, known.len()),
-            2 => conn.received(ts, known, known.len() + gap),
-            _ if gap.is_multiple_of(2) => conn.sent(ts, known, known.len() + gap),
-            _ => conn.closed(ts),
-        };
-        for req in update.finished {
+        match control & 3 {
+            0 => conn.receive_into(ts, known, known.len(), &mut update),
+            1 => conn.send_into(ts, known, known.len(), &mut update),
+            2 => conn.receive_into(ts, known, known.len() + gap, &mut update),
+            _ if gap.is_multiple_of(2) => conn.send_into(ts, known, known.len() + gap, &mut update),
+            _ => conn.close_into(ts, &mut update),
+        }
+        update.started.clear();
+        update.not_http = None;
+        for req in update.finished.drain(..) {
             assert!(req.received_ns <= req.end_ns, "{req:?}");
             for t in [req.headers_ns, req.first_token_ns].into_iter().flatten() {
                 assert!(req.received_ns <= t && t <= req.end_ns, "{req:?}");
@@ -35,5 +39,5 @@ fuzz_target!(|data: &[u8]| {
             assert!(req.content_events <= req.events, "{req:?}");
         }
     }
-    let _ = conn.closed(ts + 1);
+    conn.close_into(ts + 1, &mut update);
 });
