@@ -199,10 +199,14 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
 /// Adds `data` to a head being read (at most [`MAX_HEAD`] bytes). Once the head is complete,
 /// takes it out of `buf` and returns it with the number of bytes of `data` it used.
 fn read_head<'a>(buf: &mut Vec<u8>, data: &'a [u8]) -> Option<(Cow<'a, [u8]>, usize)> {
-    // The common case, a whole head in one transfer: parsed where it lies, not copied.
-    if buf.is_empty()
-        && let Some(end) = find_head_end(&data[..data.len().min(MAX_HEAD)], 0)
-    {
+    if buf.is_empty() {
+        // The common case, a whole head in one transfer: parsed where it lies, not copied.
+        // Else the start of one, kept (searched once: it holds no head end).
+        let window = &data[..data.len().min(MAX_HEAD)];
+        let Some(end) = find_head_end(window, 0) else {
+            buf.extend_from_slice(window);
+            return None;
+        };
         return Some((Cow::Borrowed(&data[..end]), end));
     }
     let from = buf.len();
