@@ -59,12 +59,23 @@ fn one(name: &str, args: &[String]) -> Result {
         "wrk" => agent::wrk(args)?,
         _ => vllm::vllm(args)?,
     };
-    // A variant keeps its own section next to the default run's.
-    let section = match flag_text(args, "--variant") {
-        Some(variant) => format!("{name}-{variant}"),
-        None => name.to_string(),
-    };
-    report::record(name, &section, args, &body)
+    report::record(name, &section_name(name, args), args, &body)
+}
+
+/// The section a run writes: a variant, or extra agent flags, keep their own next to the
+/// default run's (`vllm-sockets-capture-bytes-256`), so trying a setting never overwrites it.
+fn section_name(name: &str, args: &[String]) -> String {
+    let mut section = name.to_string();
+    for flag in ["--variant", "--agent-args"] {
+        if let Some(text) = flag_text(args, flag) {
+            let slug = text.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty());
+            for word in slug {
+                section.push('-');
+                section.push_str(word);
+            }
+        }
+    }
+    section
 }
 
 fn wait_for_port(port: u16, child: &mut Child) -> Result {
@@ -242,6 +253,17 @@ fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variants_and_agent_flags_get_sections_of_their_own() {
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(section_name("vllm", &args(&["--pairs", "10"])), "vllm");
+        assert_eq!(section_name("vllm", &args(&["--variant", "sockets"])), "vllm-sockets");
+        assert_eq!(
+            section_name("vllm", &args(&["--variant", "sockets", "--agent-args", "--capture-bytes 256"])),
+            "vllm-sockets-capture-bytes-256"
+        );
+    }
 
     #[test]
     fn median_of_odd_and_even() {
