@@ -163,6 +163,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(value * scale))
 }
 
+fn parse_drain_interval(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(1) || d > Duration::from_secs(1) {
+        return Err(format!("{s:?}: the drain interval must be between 1ms and 1s"));
+    }
+    Ok(d)
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// Address for the HTTP endpoints (/metrics, /healthz).
@@ -193,6 +201,13 @@ pub struct RunArgs {
     #[arg(long, default_value_t = inferwatch_common::DEFAULT_CAPTURE as u32,
           value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::MAX_CAPTURE as i64))]
     pub capture_bytes: u32,
+    /// How often the kernel's records are read while they flow (1ms to 1s); up to 8× that while
+    /// none come, and at once when a burst fills a sixteenth of the ring. Records carry the
+    /// kernel's timestamps, so this delays only when counters move, not what they measure.
+    /// Longer means fewer wakeups but bigger bursts of work (next to vLLM, 10ms → 50ms saved
+    /// ~0.05% of a core).
+    #[arg(long, default_value = "10ms", value_parser = parse_drain_interval)]
+    pub drain_interval: Duration,
     /// Connections followed at once; beyond it the least recently used is dropped and counted.
     #[arg(long, default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
@@ -242,6 +257,7 @@ mod tests {
         assert!(args.pids.is_empty());
         assert_eq!(args.log_level, "info");
         assert_eq!(args.capture_bytes, 4096);
+        assert_eq!(args.drain_interval, Duration::from_millis(10));
     }
 
     #[test]
@@ -258,6 +274,9 @@ mod tests {
         assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4097"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4096"]).is_ok());
         assert!(Cli::try_parse_from(["inferwatch", "--scrape-interval", "0s"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--drain-interval", "0.5ms"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--drain-interval", "2s"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--drain-interval", "10ms"]).is_ok());
         assert!(Cli::try_parse_from(["inferwatch", "--scrape-timeout", "soon"]).is_err());
     }
 

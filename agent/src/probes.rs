@@ -18,8 +18,8 @@ use aya::{
 };
 use bytes::BytesMut;
 use inferwatch_common::{
-    CAPTURE_BYTES_GLOBAL, DRAIN_INTERVAL_MS, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT,
-    SCHED_ROLES_MAP, SCHED_SLOTS, SCHED_STATS_MAP, SchedStats, WATCHED_TGIDS_MAP, WatchFlags,
+    CAPTURE_BYTES_GLOBAL, EVENTS_MAP, LOST_MAP, LostReason, MAX_CAPTURE, SCHED_ROLE_COUNT, SCHED_ROLES_MAP,
+    SCHED_SLOTS, SCHED_STATS_MAP, SchedStats, WATCHED_TGIDS_MAP, WatchFlags,
 };
 use tokio::{
     io::{Interest, unix::AsyncFd},
@@ -188,18 +188,18 @@ pub fn spawn_kernel_log(logger: Option<aya_log::EbpfLogger<&'static dyn log::Log
 /// counts it in `dropped`: the kernel must never wait on us.
 ///
 /// Data records do not wake us (see `wakeup_flags` in the kernel programs): we drain every
-/// `DRAIN_INTERVAL_MS`, and earlier when the kernel signals that a burst is filling the ring
-/// or a state change arrived.
+/// `interval` (`--drain-interval`), and earlier when the kernel signals that a burst is filling
+/// the ring or a state change arrived.
 pub async fn read_events(
     ring: RingBuf<MapData>,
     tx: mpsc::Sender<AgentEvent>,
     dropped: Arc<AtomicU64>,
+    interval: Duration,
 ) -> Result<()> {
     // SAFETY: the RingBuf owns its map's fd for as long as the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
         .map_err(|e| anyhow::anyhow!("polling the ring buffer: {}", e.into_parts().1))?;
-    // Idle, the period doubles up to IDLE_DRAIN_MS: an idle agent wakes ~12 times a second.
-    let mut period = Duration::from_millis(DRAIN_INTERVAL_MS);
+    let mut period = interval;
     let mut buf = BytesMut::with_capacity(DRAIN_BYTES);
     loop {
         let drained = tokio::select! {
@@ -212,16 +212,18 @@ pub async fn read_events(
             }
             _ = tokio::time::sleep(period) => drain(ring.get_mut(), &mut buf, &tx, &dropped),
         };
-        period = if drained > 0 {
-            Duration::from_millis(DRAIN_INTERVAL_MS)
-        } else {
-            (period * 2).min(Duration::from_millis(IDLE_DRAIN_MS))
-        };
+        period = next_period(period, interval, drained);
     }
 }
 
-/// The longest wait between drains of an idle ring.
-const IDLE_DRAIN_MS: u64 = 80;
+/// Idle, the drain period doubles up to this many times `--drain-interval` (80 ms at the
+/// default 10 ms: an idle agent wakes ~12 times a second); the first record brings it back.
+const IDLE_BACKOFF: u32 = 8;
+
+/// The wait before the next drain, after one that read `drained` records.
+fn next_period(period: Duration, interval: Duration, drained: usize) -> Duration {
+    if drained > 0 { interval } else { (period * 2).min(interval * IDLE_BACKOFF) }
+}
 
 /// Records per message to the aggregator: one channel operation and wakeup per batch.
 pub const BATCH: usize = 256;
@@ -230,7 +232,8 @@ pub const BATCH: usize = 256;
 /// of larger records grows its buffer; the next one starts afresh.
 const BATCH_BYTES: usize = BATCH * 256;
 
-/// The drain's buffer: room for one 10 ms drain at ~300k records/s of `wrk`-sized exchanges.
+/// The drain's buffer: room for one 10 ms drain at ~300k records/s of `wrk`-sized exchanges
+/// (at that rate the kernel wakes the reader every few ms, whatever `--drain-interval` says).
 /// Pages are touched only as far as a drain fills it, so an idle agent does not pay for it.
 const DRAIN_BYTES: usize = 16 * BATCH_BYTES;
 
@@ -310,6 +313,19 @@ pub async fn report_losses(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_idle_ring_is_drained_less_often_until_records_come_back() {
+        let interval = Duration::from_millis(10);
+        let mut period = interval;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            period = next_period(period, interval, 0);
+            waits.push(period.as_millis());
+        }
+        assert_eq!(waits, [20, 40, 80, 80, 80, 80]);
+        assert_eq!(next_period(period, interval, 1), interval);
+    }
 
     /// The drain's buffer discipline: once the aggregator has dropped a drain's batches, the
     /// next drain reuses the same memory from its front instead of allocating (a `bytes`

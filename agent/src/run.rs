@@ -76,7 +76,8 @@ pub async fn run(prepared: Prepared) -> Result<()> {
     tokio::spawn(Aggregator::new(shared.clone(), args.max_connections, args.max_series_per_family).run(rx));
     gpu::nvml::spawn(GpuConfig { interval: args.gpu_interval, library: args.nvml_lib.clone() }, tx.clone());
     let dropped = Arc::new(AtomicU64::new(0));
-    let reader = tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone()));
+    let reader =
+        tokio::spawn(probes::read_events(outputs.events, tx.clone(), dropped.clone(), args.drain_interval));
     tokio::spawn(probes::report_losses(outputs.lost, tx.clone(), dropped));
     tokio::spawn(probes::report_sched(outputs.sched, tx.clone()));
     let (targets_tx, targets_rx) = watch::channel(Vec::new());

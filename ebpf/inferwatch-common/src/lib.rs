@@ -20,14 +20,8 @@ pub const MAX_WATCHED_TGIDS: u32 = 4096;
 /// twice, for wrap-around), so it is no larger than that needs.
 pub const EVENTS_RING_BYTES: u32 = 1 << 22;
 /// Pending ring-buffer bytes at which a data record wakes the reader (1/16 of the ring); below
-/// it the reader drains every [`DRAIN_INTERVAL_MS`] on its own.
+/// it the reader drains on its own timer (the agent's `--drain-interval`).
 pub const WAKEUP_PENDING_BYTES: u64 = EVENTS_RING_BYTES as u64 / 16;
-/// How often the agent drains the ring buffer without being woken while records flow (it backs
-/// off to 80 ms while the ring stays empty). Records carry kernel timestamps, so draining later
-/// delays only when counters move; but each drain is one burst of work for the agent, and longer
-/// intervals made bursts that delayed the watched server itself (25 ms was tried: the fidelity
-/// test's agent-vs-client TTFT p99 rose past 5 ms).
-pub const DRAIN_INTERVAL_MS: u64 = 10;
 
 /// `syscall_nr` when the socket operation did not come from a system call (kernel thread,
 /// io_uring worker without saved user registers).

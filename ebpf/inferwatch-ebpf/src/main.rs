@@ -164,9 +164,9 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
 
 /// Ring-buffer notification policy for data records. The kernel's default wakes the reader
 /// whenever it has caught up, which costs an interrupt and a cross-CPU wakeup per record at
-/// moderate rates. Instead the reader drains on a short timer (`DRAIN_INTERVAL_MS`) and is
-/// woken only when a record makes the pending data cross `WAKEUP_PENDING_BYTES`, so bursts
-/// are drained long before the ring fills.
+/// moderate rates. Instead the reader drains on a short timer (the agent's `--drain-interval`)
+/// and is woken only when a record makes the pending data cross `WAKEUP_PENDING_BYTES`, so
+/// bursts are drained long before the ring fills.
 #[inline(always)]
 fn wakeup_flags(len: usize) -> u64 {
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
