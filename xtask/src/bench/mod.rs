@@ -250,9 +250,38 @@ fn median_interval(v: &[f64]) -> Option<(f64, f64, f64)> {
     Some((s[k - 1], s[n - k], 1.0 - 2.0 * tail))
 }
 
+/// About how many independent values a 95% interval of `± half_width` around their mean needs,
+/// from the spread of `v` (normal approximation: n = (1.96·sd / half_width)²). The median's
+/// interval needs more (π/2 times for normal data), so this is a lower bound for it. None
+/// below 3 values, where a standard deviation says little.
+fn values_for_half_width(v: &[f64], half_width: f64) -> Option<u64> {
+    if v.len() < 3 {
+        return None;
+    }
+    Some(((1.96 * std_dev(v) / half_width).powi(2)).ceil().max(1.0) as u64)
+}
+
+/// The sample standard deviation of `v`.
+fn std_dev(v: &[f64]) -> f64 {
+    let n = v.len() as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_needed_for_an_interval_of_given_width() {
+        assert_eq!(values_for_half_width(&[1.0, 1.0], 0.01), None);
+        // sd = 0.1 (values 0.9, 1.0, 1.1): (1.96 * 0.1 / 0.01)² = 384.16 → 385.
+        assert_eq!(values_for_half_width(&[0.9, 1.0, 1.1], 0.01), Some(385));
+        // Halving the width quadruples the count.
+        assert_eq!(values_for_half_width(&[0.9, 1.0, 1.1], 0.005), Some(1537));
+        assert_eq!(values_for_half_width(&[1.0, 1.0, 1.0], 0.01), Some(1));
+        assert!((std_dev(&[0.9, 1.0, 1.1]) - 0.1).abs() < 1e-12);
+    }
 
     #[test]
     fn variants_and_agent_flags_get_sections_of_their_own() {

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{CpuMeter, flag, flag_text, median, median_interval, stop_agent, sum};
+use super::{
+    CpuMeter, flag, flag_text, median, median_interval, std_dev, stop_agent, sum, values_for_half_width,
+};
 use crate::{
     cmd::{self, Result},
     tasks::{self, Profile},
@@ -174,6 +176,7 @@ fn measure_pairs(
         load(name, requests)
     };
     let (mut without, mut with, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let started = Instant::now();
     for pair in 0..pairs {
         // A B, then B A: neither side always runs first (vLLM warms, caches fill).
         let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
@@ -217,7 +220,8 @@ fn measure_pairs(
             with.last().unwrap().throughput
         );
     }
-    let mut md = report(&without, &with, &agent_cpu, requests, concurrency, variant);
+    let seconds_per_pair = started.elapsed().as_secs_f64() / pairs.max(1) as f64;
+    let mut md = report(&without, &with, &agent_cpu, requests, concurrency, variant, seconds_per_pair);
     if let Some(agent_args) = &agent_args {
         md.push_str(&account(&load, &agent, agent_args, requests)?);
     }
@@ -375,6 +379,7 @@ fn report(
     requests: u64,
     concurrency: u64,
     variant: Variant,
+    seconds_per_pair: f64,
 ) -> String {
     let mut md = String::new();
     let agent = variant.describe();
@@ -448,6 +453,20 @@ fn report(
         spread(without),
         spread(with)
     );
+    let ratios = pair_ratios(|r| r.throughput);
+    if let (Some(n1), Some(n05)) =
+        (values_for_half_width(&ratios, 0.01), values_for_half_width(&ratios, 0.005))
+    {
+        let hours = |n: u64| n as f64 * seconds_per_pair / 3600.0;
+        let _ = writeln!(
+            md,
+            "\nResolution: the per-pair throughput ratios have a standard deviation of {:.3}. A 95% interval of ±1 point around their mean would need about {n1} pairs ({:.1} h at this run's {:.0} s per pair), ±0.5 point about {n05} ({:.1} h); the median's interval needs more.",
+            std_dev(&ratios),
+            hours(n1),
+            seconds_per_pair,
+            hours(n05)
+        );
+    }
     md
 }
 
