@@ -23,6 +23,14 @@ pub fn record(name: &str, section_name: &str, args: &[String], body: &str) -> Re
     Ok(())
 }
 
+/// The text between the markers of section `name` of `doc`, if it has one.
+pub fn section<'a>(doc: &'a str, name: &str) -> Option<&'a str> {
+    let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let start = doc.find(&open)? + open.len();
+    let end = start + doc[start..].find(&close)?;
+    Some(&doc[start..end])
+}
+
 /// `doc` with the section `name` replaced by `content`, or with it appended when absent.
 pub fn replace_section(doc: &str, name: &str, content: &str) -> String {
     let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
@@ -82,6 +90,14 @@ mod tests {
         let doc = "# B\n\nintro\n<!-- bench:wrk -->\nold\n<!-- /bench:wrk -->\nanalysis\n";
         let out = replace_section(doc, "wrk", "new numbers");
         assert_eq!(out, "# B\n\nintro\n<!-- bench:wrk -->\nnew numbers\n<!-- /bench:wrk -->\nanalysis\n");
+    }
+
+    #[test]
+    fn a_section_is_read_back() {
+        let doc = "x\n<!-- bench:vllm -->\nA\n<!-- /bench:vllm -->\n<!-- bench:vllm-control -->\nB\n<!-- /bench:vllm-control -->\n";
+        assert_eq!(section(doc, "vllm"), Some("\nA\n"));
+        assert_eq!(section(doc, "vllm-control"), Some("\nB\n"));
+        assert_eq!(section(doc, "wrk"), None);
     }
 
     #[test]

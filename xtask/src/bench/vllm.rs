@@ -467,7 +467,83 @@ fn report(
             hours(n05)
         );
     }
+    if variant != Variant::Control {
+        md.push_str(&against_control(&ratios));
+    }
     md
+}
+
+/// This run's per-pair throughput ratios against those of the A/A control stored in
+/// BENCHMARKS.md (nothing attached on either side): whether the A/B can tell the agent from
+/// this machine's noise at all. Means and a normal-approximation 95% interval of their
+/// difference (Welch), which needs no assumption about the noise beyond independent pairs.
+fn against_control(ratios: &[f64]) -> String {
+    let doc = std::fs::read_to_string(cmd::root().join("BENCHMARKS.md")).unwrap_or_default();
+    let Some(control) = super::report::section(&doc, "vllm-control") else {
+        return String::new();
+    };
+    let stamp = control.lines().find(|l| l.starts_with('_')).unwrap_or("").trim_matches('_');
+    match compare_means(ratios, &table_ratios(control)) {
+        Some(c) => format!(
+            "\nAgainst this machine's A/A control ({stamp}; {} pairs, mean ratio {:.3}): this run's mean ratio {:.3}, difference {:+.3}, 95% interval {:+.3} to {:+.3}: {}.\n",
+            c.control_pairs,
+            c.control_mean,
+            c.mean,
+            c.difference,
+            c.low,
+            c.high,
+            if c.low > 0.0 || c.high < 0.0 {
+                "the A/B tells this run from noise"
+            } else {
+                "the A/B cannot tell this run from noise"
+            }
+        ),
+        None => String::new(),
+    }
+}
+
+/// The with/without throughput ratio of each pair in a stored `bench vllm` table
+/// (`| pair | req/s without | req/s with | …`).
+fn table_ratios(section: &str) -> Vec<f64> {
+    section
+        .lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            // "", pair, without, with, …
+            cells.get(1)?.parse::<u32>().ok()?;
+            let (a, b): (f64, f64) = (cells.get(2)?.parse().ok()?, cells.get(3)?.parse().ok()?);
+            (a > 0.0).then(|| b / a)
+        })
+        .collect()
+}
+
+#[derive(Debug, PartialEq)]
+struct Comparison {
+    mean: f64,
+    control_mean: f64,
+    control_pairs: usize,
+    difference: f64,
+    low: f64,
+    high: f64,
+}
+
+/// Difference of the means of `run` and `control`, with a 95% interval (normal approximation).
+fn compare_means(run: &[f64], control: &[f64]) -> Option<Comparison> {
+    if run.len() < 3 || control.len() < 3 {
+        return None;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let se = |v: &[f64]| std_dev(v) / (v.len() as f64).sqrt();
+    let difference = mean(run) - mean(control);
+    let half = 1.96 * (se(run).powi(2) + se(control).powi(2)).sqrt();
+    Some(Comparison {
+        mean: mean(run),
+        control_mean: mean(control),
+        control_pairs: control.len(),
+        difference,
+        low: difference - half,
+        high: difference + half,
+    })
 }
 
 /// The number after `"key":` in a compact JSON document.
@@ -481,6 +557,28 @@ fn json_number(doc: &str, key: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pair_ratios_are_read_from_a_stored_table() {
+        let section = "_`cargo xtask bench vllm` · date_\n\n| pair | req/s without | req/s with | TTFT |\n|---|---|---|---|\n| 1 | 40.00 | 38.00 | 1 / 2 |\n| 2 | 50.00 | 55.00 | 1 / 2 |\n\n| throughput | **0.950** | 0.97 |\n";
+        let r = table_ratios(section);
+        assert_eq!(r.len(), 2);
+        assert!((r[0] - 0.95).abs() < 1e-12 && (r[1] - 1.1).abs() < 1e-12, "{r:?}");
+    }
+
+    #[test]
+    fn a_run_is_told_from_the_control_only_when_the_interval_excludes_zero() {
+        let control = [0.9, 1.0, 1.1, 0.95, 1.05];
+        // The same spread shifted by 0.01: inside the noise.
+        let close: Vec<f64> = control.iter().map(|x| x - 0.01).collect();
+        let c = compare_means(&close, &control).unwrap();
+        assert!((c.difference + 0.01).abs() < 1e-12);
+        assert!(c.low < 0.0 && c.high > 0.0, "{c:?}");
+        // Shifted by 0.2: told apart.
+        let far: Vec<f64> = control.iter().map(|x| x - 0.2).collect();
+        assert!(compare_means(&far, &control).unwrap().high < 0.0);
+        assert_eq!(compare_means(&[1.0, 1.0], &control), None);
+    }
 
     #[test]
     fn numbers_are_read_from_compact_json() {
