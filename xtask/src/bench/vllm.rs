@@ -176,8 +176,16 @@ fn measure_pairs(
         load(name, requests)
     };
     let (mut without, mut with, mut agent_cpu) = (Vec::new(), Vec::new(), Vec::new());
+    // The burst alone did not make the sides equal: a run without the agent still came right
+    // after the previous run, with vLLM hot. So it now idles as long as a run with the agent
+    // waits for it (its start-up, measured, plus the scrape phase): the sides differ only in
+    // the agent.
+    let mut start_up = Duration::from_secs(2);
     let started = Instant::now();
     for pair in 0..pairs {
+        // Golden-ratio phases spread the runs evenly over the scrape interval.
+        let phase = (pair as f64 * 0.618_034).fract();
+        let wait = agent_args.as_deref().map_or(Ok(Duration::ZERO), |a| ready_wait(a, phase))?;
         // A B, then B A: neither side always runs first (vLLM warms, caches fill).
         let order = if pair % 2 == 0 { [false, true] } else { [true, false] };
         for attached in order {
@@ -192,6 +200,9 @@ fn measure_pairs(
                 continue;
             }
             let Some(agent_args) = agent_args.as_deref().filter(|_| attached) else {
+                if agent_args.is_some() {
+                    thread::sleep(start_up + wait);
+                }
                 let run = measured(&format!("pair{pair}-{}", if attached { "with" } else { "without" }))?;
                 if attached {
                     with.push(run)
@@ -200,9 +211,9 @@ fn measure_pairs(
                 }
                 continue;
             };
-            // Golden-ratio phases spread the runs evenly over the scrape interval.
-            let phase = (pair as f64 * 0.618_034).fract();
-            let (mut child, agent_port) = start_watching_agent(&agent, agent_args, phase)?;
+            let starting = Instant::now();
+            let (mut child, agent_port) = start_watching_agent(&agent, agent_args, wait)?;
+            start_up = starting.elapsed().saturating_sub(wait);
             let cpu = CpuMeter::start(child.id());
             let run = measured(&format!("pair{pair}-with"));
             agent_cpu.push(cpu.percent());
@@ -242,7 +253,7 @@ fn account(
     let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
     let measured = (|| {
-        let (mut child, agent_port) = start_watching_agent(agent, agent_args, 0.5)?;
+        let (mut child, agent_port) = start_watching_agent(agent, agent_args, ready_wait(agent_args, 0.5)?)?;
         let metrics =
             || cmd::http_get(agent_port, "/metrics").map(|(_, t)| t).ok_or("the agent does not answer");
         // The agent's CPU from its own counter (getrusage: microseconds, exited threads included).
@@ -329,11 +340,12 @@ const SCRAPE_INTERVAL_SECONDS: u64 = 15;
 /// scrapes vLLM at once, then every scrape interval, and each scrape stalls vLLM's event loop
 /// for a few milliseconds: the run starts `phase` (0..1) of an interval after the first scrape,
 /// so that over the pairs the runs meet scrapes as often as in steady state, not never.
-fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) -> Result<(Child, u16)> {
-    let port = cmd::free_port()?;
-    let mut command = cmd::as_root(agent);
-    command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]).args(args);
-    let discovering = !args.iter().any(|a| a == "--no-discovery");
+/// How long a run with the agent waits once the agent is ready: a second, then, as deployed
+/// (discovering, so scraping), `phase` of its scrape interval.
+fn ready_wait(args: &[String], phase: f64) -> Result<Duration> {
+    if args.iter().any(|a| a == "--no-discovery") {
+        return Ok(Duration::from_secs(1));
+    }
     let scrape_interval = match flag_text(args, "--scrape-interval") {
         Some(value) => {
             let seconds = value.strip_suffix('s').and_then(|v| v.parse::<f64>().ok());
@@ -341,11 +353,20 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) ->
                 seconds.ok_or("--agent-args: give --scrape-interval in seconds, as in 15s")?,
             )
         }
-        None => {
-            command.args(["--scrape-interval", &format!("{SCRAPE_INTERVAL_SECONDS}s")]);
-            Duration::from_secs(SCRAPE_INTERVAL_SECONDS)
-        }
+        None => Duration::from_secs(SCRAPE_INTERVAL_SECONDS),
     };
+    Ok(Duration::from_secs(1) + scrape_interval.mul_f64(phase))
+}
+
+/// Starts the agent and returns once it is ready and `wait` (see [`ready_wait`]) has passed.
+fn start_watching_agent(agent: &std::path::Path, args: &[String], wait: Duration) -> Result<(Child, u16)> {
+    let port = cmd::free_port()?;
+    let mut command = cmd::as_root(agent);
+    command.args(["--listen", &format!("127.0.0.1:{port}"), "--log-level", "warn"]).args(args);
+    let discovering = !args.iter().any(|a| a == "--no-discovery");
+    if flag_text(args, "--scrape-interval").is_none() {
+        command.args(["--scrape-interval", &format!("{SCRAPE_INTERVAL_SECONDS}s")]);
+    }
     let mut child = command.stdout(Stdio::null()).spawn().map_err(|e| format!("starting the agent: {e}"))?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -357,8 +378,7 @@ fn start_watching_agent(agent: &std::path::Path, args: &[String], phase: f64) ->
                 && (!discovering || sum(&t, "inferwatch_vllm_up") >= 1.0)
         });
         if ready {
-            let offset = if discovering { scrape_interval.mul_f64(phase) } else { Duration::ZERO };
-            thread::sleep(Duration::from_secs(1) + offset);
+            thread::sleep(wait);
             return Ok((child, port));
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -385,8 +405,13 @@ fn report(
     let agent = variant.describe();
     let _ = writeln!(
         md,
-        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run, each right after a burst of {} requests (both sides: vLLM warm either way); {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
+        "vLLM 0.32 (CPU) serving the e2e suite's tiny Llama; `inferwatch bench --requests {requests} --concurrency {concurrency} --prompt-tokens 64 --max-tokens 32` (streamed completions, ignore_eos) per run, each right after a burst of {} requests (both sides: vLLM warm either way){}; {} pairs ordered A B, B A, …; \"with\" = {agent}, started and stopped outside the measured run{}.\n",
         burst_size(requests),
+        if matches!(variant, Variant::Control | Variant::Burn) {
+            ""
+        } else {
+            " and, before it, the same idle time on both sides (the agent's start-up and wait, which vLLM spends idle, measured and given to the run without it too)"
+        },
         without.len(),
         if variant == Variant::Full {
             " (each run starts at a different phase of the agent's scrape interval, 15 s unless `--agent-args` sets another, spread by the golden ratio, so that runs meet vLLM scrapes as often as in steady state)"
