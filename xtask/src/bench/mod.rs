@@ -261,11 +261,14 @@ fn values_for_half_width(v: &[f64], half_width: f64) -> Option<u64> {
     Some(((1.96 * std_dev(v) / half_width).powi(2)).ceil().max(1.0) as u64)
 }
 
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len() as f64
+}
+
 /// The sample standard deviation of `v`.
 fn std_dev(v: &[f64]) -> f64 {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    (v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    let m = mean(v);
+    (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() as f64 - 1.0)).sqrt()
 }
 
 #[cfg(test)]

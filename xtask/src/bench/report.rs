@@ -23,9 +23,14 @@ pub fn record(name: &str, section_name: &str, args: &[String], body: &str) -> Re
     Ok(())
 }
 
+/// The opening and closing markers of section `name`.
+fn markers(name: &str) -> (String, String) {
+    (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"))
+}
+
 /// The text between the markers of section `name` of `doc`, if it has one.
 pub fn section<'a>(doc: &'a str, name: &str) -> Option<&'a str> {
-    let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let (open, close) = markers(name);
     let start = doc.find(&open)? + open.len();
     let end = start + doc[start..].find(&close)?;
     Some(&doc[start..end])
@@ -33,7 +38,7 @@ pub fn section<'a>(doc: &'a str, name: &str) -> Option<&'a str> {
 
 /// `doc` with the section `name` replaced by `content`, or with it appended when absent.
 pub fn replace_section(doc: &str, name: &str, content: &str) -> String {
-    let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let (open, close) = markers(name);
     let block = format!("{open}\n{}\n{close}", content.trim());
     match (doc.find(&open), doc.find(&close)) {
         (Some(a), Some(b)) if a < b => format!("{}{block}{}", &doc[..a], &doc[b + close.len()..]),

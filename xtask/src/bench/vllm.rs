@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    CpuMeter, flag, flag_text, median, median_interval, std_dev, stop_agent, sum, values_for_half_width,
+    CpuMeter, flag, flag_text, mean, median, median_interval, std_dev, stop_agent, sum, values_for_half_width,
 };
 use crate::{
     cmd::{self, Result},
@@ -336,12 +336,10 @@ fn start_burner() -> Result<Child> {
 /// one: passed explicitly, so that the run phases below follow what the agent really does.
 const SCRAPE_INTERVAL_SECONDS: u64 = 15;
 
-/// The agent with `args`; returned once it watches the vLLM API server. A discovering agent
-/// scrapes vLLM at once, then every scrape interval, and each scrape stalls vLLM's event loop
-/// for a few milliseconds: the run starts `phase` (0..1) of an interval after the first scrape,
-/// so that over the pairs the runs meet scrapes as often as in steady state, not never.
 /// How long a run with the agent waits once the agent is ready: a second, then, as deployed
-/// (discovering, so scraping), `phase` of its scrape interval.
+/// (discovering, so scraping), `phase` (0..1) of its scrape interval. A discovering agent
+/// scrapes vLLM at once, then every scrape interval, and each scrape stalls vLLM's event loop
+/// for a few milliseconds: over the pairs the runs meet scrapes as often as in steady state.
 fn ready_wait(args: &[String], phase: f64) -> Result<Duration> {
     if args.iter().any(|a| a == "--no-discovery") {
         return Ok(Duration::from_secs(1));
@@ -358,7 +356,8 @@ fn ready_wait(args: &[String], phase: f64) -> Result<Duration> {
     Ok(Duration::from_secs(1) + scrape_interval.mul_f64(phase))
 }
 
-/// Starts the agent and returns once it is ready and `wait` (see [`ready_wait`]) has passed.
+/// Starts the agent with `args` and returns once it watches the vLLM API server (and, as
+/// deployed, holds vLLM's first scrape) and `wait` (see [`ready_wait`]) has passed.
 fn start_watching_agent(agent: &std::path::Path, args: &[String], wait: Duration) -> Result<(Child, u16)> {
     let port = cmd::free_port()?;
     let mut command = cmd::as_root(agent);
@@ -557,7 +556,6 @@ fn compare_means(run: &[f64], control: &[f64]) -> Option<Comparison> {
     if run.len() < 3 || control.len() < 3 {
         return None;
     }
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let se = |v: &[f64]| std_dev(v) / (v.len() as f64).sqrt();
     let difference = mean(run) - mean(control);
     let half = 1.96 * (se(run).powi(2) + se(control).powi(2)).sqrt();
