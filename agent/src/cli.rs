@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser, Debug)]
 #[command(name = "inferwatch", version, about, args_conflicts_with_subcommands = true)]
-pub struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
     #[command(flatten)]
@@ -13,7 +13,7 @@ pub struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Watch processes from the kernel and serve metrics (the default).
     Run(RunArgs),
     /// Print the vLLM instances on this node and exit.
@@ -30,7 +30,7 @@ pub enum Command {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct TopArgs {
+pub(crate) struct TopArgs {
     /// The agent to show.
     #[arg(long, default_value = "http://127.0.0.1:9420")]
     pub agent: String,
@@ -40,7 +40,7 @@ pub struct TopArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct DiagnoseArgs {
+pub(crate) struct DiagnoseArgs {
     /// The agent to ask.
     #[arg(long, default_value = "http://127.0.0.1:9420")]
     pub agent: String,
@@ -53,7 +53,7 @@ pub struct DiagnoseArgs {
 }
 
 #[derive(Subcommand, Debug, Clone)]
-pub enum BaselineCommand {
+pub(crate) enum BaselineCommand {
     /// Watch the agent for a while and write what it saw.
     Record {
         #[arg(long, default_value = "http://127.0.0.1:9420")]
@@ -74,7 +74,7 @@ pub enum BaselineCommand {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     /// The server, e.g. http://127.0.0.1:8000.
     #[arg(long)]
     pub url: String,
@@ -137,14 +137,14 @@ impl BenchArgs {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct DiscoverArgs {
+pub(crate) struct DiscoverArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
 }
 
 /// `500ms`, `5s`, `2m`, or plain seconds (`1.5`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
         (n, 0.001)
@@ -172,7 +172,7 @@ fn parse_drain_interval(s: &str) -> Result<Duration, String> {
 }
 
 #[derive(Args, Debug, Clone)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     /// Address for the HTTP endpoints (/metrics, /healthz).
     #[arg(long, default_value = "0.0.0.0:9420", env = "INFERWATCH_LISTEN")]
     pub listen: SocketAddr,
@@ -198,8 +198,8 @@ pub struct RunArgs {
     pub scrape_timeout: Duration,
     /// Payload bytes copied from each socket transfer (request heads, SSE events, vLLM's engine
     /// IPC), at most 4096. Only bytes actually moved are copied; they never leave the agent.
-    #[arg(long, default_value_t = inferwatch_common::DEFAULT_CAPTURE as u32,
-          value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::MAX_CAPTURE as i64))]
+    #[arg(long, default_value_t = inferwatch_common::sock::DEFAULT_CAPTURE as u32,
+          value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::sock::MAX_CAPTURE as i64))]
     pub capture_bytes: u32,
     /// How often the kernel's records are read while they flow (1ms to 1s); up to 8× that while
     /// none come, and at once when a burst fills a sixteenth of the ring. Records carry the
@@ -209,11 +209,11 @@ pub struct RunArgs {
     #[arg(long, default_value = "10ms", value_parser = parse_drain_interval)]
     pub drain_interval: Duration,
     /// Connections followed at once; beyond it the least recently used is dropped and counted.
-    #[arg(long, default_value_t = crate::connections::DEFAULT_MAX_CONNECTIONS)]
+    #[arg(long, default_value_t = crate::requests::connections::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
     /// Series per metric family whose labels come from outside (status codes, pids); beyond
     /// it new series are refused and counted in inferwatch_series_refused_total.
-    #[arg(long, default_value_t = crate::cardinality::DEFAULT_MAX_SERIES_PER_FAMILY)]
+    #[arg(long, default_value_t = crate::aggregator::cardinality::DEFAULT_MAX_SERIES_PER_FAMILY)]
     pub max_series_per_family: usize,
     /// How often the GPUs are sampled through NVML.
     #[arg(long, default_value = "1s", value_parser = parse_duration)]

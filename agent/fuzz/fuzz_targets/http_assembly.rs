@@ -4,15 +4,15 @@
 //! captured bytes also go through the engine-IPC id scanner and the kernel-record decoder.
 #![no_main]
 
-use inferwatch::http::{Connection, Update};
+use inferwatch::requests::http::{Connection, Progress};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = inferwatch::events::decode(data);
-    let _ = inferwatch::ipc::request_ids(data);
+    let _ = inferwatch::kernel::decode::decode(data);
+    let _ = inferwatch::requests::handoff::request_ids(data);
     let mut conn = Connection::default();
     // One update reused for every transfer, as the agent does.
-    let mut update = Update::default();
+    let mut update = Progress::default();
     let mut ts = 1_000u64;
     let mut rest = data;
     while let [control, len, tail @ ..] = rest {

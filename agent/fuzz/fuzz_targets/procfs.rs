@@ -2,27 +2,30 @@
 //! flags), /proc/PID/stat, /proc/net/tcp, /proc/net/netstat and cgroup paths.
 #![no_main]
 
-use inferwatch::{discovery, procfs};
+use inferwatch::collect::{
+    discovery::classify::classify,
+    procfs::{self, cgroup, cmdline, net},
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
     let comm = text.split('\0').next().unwrap_or_default();
-    let _ = discovery::classify(data, comm);
-    let _ = discovery::models_from_cmdline(data);
-    let flags = discovery::redacted_flags(data);
+    let _ = classify(data, comm);
+    let _ = cmdline::models_from_cmdline(data);
+    let flags = cmdline::redacted_flags(data);
     for secret in ["--api-key", "--hf-token"] {
-        if let Some(value) = discovery::flag_value(&flags, secret) {
+        if let Some(value) = cmdline::flag_value(&flags, secret) {
             assert_eq!(value, "***", "a secret flag leaked: {flags:?}");
         }
     }
-    let _ = discovery::ppid_from_stat(&text);
-    let _ = discovery::comm_from_stat(&text);
+    let _ = procfs::ppid_from_stat(&text);
+    let _ = procfs::comm_from_stat(&text);
     let _ = procfs::parse_start_time(&text);
     let _ = procfs::parse_cap_eff(&text);
-    let _ = discovery::listening_ports(&text);
-    let _ = discovery::netstat_value(&text, "TcpExt", "ListenOverflows");
-    let (container, pod) = discovery::container_from_cgroup(&text);
+    let _ = net::listening_ports(&text);
+    let _ = net::netstat_value(&text, "TcpExt", "ListenOverflows");
+    let (container, pod) = cgroup::container_from_cgroup(&text);
     for id in [container, pod].into_iter().flatten() {
         assert!(!id.is_empty() && id.len() <= text.len(), "{id:?}");
     }

@@ -2,16 +2,19 @@
 //! re-exported text parses again to the same number of samples.
 #![no_main]
 
-use inferwatch::promtext;
+use inferwatch::{
+    collect::scrape::parse::{self, Family},
+    export::reexport::write_sources,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
-    let Ok(mut families) = promtext::parse(text) else { return };
-    promtext::add_current_names(&mut families);
+    let Ok(mut families) = parse::parse(text) else { return };
+    parse::add_current_names(&mut families);
     let mut out = String::new();
-    promtext::write_sources(&mut out, &[(&families, &[("vllm_instance", "fuzz")])]);
-    let again = promtext::parse(&out).unwrap_or_else(|e| panic!("our own output does not parse: {e}\n{out}"));
-    let samples = |fs: &[promtext::Family]| fs.iter().map(|f| f.samples.len()).sum::<usize>();
+    write_sources(&mut out, &[(&families, &[("vllm_instance", "fuzz")])]);
+    let again = parse::parse(&out).unwrap_or_else(|e| panic!("our own output does not parse: {e}\n{out}"));
+    let samples = |fs: &[Family]| fs.iter().map(|f| f.samples.len()).sum::<usize>();
     assert!(samples(&again) <= samples(&families), "the writer invented samples:\n{out}");
 });

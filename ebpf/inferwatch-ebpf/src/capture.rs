@@ -6,18 +6,12 @@
 //! io_uring, …) are counted without bytes.
 
 use aya_ebpf::{bindings::pt_regs, helpers::generated::bpf_probe_read_user};
-use inferwatch_common::{MAX_CAPTURE, MAX_IOVECS};
+use inferwatch_common::sock::{MAX_CAPTURE, MAX_IOVECS};
 
-use crate::CAPTURE_BYTES;
-
-const READ: i32 = 0;
-const WRITE: i32 = 1;
-const READV: i32 = 19;
-const WRITEV: i32 = 20;
-const SENDTO: i32 = 44;
-const RECVFROM: i32 = 45;
-const SENDMSG: i32 = 46;
-const RECVMSG: i32 = 47;
+use crate::{
+    CAPTURE_BYTES,
+    nr::{READ, READV, RECVFROM, RECVMSG, SENDMSG, SENDTO, WRITE, WRITEV},
+};
 
 #[repr(C)]
 #[derive(Clone, Copy)]

@@ -25,10 +25,17 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use inferwatch_common::{
-    EVENTS_RING_BYTES, LOST_REASONS, LostReason, MAX_CAPTURE, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS,
-    NET_RESET_RECEIVED, NET_RESET_SENT, NET_RETRANSMIT, NO_SYSCALL, SOCK_EVENT_SIZE, Scratch, SockEvent,
-    SockEventKind, TrackedSock, WAKEUP_PENDING_BYTES, WatchFlags,
+    maps::{EVENTS_RING_BYTES, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
+    sock::{
+        LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind, SOCK_EVENT_SIZE, Scratch, SockEvent,
+        SockEventKind, TrackedSock, WatchFlags,
+    },
+    tcp::TcpState,
 };
+
+/// The system call numbers of the architecture the programs will run on.
+#[cfg(bpf_target_arch = "x86_64")]
+pub(crate) use inferwatch_common::syscalls::x86_64 as nr;
 
 /// Runtime payload capture limit in bytes (at most `MAX_CAPTURE`); the agent sets it at load.
 #[unsafe(no_mangle)]
@@ -52,8 +59,6 @@ static CONN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-const TCP_CLOSE: i32 = 7;
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`: after every `sock_sendmsg`.
 #[btf_tracepoint(function = "sock_send_length")]
@@ -181,7 +186,7 @@ fn wakeup_flags(len: usize) -> u64 {
 /// `tcp_retransmit_skb(const struct sock *sk, …)`.
 #[btf_tracepoint(function = "tcp_retransmit_skb")]
 pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
-    match try_net_event(&ctx, NET_RETRANSMIT) {
+    match try_net_event(&ctx, NetEventKind::Retransmit) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -190,7 +195,7 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
 /// `tcp_send_reset(const struct sock *sk, …)`: sk is NULL for resets to packets of no socket.
 #[btf_tracepoint(function = "tcp_send_reset")]
 pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
-    match try_net_event(&ctx, NET_RESET_SENT) {
+    match try_net_event(&ctx, NetEventKind::ResetSent) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -199,7 +204,7 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
 /// `tcp_receive_reset(struct sock *sk)`.
 #[btf_tracepoint(function = "tcp_receive_reset")]
 pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
-    match try_net_event(&ctx, NET_RESET_RECEIVED) {
+    match try_net_event(&ctx, NetEventKind::ResetReceived) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -207,7 +212,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 
 /// A TCP event of a tracked socket (rare: retransmits, resets) as a ring-buffer record.
 #[inline(always)]
-fn try_net_event(ctx: &BtfTracePointContext, what: i32) -> Result<(), i32> {
+fn try_net_event(ctx: &BtfTracePointContext, what: NetEventKind) -> Result<(), i32> {
     let sock: u64 = ctx.arg(0);
     let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
         return Ok(());
@@ -218,7 +223,7 @@ fn try_net_event(ctx: &BtfTracePointContext, what: i32) -> Result<(), i32> {
         sock,
         tgid: tracked.tgid,
         tid: 0,
-        ret: what,
+        ret: what as i32,
         syscall_nr: NO_SYSCALL,
         captured: 0,
         kind: SockEventKind::Net as u8,
@@ -247,7 +252,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     };
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
-    if new == TCP_CLOSE {
+    if new == TcpState::Close as i32 {
         // The socket is done: a later socket at the same address must get a new id.
         let _ = TRACKED_SOCKS.remove(&sock);
     }

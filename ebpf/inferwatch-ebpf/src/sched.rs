@@ -16,12 +16,15 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use inferwatch_common::{
-    MAX_WATCHED_TGIDS, OFF_FUTEX, OFF_OTHER, OFF_PREEMPTED, OFF_SLEEP, RUNQUEUE_BUCKETS, SCHED_SLOTS,
-    SLOT_OFFCPU_FUTEX_NS, SLOT_OFFCPU_OTHER_NS, SLOT_OFFCPU_SLEEP_NS, SLOT_ONCPU_NS, SLOT_RUNQUEUE_BUCKETS,
-    SLOT_RUNQUEUE_COUNT, SLOT_RUNQUEUE_NS, SLOT_SWITCHES, SchedStats, TaskSched,
+    maps::MAX_WATCHED_TGIDS,
+    sched::{OffReason, RUNQUEUE_BUCKETS, SchedStats, Slot, TaskSched, index},
 };
 
-use crate::{current_regs, syscall_nr_of};
+use crate::{
+    current_regs,
+    nr::{CLOCK_NANOSLEEP, FUTEX, FUTEX_WAITV, NANOSLEEP},
+    syscall_nr_of,
+};
 
 #[map]
 static SCHED_ROLES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_TGIDS, 0);
@@ -72,16 +75,12 @@ static SCHED_TASKS: TaskStorage = TaskStorage::new();
 static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
 
 const TASK_RUNNING: u32 = 0;
-const FUTEX: i32 = 202;
-const FUTEX_WAITV: i32 = 449;
-const NANOSLEEP: i32 = 35;
-const CLOCK_NANOSLEEP: i32 = 230;
 
 #[inline(always)]
-fn add(role: u8, slot: u32, value: u64) {
+fn add(role: u8, slot: Slot, offset: u32, value: u64) {
     if let Some(stats) = SCHED_STATS.get_ptr_mut(0) {
         // Per-CPU value: no other writer. `get_mut` bounds the index for the verifier.
-        if let Some(v) = unsafe { (*stats).slots.get_mut((role as u32 * SCHED_SLOTS + slot) as usize) } {
+        if let Some(v) = unsafe { (*stats).slots.get_mut(index(role, slot, offset)) } {
             *v += value;
         }
     }
@@ -104,22 +103,22 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
         now = unsafe { bpf_ktime_get_ns() };
         let prev_state: u32 = ctx.arg(3);
         let reason = if prev_state == TASK_RUNNING {
-            OFF_PREEMPTED
+            OffReason::Preempted as u8
         } else {
             match current_regs().map(syscall_nr_of) {
-                Some(FUTEX | FUTEX_WAITV) => OFF_FUTEX,
-                Some(NANOSLEEP | CLOCK_NANOSLEEP) => OFF_SLEEP,
-                _ => OFF_OTHER,
+                Some(FUTEX | FUTEX_WAITV) => OffReason::Futex as u8,
+                Some(NANOSLEEP | CLOCK_NANOSLEEP) => OffReason::Sleep as u8,
+                _ => OffReason::Other as u8,
             }
         };
-        add(role, SLOT_SWITCHES, 1);
+        add(role, Slot::Switches, 0, 1);
         // Preempted: it is runnable now, so its run-queue wait starts now.
-        let wake_ns = if reason == OFF_PREEMPTED { now } else { 0 };
+        let wake_ns = if reason == OffReason::Preempted as u8 { now } else { 0 };
         // A new storage is zeroed: on_ns 0, nothing to account yet. Allocation can fail (memory,
         // or the storage busy in a nested program on this CPU): the switch then goes uncounted.
         if let Some(state) = SCHED_TASKS.get(prev, true) {
             if state.on_ns != 0 {
-                add(role, SLOT_ONCPU_NS, now.saturating_sub(state.on_ns));
+                add(role, Slot::OnCpuNs, 0, now.saturating_sub(state.on_ns));
             }
             state.role = role;
             state.on_ns = 0;
@@ -136,9 +135,9 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
         }
         if state.wake_ns != 0 {
             let delay = now.saturating_sub(state.wake_ns);
-            add(state.role, SLOT_RUNQUEUE_NS, delay);
-            add(state.role, SLOT_RUNQUEUE_COUNT, 1);
-            add(state.role, SLOT_RUNQUEUE_BUCKETS + bucket(delay), 1);
+            add(state.role, Slot::RunqueueNs, 0, delay);
+            add(state.role, Slot::RunqueueCount, 0, 1);
+            add(state.role, Slot::RunqueueBuckets, bucket(delay), 1);
         }
         state.wake_ns = 0;
         state.off_ns = 0;
@@ -156,12 +155,14 @@ pub fn try_sched_wakeup(ctx: &BtfTracePointContext) -> Result<(), i32> {
         return Ok(());
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let slot = match state.off_reason {
-        OFF_FUTEX => SLOT_OFFCPU_FUTEX_NS,
-        OFF_SLEEP => SLOT_OFFCPU_SLEEP_NS,
-        _ => SLOT_OFFCPU_OTHER_NS,
+    let slot = if state.off_reason == OffReason::Futex as u8 {
+        Slot::OffCpuFutexNs
+    } else if state.off_reason == OffReason::Sleep as u8 {
+        Slot::OffCpuSleepNs
+    } else {
+        Slot::OffCpuOtherNs
     };
-    add(state.role, slot, now.saturating_sub(state.off_ns));
+    add(state.role, slot, 0, now.saturating_sub(state.off_ns));
     state.wake_ns = now;
     Ok(())
 }

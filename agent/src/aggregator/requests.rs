@@ -1,0 +1,148 @@
+//! Finished requests: their metrics, their phases (joined with the engine hand-off), and the
+//! records `/api/v1/requests` serves; bounded model labels.
+
+use super::{
+    Aggregator,
+    families::{PhaseLabels, ReasonLabels},
+    store::RECENT_REQUESTS,
+};
+use crate::{
+    model::request::{GENERATION_ROUTES, RequestRecord},
+    requests::{
+        handoff::{self, Phases},
+        http::{FinishedRequest, Progress},
+    },
+};
+
+/// Distinct `model` label values; later names are exported as `other`.
+pub(crate) const MAX_MODELS: usize = 32;
+
+impl Aggregator {
+    /// A bounded model label: the model the request named, else its instance's (`tgid`), if it
+    /// is one of the first few seen.
+    pub(super) fn model_label(&mut self, named: Option<&str>, tgid: u32) -> String {
+        match named.or_else(|| self.instance_model.get(&tgid).map(String::as_str)) {
+            None => "unknown".into(),
+            Some(m) if self.models.contains(m) => m.to_string(),
+            Some(m) if self.models.len() < MAX_MODELS => {
+                self.models.insert(m.to_string());
+                m.to_string()
+            }
+            Some(_) => "other".into(),
+        }
+    }
+
+    /// Takes what one transfer revealed out of `update` (leaving it empty, its room kept).
+    pub(super) fn http_update(&mut self, tgid: u32, update: &mut Progress) {
+        if let Some(reason) = update.not_http.take() {
+            self.store.metrics.not_http.get_or_create(&ReasonLabels { reason }).inc();
+        }
+        for (route, model) in update.started.drain(..) {
+            let model = self.model_label(model.as_deref(), tgid);
+            self.route_series.get(&model, route).in_flight(&self.store.metrics).inc();
+        }
+        for req in update.finished.drain(..) {
+            self.finished(tgid, req);
+        }
+    }
+
+    fn finished(&mut self, tgid: u32, req: FinishedRequest) {
+        let model = self.model_label(req.model.as_deref(), tgid);
+        let m = &self.store.metrics;
+        let series = self.route_series.get(&model, req.route);
+        series.in_flight(m).dec();
+        let outcome = req.outcome.as_str();
+        series.count_request(m, &mut self.budget, req.status, outcome);
+        let since = |t: u64| t.saturating_sub(req.received_ns) as f64 / 1e9;
+        let headers = req.headers_ns.map(since);
+        let ttft = req.first_token_ns.map(since);
+        if let (Some(t), Some(instance)) = (ttft, self.instance_of_pid.get(&tgid)) {
+            let acc = self.ttft_since_scrape.entry(instance.clone()).or_insert((0.0, 0));
+            acc.0 += t;
+            acc.1 += 1;
+        }
+        let duration = since(req.end_ns);
+        if let Some(h) = headers {
+            series.response_headers(m).observe(h);
+        }
+        if let Some(t) = ttft {
+            series.time_to_first_token(m).observe(t);
+        }
+        series.request_duration(m).observe(duration);
+        if !req.chunk_gaps_ns.is_empty() {
+            let gaps = series.chunk_gap(m);
+            for g in &req.chunk_gaps_ns {
+                gaps.observe(*g as f64 / 1e9);
+            }
+        }
+        if req.events > 0 {
+            series.stream_events(m, true).inc_by(req.content_events as u64);
+            series.stream_events(m, false).inc_by((req.events - req.content_events) as u64);
+        }
+        series.request_bytes(m).inc_by(req.request_bytes);
+        series.response_bytes(m).inc_by(req.response_bytes);
+
+        let ipc = req.response_id.as_deref().and_then(|id| self.handoff.take(id));
+        let generation = GENERATION_ROUTES.contains(&req.route) && req.status == 200;
+        let (phases, unmatched) =
+            match handoff::phases(req.received_ns, req.first_token_ns, req.end_ns, ipc.as_ref()) {
+                Ok(p) => (Some(p), None),
+                Err(reason) if generation => (None, Some(reason)),
+                Err(_) => (None, None),
+            };
+        let m = &self.store.metrics;
+        if let Some(reason) = unmatched {
+            m.phase_unmatched.get_or_create(&ReasonLabels { reason }).inc();
+        }
+        if let (Some(p), Some(t), Some(instance)) = (&phases, ttft, self.instance_of_pid.get(&tgid)) {
+            let sums = self.phase_sums.entry(instance.clone()).or_insert((0.0, 0.0));
+            sums.0 += t;
+            sums.1 += p.frontend_in + p.frontend_out;
+        }
+        let m = &self.store.metrics;
+        if let Some(p) = &phases {
+            let observe = |phase: &'static str, v: Option<f64>| {
+                if let Some(v) = v {
+                    m.request_phase.get_or_create(&PhaseLabels { phase, model: model.clone() }).observe(v);
+                }
+            };
+            observe("frontend_in", Some(p.frontend_in));
+            observe("engine_first", p.engine_first);
+            observe("engine", p.engine);
+            observe("frontend_out", Some(p.frontend_out));
+            observe("decode", p.decode);
+        }
+        let phase = |f: fn(&Phases) -> Option<f64>| phases.as_ref().and_then(f);
+
+        let record = RequestRecord {
+            pid: tgid,
+            method: req.method.into(),
+            route: req.route.into(),
+            model,
+            status: req.status,
+            outcome: outcome.into(),
+            stream: req.stream,
+            request_bytes: req.request_bytes,
+            response_bytes: req.response_bytes,
+            events: req.events,
+            content_events: req.content_events,
+            received_monotonic_ns: req.received_ns,
+            received_unix_seconds: (req.received_ns as i128 + self.store.realtime_offset_ns) as f64 / 1e9,
+            response_headers_seconds: headers,
+            time_to_first_token_seconds: ttft,
+            duration_seconds: duration,
+            max_chunk_gap_seconds: req.chunk_gaps_ns.iter().max().map(|g| *g as f64 / 1e9),
+            frontend_in_seconds: phase(|p| Some(p.frontend_in)),
+            engine_first_seconds: phase(|p| p.engine_first),
+            engine_seconds: phase(|p| p.engine),
+            frontend_out_seconds: phase(|p| Some(p.frontend_out)),
+            decode_seconds: phase(|p| p.decode),
+            phases_unmatched: unmatched.map(Into::into),
+        };
+        let mut recent = self.store.recent.write();
+        if recent.len() >= RECENT_REQUESTS {
+            recent.pop_front();
+        }
+        recent.push_back(record);
+    }
+}

@@ -1,0 +1,198 @@
+//! The aggregator as a whole: inputs in, metrics and records out.
+
+use std::sync::Arc;
+
+use super::{Aggregator, Input, Store, requests::MAX_MODELS, scrapes::cap_samples};
+use crate::{
+    collect::discovery::DiscoveryReport,
+    kernel::{KernelReport, LOST_RING_BUFFER_FULL},
+    model::sock::{Direction, KernelEvent, RecordBatch, SockOp},
+};
+
+fn watched(tgid: u32) -> Input {
+    Input::Discovery(DiscoveryReport::Watched { tgid, comm: "vllm".into() })
+}
+
+fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> KernelEvent<'static> {
+    KernelEvent::Sock(SockOp { ts_ns: 1, conn_id: 0, tgid, tid: tgid, ret, syscall, direction, payload: b"" })
+}
+
+fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> KernelEvent<'_> {
+    KernelEvent::Sock(SockOp {
+        ts_ns,
+        conn_id,
+        tgid: 10,
+        tid: 10,
+        ret: bytes.len() as i32,
+        syscall: "read",
+        direction,
+        payload: bytes,
+    })
+}
+
+fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[test]
+fn series_of_an_unwatched_process_go_and_their_room_is_freed() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 16, 4);
+    agg.apply(watched(10));
+    agg.kernel_event(op(10, "write", Direction::Sent, 100));
+    agg.kernel_event(op(10, "read", Direction::Received, 7));
+    agg.apply(Input::Discovery(DiscoveryReport::Unwatched { tgid: 10 }));
+    let text = store.metrics.encode().unwrap();
+    assert!(!text.contains("pid=\"10\""), "{text}");
+    assert_eq!(value(&text, "inferwatch_watched_processes"), Some(0.0));
+    // The freed room serves the next process (pid reuse or a restart).
+    agg.apply(watched(11));
+    agg.kernel_event(op(11, "write", Direction::Sent, 1));
+    let text = store.metrics.encode().unwrap();
+    let write = "inferwatch_process_socket_ops_total{pid=\"11\",comm=\"vllm\",syscall=\"write\"}";
+    assert_eq!(value(&text, write), Some(1.0));
+    assert_eq!(
+        value(&text, "inferwatch_series_refused_total{family=\"inferwatch_process_socket_ops\"}"),
+        None
+    );
+}
+
+#[test]
+fn a_family_stops_growing_at_its_cap_and_counts_what_it_refused() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 64, 3);
+    // Five status codes from a misbehaving server: three series, two refused requests.
+    for (conn, status) in [200u16, 201, 299, 298, 297].into_iter().enumerate() {
+        let conn = conn as u64 + 1;
+        agg.kernel_event(io(conn, 1, Direction::Received, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"));
+        let head = format!("HTTP/1.1 {status} OK\r\ncontent-length: 0\r\n\r\n");
+        agg.kernel_event(io(conn, 2, Direction::Sent, head.as_bytes()));
+    }
+    let text = store.metrics.encode().unwrap();
+    let series = text.lines().filter(|l| l.starts_with("inferwatch_http_requests_total{")).count();
+    assert_eq!(series, 3, "{text}");
+    let refused = "inferwatch_series_refused_total{family=\"inferwatch_http_requests\"}";
+    assert_eq!(value(&text, refused), Some(2.0));
+    // Timing families have bounded labels (model, route) and still saw all five.
+    assert!(
+        text.contains(
+            "inferwatch_http_request_duration_seconds_count{model=\"unknown\",route=\"/health\"} 5"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_huge_scraped_page_is_cut_at_the_cap() {
+    use crate::model::family::{family, sample};
+    let mut families: Vec<_> = (0..10)
+        .map(|i| {
+            family(
+                &format!("vllm:f{i}"),
+                "",
+                "gauge",
+                (0..10).map(|j| sample(&format!("vllm:f{i}"), &[("j", &j.to_string())], 1.0)).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(cap_samples(&mut families, 35), 70);
+    assert_eq!(families.len(), 3, "whole families are kept or dropped");
+}
+
+#[test]
+fn counts_ops_and_bytes_per_process_and_call() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 16, 2000);
+    agg.apply(watched(10));
+    for _ in 0..3 {
+        agg.kernel_event(op(10, "write", Direction::Sent, 100));
+    }
+    agg.kernel_event(op(10, "sendto", Direction::Sent, -11));
+    agg.kernel_event(op(10, "read", Direction::Received, 7));
+    let text = store.metrics.encode().unwrap();
+    let ops = |s: &str| {
+        value(
+            &text,
+            &format!("inferwatch_process_socket_ops_total{{pid=\"10\",comm=\"vllm\",syscall=\"{s}\"}}"),
+        )
+    };
+    assert_eq!(ops("write"), Some(3.0));
+    assert_eq!(ops("sendto"), Some(1.0), "failed calls are operations too");
+    assert_eq!(ops("read"), Some(1.0));
+    let bytes = |d: &str| {
+        value(
+            &text,
+            &format!("inferwatch_process_socket_bytes_total{{pid=\"10\",comm=\"vllm\",direction=\"{d}\"}}"),
+        )
+    };
+    assert_eq!(bytes("sent"), Some(300.0), "errors move no bytes");
+    assert_eq!(bytes("received"), Some(7.0));
+    assert_eq!(value(&text, "inferwatch_agent_events_total"), Some(5.0));
+    assert_eq!(value(&text, "inferwatch_watched_processes"), Some(1.0));
+}
+
+#[test]
+fn kernel_loss_totals_become_increments() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 16, 2000);
+    let series = "inferwatch_agent_events_lost_total{reason=\"ring_buffer_full\"}";
+    for (total, expect) in [(5, 5.0), (5, 5.0), (12, 12.0), (3, 15.0)] {
+        agg.apply(Input::Kernel(KernelReport::Lost { reason: LOST_RING_BUFFER_FULL, total }));
+        assert_eq!(value(&store.metrics.encode().unwrap(), series), Some(expect), "after total {total}");
+    }
+    // A record too short for its header is counted as malformed.
+    agg.apply(Input::Kernel(KernelReport::Batch(RecordBatch::from_records([&[1u8, 2, 3][..]]))));
+    let text = store.metrics.encode().unwrap();
+    assert_eq!(value(&text, "inferwatch_agent_events_lost_total{reason=\"malformed\"}"), Some(1.0));
+}
+
+#[test]
+fn a_streamed_request_becomes_metrics_and_a_record() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 16, 2000);
+    let body = br#"{"model":"tiny","prompt":"hi","stream":true}"#;
+    let head = format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
+    let request = [head.as_bytes(), body].concat();
+    agg.kernel_event(io(5, 1_000_000, Direction::Received, &request));
+    let text = store.metrics.encode().unwrap();
+    let in_flight = "inferwatch_http_requests_in_flight{model=\"tiny\",route=\"/v1/completions\"}";
+    assert_eq!(value(&text, in_flight), Some(1.0));
+    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    agg.kernel_event(io(5, 3_000_000, Direction::Sent, head));
+    let event = |t: &str| {
+        let e = format!("data: {{\"choices\":[{{\"text\":\"{t}\"}}]}}\n\n");
+        format!("{:x}\r\n{e}\r\n", e.len())
+    };
+    agg.kernel_event(io(5, 11_000_000, Direction::Sent, event("").as_bytes()));
+    agg.kernel_event(io(5, 21_000_000, Direction::Sent, event("a").as_bytes()));
+    agg.kernel_event(io(5, 41_000_000, Direction::Sent, event("b").as_bytes()));
+    agg.kernel_event(io(5, 42_000_000, Direction::Sent, b"e\r\ndata: [DONE]\n\n\r\n"));
+    agg.kernel_event(io(5, 43_000_000, Direction::Sent, b"0\r\n\r\n"));
+    let text = store.metrics.encode().unwrap();
+    assert_eq!(value(&text, in_flight), Some(0.0));
+    let total = "inferwatch_http_requests_total{model=\"tiny\",route=\"/v1/completions\",status=\"200\",outcome=\"complete\"}";
+    assert_eq!(value(&text, total), Some(1.0), "{text}");
+    let recent = store.recent.read();
+    let r = &recent[0];
+    assert_eq!((r.model.as_str(), r.status, &*r.outcome, r.stream), ("tiny", 200, "complete", true));
+    assert_eq!((r.events, r.content_events), (4, 2));
+    assert_eq!(r.response_headers_seconds, Some(0.002));
+    assert_eq!(r.time_to_first_token_seconds, Some(0.020));
+    assert_eq!(r.duration_seconds, 0.042);
+    assert_eq!(r.max_chunk_gap_seconds, Some(0.020));
+    assert_eq!(r.request_bytes, request.len() as u64);
+    let json = serde_json::to_string(r).unwrap();
+    assert!(!json.contains("hi"), "no payload in the record: {json}");
+}
+
+#[test]
+fn model_labels_are_bounded() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store, 16, 2000);
+    for i in 0..MAX_MODELS {
+        assert_eq!(agg.model_label(Some(&format!("m{i}")), 1), format!("m{i}"));
+    }
+    assert_eq!(agg.model_label(Some("one-too-many"), 1), "other");
+    assert_eq!(agg.model_label(Some("m0"), 1), "m0");
+    assert_eq!(agg.model_label(None, 1), "unknown");
+}

@@ -1,0 +1,224 @@
+//! The attach stage: the kernel's watch maps kept in step with what discovery found (and the
+//! `--pid` overrides). Pure bookkeeping over a [`WatchMap`], so it is tested without a kernel.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::DiscoveryReport;
+use crate::model::instance::{Instance, Role};
+
+/// The kernel maps that say which processes are watched and measured (see `kernel::probes`).
+pub(crate) trait WatchMap {
+    type Error: std::fmt::Display;
+    fn watch(&mut self, tgid: u32) -> Result<(), Self::Error>;
+    fn unwatch(&mut self, tgid: u32) -> Result<(), Self::Error>;
+    /// Measures a process's scheduling under `role`, or stops.
+    fn set_sched_role(&mut self, tgid: u32, role: Option<Role>) -> Result<(), Self::Error>;
+}
+
+/// How a process is identified across scans: a pid and its start time (a reused pid has
+/// another), and its command name.
+pub(crate) trait ProcessTable {
+    fn start_time(&self, pid: u32) -> Option<u64>;
+    fn comm(&self, pid: u32) -> Option<String>;
+}
+
+/// What is attached, and what was asked for.
+pub(crate) struct Attacher {
+    /// Watched processes by pid, with their start time: a pid that now names another process
+    /// (reuse) is unwatched and, if still wanted, watched again as a new process.
+    watched: BTreeMap<u32, u64>,
+    /// `--pid` values name the process running when the agent started, not their pid's later
+    /// owners.
+    explicit: HashMap<u32, Option<u64>>,
+    roles: HashMap<u32, Role>,
+}
+
+impl Attacher {
+    pub(crate) fn new(explicit_pids: &[u32]) -> Self {
+        Self {
+            watched: BTreeMap::new(),
+            explicit: explicit_pids.iter().map(|&p| (p, None)).collect(),
+            roles: HashMap::new(),
+        }
+    }
+
+    /// Brings the maps in step with `instances`; returns what changed, for the aggregator.
+    pub(crate) fn reconcile(
+        &mut self,
+        map: &mut impl WatchMap,
+        procs: &impl ProcessTable,
+        instances: &[Instance],
+    ) -> Vec<DiscoveryReport> {
+        let mut reports = Vec::new();
+        let mut desired: BTreeMap<u32, u64> = BTreeMap::new();
+        self.explicit.retain(|&pid, started| match (procs.start_time(pid), *started) {
+            (Some(now), None) => {
+                *started = Some(now);
+                desired.insert(pid, now);
+                true
+            }
+            (Some(now), Some(then)) if now == then => {
+                desired.insert(pid, now);
+                true
+            }
+            _ => {
+                tracing::info!(pid, "--pid {pid} exited: no longer watched (its pid may be reused)");
+                false
+            }
+        });
+        for i in instances {
+            for pid in i.pids(Role::ApiServer) {
+                if let Some(started) = procs.start_time(pid) {
+                    desired.insert(pid, started);
+                }
+            }
+        }
+        let stale: Vec<u32> = self
+            .watched
+            .iter()
+            .filter(|(pid, started)| desired.get(pid) != Some(started))
+            .map(|(p, _)| *p)
+            .collect();
+        for pid in stale {
+            if let Err(e) = map.unwatch(pid) {
+                tracing::debug!("unwatching {pid}: {e}");
+            }
+            tracing::info!(pid, "process gone or no longer vLLM: unwatched");
+            self.watched.remove(&pid);
+            reports.push(DiscoveryReport::Unwatched { tgid: pid });
+        }
+        for (&pid, &started) in &desired {
+            if self.watched.contains_key(&pid) {
+                continue;
+            }
+            let Some(comm) = procs.comm(pid) else {
+                tracing::warn!("cannot watch {pid}: process {pid} is not running");
+                continue;
+            };
+            match map.watch(pid) {
+                Ok(()) => {
+                    tracing::info!(pid, comm, "watching");
+                    self.watched.insert(pid, started);
+                    reports.push(DiscoveryReport::Watched { tgid: pid, comm });
+                }
+                Err(e) => tracing::warn!("cannot watch {pid}: adding process {pid} to the watch map: {e}"),
+            }
+        }
+
+        // Scheduler statistics follow every vLLM process, whatever its role.
+        let desired_roles: HashMap<u32, Role> =
+            instances.iter().flat_map(|i| i.processes.iter().map(|p| (p.pid, p.role))).collect();
+        for (&pid, &role) in &desired_roles {
+            if self.roles.get(&pid) != Some(&role) {
+                match map.set_sched_role(pid, Some(role)) {
+                    Ok(()) => {
+                        self.roles.insert(pid, role);
+                    }
+                    Err(e) => tracing::warn!("updating the scheduler role of {pid}: {e}"),
+                }
+            }
+        }
+        let gone: Vec<u32> = self.roles.keys().filter(|p| !desired_roles.contains_key(p)).copied().collect();
+        for pid in gone {
+            let _ = map.set_sched_role(pid, None);
+            self.roles.remove(&pid);
+        }
+        reports
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::instance::Process;
+
+    #[derive(Default)]
+    struct FakeMap {
+        watched: Vec<u32>,
+        roles: HashMap<u32, Role>,
+    }
+
+    impl WatchMap for FakeMap {
+        type Error = &'static str;
+        fn watch(&mut self, tgid: u32) -> Result<(), Self::Error> {
+            self.watched.push(tgid);
+            Ok(())
+        }
+        fn unwatch(&mut self, tgid: u32) -> Result<(), Self::Error> {
+            self.watched.retain(|p| *p != tgid);
+            Ok(())
+        }
+        fn set_sched_role(&mut self, tgid: u32, role: Option<Role>) -> Result<(), Self::Error> {
+            match role {
+                Some(r) => self.roles.insert(tgid, r),
+                None => self.roles.remove(&tgid),
+            };
+            Ok(())
+        }
+    }
+
+    /// pid → start time.
+    struct Procs(HashMap<u32, u64>);
+
+    impl ProcessTable for Procs {
+        fn start_time(&self, pid: u32) -> Option<u64> {
+            self.0.get(&pid).copied()
+        }
+        fn comm(&self, pid: u32) -> Option<String> {
+            self.0.contains_key(&pid).then(|| format!("p{pid}"))
+        }
+    }
+
+    fn instance(api: u32, engine: u32) -> Instance {
+        let p = |pid, role| Process { pid, ppid: 1, role, comm: String::new() };
+        Instance {
+            root_pid: api,
+            processes: vec![p(api, Role::ApiServer), p(engine, Role::EngineCore)],
+            listen: vec![],
+            cmdline_models: vec![],
+            flags: vec![],
+            container_id: None,
+            pod_uid: None,
+        }
+    }
+
+    #[test]
+    fn api_servers_are_watched_every_process_is_measured_and_reuse_is_noticed() {
+        let mut map = FakeMap::default();
+        let mut attacher = Attacher::new(&[]);
+        let mut procs = Procs(HashMap::from([(10, 100), (11, 101)]));
+        let reports = attacher.reconcile(&mut map, &procs, &[instance(10, 11)]);
+        assert_eq!(reports, [DiscoveryReport::Watched { tgid: 10, comm: "p10".into() }]);
+        assert_eq!(map.watched, [10]);
+        assert_eq!(map.roles, HashMap::from([(10, Role::ApiServer), (11, Role::EngineCore)]));
+        assert!(attacher.reconcile(&mut map, &procs, &[instance(10, 11)]).is_empty(), "nothing changed");
+
+        // Pid 10 now names another process: unwatched, then watched afresh.
+        procs.0.insert(10, 555);
+        let reports = attacher.reconcile(&mut map, &procs, &[instance(10, 11)]);
+        assert_eq!(
+            reports,
+            [
+                DiscoveryReport::Unwatched { tgid: 10 },
+                DiscoveryReport::Watched { tgid: 10, comm: "p10".into() }
+            ]
+        );
+        // Gone: unwatched and no longer measured.
+        let reports = attacher.reconcile(&mut map, &procs, &[]);
+        assert_eq!(reports, [DiscoveryReport::Unwatched { tgid: 10 }]);
+        assert!(map.watched.is_empty() && map.roles.is_empty());
+    }
+
+    #[test]
+    fn an_explicit_pid_is_watched_until_it_exits_and_not_its_successor() {
+        let mut map = FakeMap::default();
+        let mut attacher = Attacher::new(&[42]);
+        let mut procs = Procs(HashMap::from([(42, 7)]));
+        attacher.reconcile(&mut map, &procs, &[]);
+        assert_eq!(map.watched, [42]);
+        procs.0.insert(42, 8); // exited, and its pid reused
+        assert_eq!(attacher.reconcile(&mut map, &procs, &[]), [DiscoveryReport::Unwatched { tgid: 42 }]);
+        assert!(attacher.reconcile(&mut map, &procs, &[]).is_empty(), "the new owner is not watched");
+        assert!(map.watched.is_empty());
+    }
+}

@@ -1,0 +1,142 @@
+//! Finding vLLM on this node, as a chain of small stages run every `--discovery-interval`:
+//! [`scan`] /proc (reading as little as it can) → [`classify`] each process's role → [`group`]
+//! processes into instances → [`attach`] the kernel's watch maps to their API servers →
+//! [`describe`] each instance (`/version`, `/v1/models`) → hand the instances to the aggregator
+//! and their `/metrics` to the scraper.
+
+pub(crate) mod attach;
+pub mod classify;
+pub(crate) mod describe;
+pub(crate) mod group;
+pub(crate) mod scan;
+
+use std::{path::Path, time::Duration};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::{
+    attach::{Attacher, ProcessTable, WatchMap},
+    describe::Descriptions,
+};
+use crate::{
+    collect::procfs::{self, net::netstat_value},
+    model::{
+        instance::{Instance, InstanceView, Role},
+        scrape::{ScrapeTarget, Target},
+    },
+};
+
+/// What discovery tells the aggregator.
+#[derive(Debug, PartialEq)]
+pub(crate) enum DiscoveryReport {
+    /// A process is now watched by the kernel programs.
+    Watched { tgid: u32, comm: String },
+    /// A process is no longer watched (it exited or is no longer a vLLM API server).
+    Unwatched { tgid: u32 },
+    /// The vLLM instances found by the latest scan.
+    Instances(Vec<InstanceView>),
+}
+
+pub(crate) struct DiscoveryConfig {
+    /// Whether to look for vLLM at all (`--no-discovery` leaves only `--pid` and `--vllm-url`).
+    pub enabled: bool,
+    pub interval: Duration,
+    pub explicit_pids: Vec<u32>,
+    pub explicit_urls: Vec<ScrapeTarget>,
+}
+
+/// The host's /proc.
+struct HostProcs;
+
+impl ProcessTable for HostProcs {
+    fn start_time(&self, pid: u32) -> Option<u64> {
+        procfs::start_time(pid)
+    }
+    fn comm(&self, pid: u32) -> Option<String> {
+        procfs::comm(pid).ok()
+    }
+}
+
+/// The discovery loop. Owns the kernel's watch maps; `first_scan_done` fires once the first
+/// scan has set them up.
+pub(crate) async fn run<M: From<DiscoveryReport> + Send + 'static>(
+    mut map: impl WatchMap,
+    config: DiscoveryConfig,
+    tx: mpsc::Sender<M>,
+    targets: watch::Sender<Vec<ScrapeTarget>>,
+    first_scan_done: oneshot::Sender<()>,
+) {
+    let mut attacher = Attacher::new(&config.explicit_pids);
+    let mut descriptions = Descriptions::default();
+    let mut first_scan_done = Some(first_scan_done);
+    let mut scan_cache = scan::ScanCache::default();
+    let mut tick = tokio::time::interval(config.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let instances = if config.enabled {
+            let mut cache = std::mem::take(&mut scan_cache);
+            let scanned = tokio::task::spawn_blocking(move || {
+                let instances = scan::scan(Path::new("/proc"), &mut cache);
+                (instances, cache)
+            })
+            .await;
+            match scanned {
+                Ok((instances, cache)) => {
+                    scan_cache = cache;
+                    instances
+                }
+                Err(_) => Vec::new(),
+            }
+        } else {
+            Vec::new()
+        };
+        for report in attacher.reconcile(&mut map, &HostProcs, &instances) {
+            let _ = tx.send(report.into()).await;
+        }
+        let described = descriptions.of(&instances).await;
+        let views: Vec<InstanceView> =
+            instances.into_iter().zip(described).map(|(i, d)| view(i, d)).collect();
+        let mut scrape: Vec<ScrapeTarget> = views.iter().filter_map(scrape_target).collect();
+        scrape.extend(config.explicit_urls.iter().cloned());
+        targets.send_if_modified(|t| {
+            let changed = *t != scrape;
+            *t = scrape;
+            changed
+        });
+        let _ = tx.send(DiscoveryReport::Instances(views).into()).await;
+        if let Some(done) = first_scan_done.take() {
+            let _ = done.send(());
+        }
+    }
+}
+
+/// An instance with its description and its network namespace's accept-queue overflows.
+fn view(instance: Instance, (version, mut models): describe::Description) -> InstanceView {
+    if models.is_empty() {
+        models = instance.cmdline_models.clone();
+    }
+    let listen_overflows = instance.pids(Role::ApiServer).next().and_then(|pid| {
+        netstat_value(
+            &std::fs::read_to_string(format!("/proc/{pid}/net/netstat")).ok()?,
+            "TcpExt",
+            "ListenOverflows",
+        )
+    });
+    InstanceView { id: instance.id(), instance, version, models, listen_overflows }
+}
+
+/// Where to scrape an instance's `/metrics`: its first listening address, from inside its API
+/// server's network namespace.
+fn scrape_target(v: &InstanceView) -> Option<ScrapeTarget> {
+    let addr = *v.instance.listen.first()?;
+    let api = v.instance.pids(Role::ApiServer).next()?;
+    let mut labels = vec![("vllm_instance".to_string(), v.id.clone())];
+    if let Some(c) = &v.instance.container_id {
+        labels.push(("container_id".into(), c.clone()));
+    }
+    if let Some(p) = &v.instance.pod_uid {
+        labels.push(("pod_uid".into(), p.clone()));
+    }
+    Some(ScrapeTarget { id: v.id.clone(), target: Target { addr, netns_of: Some(api) }, labels })
+}

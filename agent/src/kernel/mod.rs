@@ -1,0 +1,53 @@
+//! The kernel side as the agent sees it: loading and attaching the programs ([`probes`]),
+//! reading what they produce ([`ring`]), decoding their records ([`decode`]) and naming the
+//! system calls behind them ([`syscalls`]).
+
+pub mod decode;
+pub(crate) mod probes;
+pub(crate) mod ring;
+pub(crate) mod syscalls;
+
+use crate::model::sock::RecordBatch;
+
+/// What the kernel readers hand the aggregator.
+#[derive(Debug)]
+pub(crate) enum KernelReport {
+    /// Kernel records of one ring-buffer drain, in order (one message, not one per record).
+    Batch(RecordBatch),
+    /// Cumulative count of events dropped, per reason (the kernel's per-CPU map, or our queue).
+    Lost { reason: &'static str, total: u64 },
+    /// Cumulative scheduler statistics per role (the kernel's `SCHED_STATS`, summed over CPUs).
+    Sched(Vec<u64>),
+    /// Cumulative (program, run time ns, runs) of each kernel program.
+    ProgramStats(Vec<(&'static str, u64, u64)>),
+}
+
+/// Reasons an event can be lost, each a fixed label value.
+pub(crate) const LOST_RING_BUFFER_FULL: &str = "ring_buffer_full";
+pub(crate) const LOST_AGENT_QUEUE_FULL: &str = "agent_queue_full";
+pub(crate) const LOST_MALFORMED: &str = "malformed";
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    #[error(
+        "this inferwatch binary was built without its kernel programs: build it with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {0}")]
+    Btf(#[source] aya::BtfError),
+    #[error("loading inferwatch's eBPF object: {0}")]
+    Object(#[source] Box<aya::EbpfError>),
+    #[error("the eBPF object has no {what} {name}")]
+    Missing { what: &'static str, name: &'static str },
+    #[error("{action} the {name} BTF tracepoint (the socket ones need Linux >= 6.3 with BTF): {source}")]
+    Program {
+        name: &'static str,
+        action: &'static str,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("a kernel map: {0}")]
+    Map(#[source] Box<aya::maps::MapError>),
+    #[error("polling the ring buffer: {0}")]
+    Poll(#[source] std::io::Error),
+}

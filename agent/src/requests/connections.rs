@@ -1,0 +1,211 @@
+//! The table of connections being followed, bounded: the least recently used connection is
+//! evicted (and counted) when it is full.
+
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt as _};
+
+use super::http::{Connection, Progress};
+use crate::model::sock::{Direction, SockOp, StateChange};
+
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
+
+const EAGAIN: i32 = -11;
+const EPIPE: i32 = -32;
+const ECONNRESET: i32 = -104;
+
+struct Entry {
+    conn: Connection,
+    tgid: u32,
+    /// When it was last used, in operations fed to the table.
+    last_used: u64,
+}
+
+pub struct ConnectionTable {
+    entries: HashMap<u64, Entry>,
+    /// `(last_used, id)` of every use, oldest first. Only appended to on the hot path: a pair
+    /// is stale once its connection is used again or gone, and stale pairs are skipped when
+    /// evicting and dropped when compacting. (A B-tree kept in recency order, updated on every
+    /// operation, cost more than the HTTP parsing under `wrk`.)
+    uses: VecDeque<(u64, u64)>,
+    next_seq: u64,
+    max: usize,
+    /// Connections dropped to stay within `max`, and requests that were open in them.
+    pub evicted_connections: u64,
+    pub evicted_requests: u64,
+}
+
+impl ConnectionTable {
+    pub fn new(max: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            uses: VecDeque::new(),
+            next_seq: 0,
+            max: max.max(1),
+            evicted_connections: 0,
+            evicted_requests: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Feeds one socket operation; adds what it revealed to `up` and returns the process it
+    /// belongs to, and whether the connection is the server side of HTTP.
+    pub fn on_sock(&mut self, op: &SockOp<'_>, up: &mut Progress) -> (u32, bool) {
+        if op.conn_id == 0 {
+            return (op.tgid, false);
+        }
+        let entry = self.touch(op.conn_id, op.tgid);
+        let conn = &mut entry.conn;
+        match (op.direction, op.ret) {
+            (_, EAGAIN) => {}
+            // End of stream from the peer, or the connection broke under us.
+            (Direction::Received, 0) | (_, EPIPE | ECONNRESET) => conn.close_into(op.ts_ns, up),
+            (_, r) if r < 0 => {}
+            (Direction::Received, r) => conn.receive_into(op.ts_ns, op.payload, r as usize, up),
+            (Direction::Sent, r) => conn.send_into(op.ts_ns, op.payload, r as usize, up),
+        }
+        (entry.tgid, conn.is_http_server())
+    }
+
+    /// Feeds a TCP state change: a closed or half-closed connection ends what is open on it
+    /// (added to `up`). Returns the process it belongs to.
+    pub fn on_state(&mut self, st: &StateChange, up: &mut Progress) -> u32 {
+        let Some(entry) = self.entries.get_mut(&st.conn_id) else {
+            return st.tgid;
+        };
+        let tgid = entry.tgid;
+        if st.ends_connection() {
+            entry.conn.close_into(st.ts_ns, up);
+        }
+        if st.is_close() {
+            self.entries.remove(&st.conn_id);
+        }
+        tgid
+    }
+
+    fn touch(&mut self, conn_id: u64, tgid: u32) -> &mut Entry {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if self.entries.len() >= self.max && !self.entries.contains_key(&conn_id) {
+            self.evict_least_recently_used();
+        }
+        // Amortised: a pass over the queue once per `entries.len() + 64` uses.
+        if self.uses.len() > 2 * self.entries.len() + 64 {
+            self.compact();
+        }
+        self.uses.push_back((seq, conn_id));
+        let entry = self.entries.entry(conn_id).or_insert_with(|| Entry {
+            conn: Connection::default(),
+            tgid,
+            last_used: seq,
+        });
+        entry.last_used = seq;
+        entry
+    }
+
+    fn is_current(&self, (seq, id): (u64, u64)) -> bool {
+        self.entries.get(&id).is_some_and(|e| e.last_used == seq)
+    }
+
+    fn evict_least_recently_used(&mut self) {
+        // Every entry's latest use is in the queue, so this finds one while any is left.
+        while let Some(used) = self.uses.pop_front() {
+            if self.is_current(used)
+                && let Some(e) = self.entries.remove(&used.1)
+            {
+                self.evicted_connections += 1;
+                self.evicted_requests += e.conn.in_flight() as u64;
+                return;
+            }
+        }
+    }
+
+    /// Keeps only each connection's latest use.
+    fn compact(&mut self) {
+        let mut uses = std::mem::take(&mut self.uses);
+        uses.retain(|&used| self.is_current(used));
+        self.uses = uses;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(conn_id: u64, direction: Direction, ts: u64, payload: &[u8]) -> SockOp<'_> {
+        SockOp {
+            ts_ns: ts,
+            conn_id,
+            tgid: 9,
+            tid: 9,
+            ret: payload.len() as i32,
+            syscall: "read",
+            direction,
+            payload,
+        }
+    }
+
+    #[test]
+    fn least_recently_used_connection_is_evicted_and_counted() {
+        let mut t = ConnectionTable::new(2);
+        let up = &mut Progress::default();
+        t.on_sock(&op(1, Direction::Received, 1, b"GET / HTTP/1.1\r\n\r\n"), up);
+        t.on_sock(&op(2, Direction::Received, 2, b"GET / HTTP/1.1\r\n\r\n"), up);
+        t.on_sock(&op(1, Direction::Received, 3, b""), up); // touch 1 (an EOF: closes its request)
+        t.on_sock(&op(3, Direction::Received, 4, b"GET / HTTP/1.1\r\n\r\n"), up);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.evicted_connections, 1);
+        assert_eq!(t.evicted_requests, 1, "connection 2 had a request open");
+    }
+
+    #[test]
+    fn eviction_follows_recency_through_many_uses_and_closes() {
+        let mut t = ConnectionTable::new(64);
+        let up = &mut Progress::default();
+        for id in 1..=64 {
+            t.on_sock(&op(id, Direction::Received, id, b"GET / HTTP/1.1\r\n\r\n"), up);
+        }
+        // Many uses of a few connections (the queue is compacted along the way), and a close.
+        for round in 0..1000 {
+            t.on_sock(&op(2 + round % 3, Direction::Sent, 100 + round, b"x"), up);
+        }
+        let closed = StateChange {
+            ts_ns: 2000,
+            conn_id: 1,
+            tgid: 9,
+            old: 1,
+            new: inferwatch_common::tcp::TcpState::Close as i32,
+        };
+        t.on_state(&closed, up);
+        assert!(t.uses.len() <= 2 * t.len() + 65, "the queue stays bounded: {}", t.uses.len());
+        // 63 left: one new connection fits, the next evicts the least recently used: 5, then 6.
+        for id in [65, 66, 67] {
+            t.on_sock(&op(id, Direction::Received, 3000 + id, b"GET / HTTP/1.1\r\n\r\n"), up);
+        }
+        assert_eq!((t.len(), t.evicted_connections, t.evicted_requests), (64, 2, 2));
+        for (id, kept) in [(2, true), (3, true), (4, true), (5, false), (6, false), (7, true), (67, true)] {
+            assert_eq!(t.entries.contains_key(&id), kept, "connection {id}");
+        }
+    }
+
+    #[test]
+    fn close_removes_and_a_new_id_starts_fresh() {
+        let mut t = ConnectionTable::new(8);
+        t.on_sock(&op(1, Direction::Received, 1, b"GET /health HTTP/1.1\r\n\r\n"), &mut Progress::default());
+        let st = StateChange {
+            ts_ns: 5,
+            conn_id: 1,
+            tgid: 9,
+            old: 1,
+            new: inferwatch_common::tcp::TcpState::Close as i32,
+        };
+        let mut up = Progress::default();
+        assert_eq!(t.on_state(&st, &mut up), 9);
+        assert_eq!(up.finished.len(), 1);
+        assert_eq!(up.finished[0].outcome, crate::requests::http::Outcome::Aborted);
+        assert_eq!(t.len(), 0);
+    }
+}

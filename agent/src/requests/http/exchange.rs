@@ -1,0 +1,148 @@
+//! One request/response exchange: what is known while it is in flight, and what is reported
+//! when it is over.
+
+use super::{Needle, find, needle};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The response ended as HTTP says (terminator, last byte of a sized body, or a server
+    /// close ending an unsized body).
+    Complete,
+    /// The connection ended first: client abort, reset, or the server giving up.
+    Aborted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// A request whose response is over. Times are CLOCK_MONOTONIC nanoseconds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinishedRequest {
+    pub method: &'static str,
+    pub route: &'static str,
+    pub model: Option<String>,
+    /// 0 if no response head was written.
+    pub status: u16,
+    pub outcome: Outcome,
+    pub stream: bool,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// First byte of the request received.
+    pub received_ns: u64,
+    pub headers_ns: Option<u64>,
+    pub first_token_ns: Option<u64>,
+    pub end_ns: u64,
+    pub events: u32,
+    pub content_events: u32,
+    /// Gaps between consecutive content events.
+    pub chunk_gaps_ns: Vec<u64>,
+    /// The response's own `"id"` (`cmpl-…`), to join with the engine IPC. Never exported.
+    pub response_id: Option<String>,
+}
+
+/// What one transfer on a connection moved forward: requests whose heads are now known,
+/// requests now over, and whether the connection turned out not to be HTTP. Reused from one
+/// transfer to the next, so a request allocates none of its own.
+#[derive(Debug, Default, PartialEq)]
+pub struct Progress {
+    /// Requests whose heads (and model) are now known: they are in flight.
+    pub started: Vec<(&'static str, Option<String>)>,
+    pub finished: Vec<FinishedRequest>,
+    /// Set when the connection turned out not to be HTTP/1.1 server traffic.
+    pub not_http: Option<&'static str>,
+}
+
+#[derive(Debug)]
+pub(super) struct Pending {
+    pub(super) method: &'static str,
+    pub(super) route: &'static str,
+    pub(super) model: Option<String>,
+    pub(super) body: Vec<u8>,
+    pub(super) started: bool,
+    pub(super) received_ns: u64,
+    pub(super) request_bytes: u64,
+    // Response side.
+    pub(super) status: u16,
+    pub(super) stream: bool,
+    pub(super) response_bytes: u64,
+    pub(super) headers_ns: Option<u64>,
+    pub(super) first_token_ns: Option<u64>,
+    pub(super) last_content_ns: Option<u64>,
+    pub(super) events: u32,
+    pub(super) content_events: u32,
+    pub(super) chunk_gaps_ns: Vec<u64>,
+    /// The first body bytes of the response, until its `"id"` is found.
+    pub(super) id_scan: Vec<u8>,
+    pub(super) response_id: Option<String>,
+}
+
+/// Response body bytes searched for the response's `"id"`.
+pub(super) const ID_SCAN: usize = 512;
+
+/// The first `"id":"…"` string of a JSON text (bounded, printable).
+pub(super) fn response_id(body: &[u8]) -> Option<String> {
+    static ID: Needle = needle!(b"\"id\"");
+    let at = find(body, &ID)?;
+    let rest =
+        body[at + 4..].trim_ascii_start().strip_prefix(b":")?.trim_ascii_start().strip_prefix(b"\"")?;
+    let id = &rest[..rest.iter().position(|&b| b == b'"')?];
+    if id.is_empty() || id.len() > 128 || !id.iter().all(u8::is_ascii_graphic) {
+        return None;
+    }
+    String::from_utf8(id.to_vec()).ok()
+}
+
+pub(super) fn new_pending(
+    method: &'static str,
+    route: &'static str,
+    received_ns: u64,
+    request_bytes: u64,
+) -> Pending {
+    Pending {
+        method,
+        route,
+        model: None,
+        body: Vec::new(),
+        started: false,
+        received_ns,
+        request_bytes,
+        status: 0,
+        stream: false,
+        response_bytes: 0,
+        headers_ns: None,
+        first_token_ns: None,
+        last_content_ns: None,
+        events: 0,
+        content_events: 0,
+        chunk_gaps_ns: Vec::new(),
+        id_scan: Vec::new(),
+        response_id: None,
+    }
+}
+
+pub(super) fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedRequest {
+    FinishedRequest {
+        method: req.method,
+        route: req.route,
+        model: req.model,
+        status: req.status,
+        outcome,
+        stream: req.stream,
+        request_bytes: req.request_bytes,
+        response_bytes: req.response_bytes,
+        received_ns: req.received_ns,
+        headers_ns: req.headers_ns,
+        first_token_ns: req.first_token_ns,
+        end_ns,
+        events: req.events,
+        content_events: req.content_events,
+        chunk_gaps_ns: req.chunk_gaps_ns,
+        response_id: req.response_id,
+    }
+}

@@ -1,0 +1,131 @@
+//! Socket events: what the socket programs write into the ring buffer, and their per-socket
+//! and per-process state.
+
+/// Value stored per watched tgid. Reserved for per-process options (payload capture etc.).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WatchFlags {
+    pub flags: u32,
+}
+
+/// Why the kernel side dropped an event; the index into [`crate::maps::LOST`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LostReason {
+    /// The ring buffer was full: userspace fell behind.
+    RingFull = 0,
+}
+pub const LOST_REASONS: u32 = 1;
+
+/// What a [`SockEvent`] reports.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SockEventKind {
+    /// Data left through a socket (`sock_send_length`).
+    Send = 1,
+    /// Data arrived through a socket (`sock_recv_length`).
+    Recv = 2,
+    /// A tracked TCP socket changed state (`inet_sock_set_state`): `ret` is the new
+    /// [`crate::tcp::TcpState`], `syscall_nr` the old one.
+    State = 3,
+    /// A TCP event on a tracked socket: `ret` is a [`NetEventKind`].
+    Net = 4,
+}
+
+impl SockEventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Send),
+            2 => Some(Self::Recv),
+            3 => Some(Self::State),
+            4 => Some(Self::Net),
+            _ => None,
+        }
+    }
+}
+
+/// What a [`SockEventKind::Net`] record reports (its `ret`).
+#[repr(i32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetEventKind {
+    Retransmit = 1,
+    ResetSent = 2,
+    ResetReceived = 3,
+}
+
+impl NetEventKind {
+    pub fn from_i32(v: i32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Retransmit),
+            2 => Some(Self::ResetSent),
+            3 => Some(Self::ResetReceived),
+            _ => None,
+        }
+    }
+}
+
+/// `syscall_nr` when the socket operation did not come from a system call (kernel thread,
+/// io_uring worker without saved user registers).
+pub const NO_SYSCALL: i32 = -1;
+
+/// Most payload bytes copied per event (the first bytes of the transfer). The runtime limit,
+/// [`crate::maps::CAPTURE_BYTES_GLOBAL`], may lower it. A power of two: the kernel side masks
+/// with it. Only bytes actually moved are copied, so a large maximum costs nothing for small
+/// transfers.
+pub const MAX_CAPTURE: usize = 4096;
+/// The agent's default runtime limit: request heads of typical clients, whole SSE events, and
+/// vLLM's batched engine outputs at a concurrency of 32 (at 1024 bytes, most of those lose the
+/// ids the phase breakdown needs).
+pub const DEFAULT_CAPTURE: usize = 4096;
+/// iovecs looked at per vectored call (`writev`, `sendmsg`, …).
+pub const MAX_IOVECS: usize = 4;
+
+/// Identity of a socket while the kernel programs follow it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrackedSock {
+    /// Unique for the socket's life (CPU in the top 16 bits, a per-CPU counter below): the
+    /// same address reused by a new socket gets a new id, so connections never merge.
+    pub conn_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Header of one ring-buffer record: a socket operation or state change of a watched
+/// process. `captured` payload bytes follow it in the same record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the operation returned.
+    pub ts_ns: u64,
+    /// See [`TrackedSock::conn_id`].
+    pub conn_id: u64,
+    /// Kernel address of the `struct sock`: an identity, never dereferenced by userspace.
+    pub sock: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Bytes moved, or a negative errno; the new TCP state for [`SockEventKind::State`].
+    pub ret: i32,
+    /// The system call that did the I/O (from the saved registers), or [`NO_SYSCALL`].
+    pub syscall_nr: i32,
+    /// Payload bytes that follow this header (the first bytes of the transfer).
+    pub captured: u16,
+    /// A [`SockEventKind`].
+    pub kind: u8,
+    pub _pad: [u8; 5],
+}
+
+pub const SOCK_EVENT_SIZE: usize = 48;
+const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);
+const _: () = assert!(core::mem::size_of::<WatchFlags>() == 4);
+const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
+const _: () = assert!(MAX_CAPTURE.is_power_of_two());
+
+/// Per-CPU scratch where a record is assembled before it is copied to the ring buffer at its
+/// real size. Twice [`MAX_CAPTURE`] of payload room, so the verifier can see that any offset
+/// below `MAX_CAPTURE` plus any length below `MAX_CAPTURE` stays inside.
+#[repr(C)]
+pub struct Scratch {
+    pub event: SockEvent,
+    pub payload: [u8; 2 * MAX_CAPTURE],
+}
