@@ -145,28 +145,41 @@ pub fn test() -> Result {
     step("unit tests");
     run(user_cargo().args(["test", "--workspace", "--exclude", "inferwatch-tests"]))?;
 
-    step("kernel integration tests (root)");
+    step("kernel integration tests (root) and the deploy files' tools");
     run(user_cargo().args(["build", "--package", "inferwatch"]))?;
-    run(&mut integration_tests(&[
-        "--lib",
-        "--bins",
-        "--test",
-        "kernel",
-        "--test",
-        "http_fidelity",
-        "--test",
-        "deploy",
-        "--test",
-        "faults",
-    ]))?;
+    let mut selection = vec!["--lib".to_string(), "--bins".to_string()];
+    selection.extend(test_files(&[ROOT_TESTS, TOOL_TESTS])?);
+    run(&mut integration_tests(&selection))?;
 
     e2e_tests()?;
     step("all tests passed");
     Ok(())
 }
 
+/// What an integration test needs, told by its file name in tests/tests: `root_*` the kernel
+/// programs (root), `tools_*` external tools only, `vllm_*` a real vLLM (and root).
+const ROOT_TESTS: &str = "root_";
+const TOOL_TESTS: &str = "tools_";
+const VLLM_TESTS: &str = "vllm_";
+
+/// `--test NAME` for every integration test whose file name starts with one of `prefixes`.
+fn test_files(prefixes: &[&str]) -> Result<Vec<String>> {
+    let dir = cmd::root().join("tests/tests");
+    let entries = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut names: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_suffix(".rs").map(str::to_string))
+        .filter(|name| prefixes.iter().any(|p| name.starts_with(p)))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(format!("no integration test named {prefixes:?}* in {}", dir.display()));
+    }
+    Ok(names.into_iter().flat_map(|n| ["--test".to_string(), n]).collect())
+}
+
 /// `cargo test` of the integration-test crate, run as root, with the paths the tests need.
-fn integration_tests(selection: &[&str]) -> std::process::Command {
+fn integration_tests(selection: &[String]) -> std::process::Command {
     let mut c = user_cargo();
     c.args(["test", "--package", "inferwatch-tests"])
         .args(selection)
@@ -193,7 +206,7 @@ pub fn e2e() -> Result {
 fn e2e_tests() -> Result {
     step("end-to-end tests on a real vLLM");
     crate::vllm::ensure()?;
-    run(&mut integration_tests(&["--test", "e2e_vllm", "--test", "e2e_toolkit", "--test", "e2e_deploy"]))
+    run(&mut integration_tests(&test_files(&[VLLM_TESTS])?))
 }
 
 fn step(name: &str) {

@@ -7,7 +7,7 @@ mod client;
 pub(crate) use self::client::Client;
 pub(crate) use crate::model::{
     diagnosis::Diagnosis,
-    family::Family,
+    family::{Family, total},
     instance::{InstanceView, Role},
     request::RequestRecord,
 };

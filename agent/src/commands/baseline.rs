@@ -7,10 +7,9 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    api::{self, RequestRecord},
+    api::{self, RequestRecord, total},
     cli::BaselineCommand,
     commands::stats::percentile,
-    model::family::total,
 };
 
 /// A baseline file. Every figure is optional, so older or partial files still compare.

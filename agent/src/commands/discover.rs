@@ -5,9 +5,9 @@ use std::path::Path;
 use anyhow::Result;
 
 use crate::{
+    api::{InstanceView, Role},
     cli::DiscoverArgs,
     collect::discovery::{describe::describe, scan},
-    model::instance::{InstanceView, Role},
 };
 
 pub(crate) async fn run(args: DiscoverArgs) -> Result<()> {

@@ -26,8 +26,7 @@ use crate::{
 
 /// The API servers' listening addresses, by pid and start time. Finding them walks the
 /// kernel's whole TCP table (`/proc/PID/net/tcp` lists every bucket of the established hash, in
-/// every namespace): a third of the idle agent's CPU when it was done on every scan, and more on
-/// large nodes. A server's port does not change once it listens, so a found address is kept
+/// every namespace), so it is not done on every scan. A server's port does not change once it listens, so a found address is kept
 /// for as long as that process lives; a server not yet listening (loading its model) is looked
 /// at again on the next scan.
 #[derive(Debug, Default)]
@@ -58,10 +57,8 @@ impl ListenCache {
 /// What discovery keeps between scans: what it learnt of each process, and the API servers'
 /// listening addresses.
 ///
-/// Reading every process's `stat` and `cmdline` on every scan was, after the TCP tables, the
-/// agent's largest idle cost (an open and a read per file, per process, every 2 s: ~20% of the
-/// agent's CPU next to a loaded vLLM on a 70-process VM, and it grows with the node's process
-/// count). A process is now recognised from its /proc directory entry (pid and inode: the
+/// Reading every process's `stat` and `cmdline` on every scan costs an open and a read per file
+/// per process, growing with the node (BENCHMARKS.md, stop 16). A process is recognised from its /proc directory entry (pid and inode: the
 /// kernel gives a new process a new inode, even under a reused pid) and read again only while
 /// it is young (started less than `YOUNG_SECONDS` ago), when processes rename themselves (vLLM
 /// retitles its children after they start), and on every `FULL_SCAN_EVERY`-th scan, which
@@ -234,6 +231,22 @@ fn scan_listing(root: &Path, cache: &mut ScanCache, full: bool, young_after: u64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fixture_node_holds_one_instance() {
+        let root = procfs::fixture("vllm-node");
+        let found = scan(&root, &mut ScanCache::default());
+        assert_eq!(found.len(), 1, "{found:#?}");
+        let i = &found[0];
+        assert_eq!(i.root_pid, 4100);
+        let roles: Vec<(u32, Role)> = i.processes.iter().map(|p| (p.pid, p.role)).collect();
+        assert_eq!(roles, [(4100, Role::ApiServer), (4188, Role::EngineCore)], "not the http.server");
+        assert_eq!(i.listen, ["127.0.0.1:8000".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(i.cmdline_models, ["qwen-small"]);
+        assert_eq!(i.pod_uid.as_deref(), Some("2f0c6bd1-5b1e-4c4e-9a4f-1b0a6e0f7c11"));
+        assert_eq!(i.id(), "9f1c2d3e4f5a:8000");
+        assert!(i.flags.contains(&"***".to_string()) && !i.flags.iter().any(|f| f.contains("sk-live")));
+    }
 
     fn nul(args: &[&str]) -> Vec<u8> {
         args.join("\0").into_bytes()

@@ -29,6 +29,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_fixture_server_runs_in_a_pod() {
+        let root = crate::collect::procfs::fixture("vllm-node");
+        let text = std::fs::read_to_string(root.join("4100/cgroup")).unwrap();
+        let (container, pod) = container_from_cgroup(&text);
+        assert_eq!(container.as_deref().map(|c| &c[..12]), Some("9f1c2d3e4f5a"));
+        assert_eq!(pod.as_deref(), Some("2f0c6bd1-5b1e-4c4e-9a4f-1b0a6e0f7c11"));
+        let host = std::fs::read_to_string(root.join("5000/cgroup")).unwrap();
+        assert_eq!(container_from_cgroup(&host), (None, None));
+    }
+
+    #[test]
     fn containers_and_pods_from_cgroups() {
         let systemd = "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod2f0c6bd1_5b1e_4c4e_9a4f_1b0a6e0f7c11.slice/cri-containerd-9f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c.scope\n";
         assert_eq!(

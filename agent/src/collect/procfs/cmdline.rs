@@ -80,6 +80,17 @@ pub fn flag_value(flags: &[String], flag: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn the_fixture_server_command_line() {
+        let cmdline =
+            std::fs::read(crate::collect::procfs::fixture("vllm-node").join("4100/cmdline")).unwrap();
+        assert_eq!(models_from_cmdline(&cmdline), ["qwen-small"]);
+        let flags = redacted_flags(&cmdline);
+        assert!(!flags.iter().any(|f| f.contains("sk-live")), "{flags:?}");
+        assert_eq!(flag_value(&flags, "--max-num-seqs").as_deref(), Some("64"));
+        assert_eq!(flag_value(&flags, "--api-key").as_deref(), Some("***"));
+    }
+
     fn nul(args: &[&str]) -> Vec<u8> {
         args.join("\0").into_bytes()
     }

@@ -81,9 +81,28 @@ pub fn comm_from_stat(stat: &str) -> Option<&str> {
     stat.get(stat.find('(')? + 1..stat.rfind(')')?)
 }
 
+/// The fixture tree `name` under `fixtures/` (see its README).
+#[cfg(test)]
+pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("src/collect/procfs/fixtures").join(name)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn process_files_of_the_fixture_tree() {
+        let root = fixture("vllm-node");
+        assert_eq!(comm_at(&root, 4100).unwrap(), "python3");
+        let stat = |pid: u32| fs::read_to_string(root.join(pid.to_string()).join("stat")).unwrap();
+        assert_eq!(parse_start_time(&stat(4100)), Some(8_600_000));
+        assert_eq!(ppid_from_stat(&stat(4100)), Some(4001));
+        assert_eq!(comm_from_stat(&stat(4188)), Some("VLLM::EngineCor"));
+        assert_eq!(ppid_from_stat(&stat(4188)), Some(4100));
+        let status = fs::read_to_string(root.join("4100/status")).unwrap();
+        assert_eq!(parse_cap_eff(&status), Some(0));
+    }
 
     #[test]
     fn reads_own_comm() {

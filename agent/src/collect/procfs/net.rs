@@ -85,6 +85,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_fixture_server_listens_on_its_wildcard_port() {
+        let dir = crate::collect::procfs::fixture("vllm-node").join("4100");
+        let found: Vec<SocketAddr> = listening_addresses_of(&dir).into_iter().collect();
+        assert_eq!(found, ["127.0.0.1:8000".parse().unwrap()], "the established row is not a listener");
+        let netstat = fs::read_to_string(dir.join("net/netstat")).unwrap();
+        assert_eq!(netstat_value(&netstat, "TcpExt", "ListenOverflows"), Some(3));
+    }
+
+    #[test]
     fn parses_net_tcp() {
         let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
    0: 0100007F:1F4B 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 45275 1 0 100 0 0 10 0\n\

@@ -5,9 +5,8 @@ use std::{collections::HashMap, time::Instant};
 
 use super::view::{GpuRow, InstanceRow, RequestRow, Snapshot};
 use crate::{
-    api::{self, Family, RequestRecord, Role},
+    api::{self, Family, RequestRecord, Role, total},
     commands::stats::percentile,
-    model::family::total,
 };
 
 /// Polls the agent and turns counters into rates between polls.

@@ -2,7 +2,7 @@
 //! with promtool (syntax and unit tests), Prometheus' configuration, the Kubernetes manifests
 //! against the API schemas (kubernetes-validate, strict), and the wiring between files (ports,
 //! labels, mounts, the dashboard's structure). The dashboard's queries run against real data in
-//! e2e_deploy.rs.
+//! vllm_deploy.rs.
 
 use std::{
     collections::BTreeSet,
