@@ -17,6 +17,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The NVML stand-in library (`cargo xtask nvml-standin`), as `$INFERWATCH_NVML_STANDIN` names
+/// it: the GPU path's tests need it on machines without a GPU, and fail without it.
+pub fn nvml_standin() -> PathBuf {
+    let path = std::env::var_os("INFERWATCH_NVML_STANDIN").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/nvml-standin/libnvidia-ml.so.1")
+    });
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo xtask nvml-standin` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
 pub fn agent_binary() -> PathBuf {
     std::env::var_os("INFERWATCH_BIN")
         .map(PathBuf::from)
@@ -61,7 +75,12 @@ impl Agent {
     }
 
     pub fn start_with(pids: &[u32], extra: &[&str]) -> Agent {
-        let mut agent = Self::spawn(pids, extra);
+        Self::start_with_env(pids, extra, &[])
+    }
+
+    /// [`Agent::start_with`], with `env` added to the agent's environment.
+    pub fn start_with_env(pids: &[u32], extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
+        let mut agent = Self::spawn_with_env(pids, extra, env);
         agent.wait_until_ready(|agent| match agent.try_get("/healthz") {
             Ok((200, body)) => {
                 assert_eq!(body, "ok\n");
@@ -74,6 +93,10 @@ impl Agent {
 
     /// Starts the agent without waiting for it: see [`Agent::wait_until_ready`].
     pub fn spawn(pids: &[u32], extra: &[&str]) -> Agent {
+        Self::spawn_with_env(pids, extra, &[])
+    }
+
+    fn spawn_with_env(pids: &[u32], extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let log =
             std::env::temp_dir().join(format!("inferwatch-test-{}-{}.log", std::process::id(), addr.port()));
@@ -82,6 +105,7 @@ impl Agent {
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }
+        cmd.envs(env.iter().copied());
         let child = cmd
             .env("INFERWATCH_LOG", "info")
             .stdout(Stdio::null())

@@ -1,7 +1,10 @@
 //! The dashboard and the alert rules against real data: a real vLLM (CPU, tiny model) under
 //! load, the agent watching it, and a real Prometheus (Debian's package) scraping the agent with
 //! deploy/prometheus/alerts.yml loaded. Every dashboard query must parse and return at least one
-//! series; every alert rule must evaluate without error. Run by `cargo xtask e2e`.
+//! series; every alert rule must evaluate without error. GPUs come from the NVML STAND-IN
+//! (tests/nvml-standin: this machine has none): a busy H100 holding vLLM's engine core, which
+//! then reports an XID error, and a second H100 that is lost — GPUXidErrors and GPULost must
+//! fire. Run by `cargo xtask e2e`.
 
 use std::{
     net::SocketAddr,
@@ -13,7 +16,7 @@ use std::{
 use inferwatch_tests::{
     Agent,
     client::Client,
-    free_port,
+    free_port, nvml_standin,
     prometheus::{Prometheus, dashboard_queries, grafana_expr},
     require_root, series_value,
     vllm::{Vllm, chat, completion, long_completion},
@@ -48,8 +51,43 @@ fn dashboard_queries_and_alert_rules_work_on_real_data() {
     let vllm_addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
     // A --vllm-url nobody listens on: the scrape-error series of the agent-health panel.
     let refused = format!("http://127.0.0.1:{}", free_port());
-    let agent = Agent::start_discovering(&["--scrape-interval", "1s", "--vllm-url", &refused]);
+    let scenario = std::env::temp_dir().join(format!("inferwatch-deploy-nvml-{}.json", std::process::id()));
+    let write_scenario = |engine: u32, xid: &str, lost: bool| {
+        let text = format!(
+            r#"{{"gpus": [{{"load": "busy", "processes": [{{"pid": {engine}, "used_memory_bytes": 21474836480}}]{xid}}},
+                          {{"uuid": "GPU-lost", "lost": {lost}}}]}}"#
+        );
+        std::fs::write(scenario.with_extension("tmp"), text).unwrap();
+        std::fs::rename(scenario.with_extension("tmp"), &scenario).unwrap();
+    };
+    write_scenario(0, "", false);
+    let standin = nvml_standin();
+    let agent = Agent::start_with_env(
+        &[],
+        &["--scrape-interval", "1s", "--vllm-url", &refused, "--nvml-lib", standin.to_str().unwrap()],
+        &[("INFERWATCH_NVML_SCENARIO", scenario.as_os_str())],
+    );
     agent.wait_for_metrics(Duration::from_secs(30), |t| t.contains("vllm:num_requests_running{"));
+    // The engine core holds the (stand-in) GPU, as it does on a real node at TP=PP=1.
+    let instances = agent.json("/api/v1/instances");
+    let engine = instances[0]["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["role"] == "engine_core")
+        .and_then(|p| p["pid"].as_u64())
+        .expect("vLLM's engine core is discovered") as u32;
+    // The second GPU, seen up once, is lost from now on.
+    write_scenario(engine, "", true);
+    let joined = agent.wait_for_metrics(Duration::from_secs(20), |t| {
+        t.contains(&format!("inferwatch_gpu_process_memory_bytes{{gpu=\"0\",uuid=\"GPU-5fa1c0de-0000-4000-8000-000000000000\",pid=\"{engine}\",model=\"tiny\",role=\"engine_core\"}}"))
+    });
+    assert_eq!(
+        series_value(&joined, r#"inferwatch_gpu_model_memory_bytes{model="tiny"}"#),
+        Some(20.0 * (1u64 << 30) as f64)
+    );
+    let lost = r#"inferwatch_gpu_up{gpu="1",uuid="GPU-lost",name="NVIDIA H100 80GB HBM3"}"#;
+    agent.wait_for_metrics(Duration::from_secs(10), |t| series_value(t, lost) == Some(0.0));
 
     let rules = deploy("prometheus/alerts.yml").canonicalize().unwrap();
     let prometheus = Prometheus::start(&format!(
@@ -59,6 +97,15 @@ fn dashboard_queries_and_alert_rules_work_on_real_data() {
         agent.addr
     ));
     let loaders: Vec<_> = (0..2).map(|_| thread::spawn(move || load(vllm_addr, 12))).collect();
+    // A critical XID on the engine core's GPU, mid-load, once Prometheus has seen the counter at 0
+    // (`increase` cannot count a counter whose first sample is already 1).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while prometheus.query(r#"inferwatch_gpu_xid_errors_total{gpu="0"} == 0"#).map_or(true, |s| s.is_empty())
+    {
+        assert!(Instant::now() < deadline, "Prometheus never scraped the XID counters");
+        thread::sleep(Duration::from_millis(200));
+    }
+    write_scenario(engine, r#", "xid": [{"id": 1, "code": 79}]"#, true);
     // One request abandoned mid-stream (client reset): the aborts and resets panels.
     thread::sleep(Duration::from_secs(3));
     let mut client = Client::connect(vllm_addr);
@@ -72,28 +119,35 @@ fn dashboard_queries_and_alert_rules_work_on_real_data() {
 
     let collector_up = prometheus.query("inferwatch_gpu_collector_up").unwrap();
     assert_eq!(collector_up.len(), 1, "the GPU collector always reports its state");
-    let gpu_up = collector_up[0]["value"][1] == "1";
+    assert_eq!(collector_up[0]["value"][1], "1", "the stand-in's GPUs are seen");
     let text = agent.metrics();
-    assert_eq!(series_value(&text, "inferwatch_gpu_collector_up"), Some(if gpu_up { 1.0 } else { 0.0 }));
+    assert_eq!(
+        series_value(
+            &text,
+            r#"inferwatch_gpu_xid_errors_total{gpu="0",uuid="GPU-5fa1c0de-0000-4000-8000-000000000000"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        series_value(
+            &text,
+            r#"inferwatch_gpu_last_xid{gpu="0",uuid="GPU-5fa1c0de-0000-4000-8000-000000000000"}"#
+        ),
+        Some(79.0)
+    );
 
     let mut failures = Vec::new();
-    let mut gpu_skipped = 0;
     let queries = dashboard_queries(&deploy("grafana/dashboards/inferwatch.json"));
     for (title, expr) in &queries {
         let promql = grafana_expr(expr, "1m");
         match prometheus.query(&promql) {
             Err(e) => failures.push(format!("{title}: {promql}: {e}")),
-            Ok(series) if series.is_empty() => {
-                if expr.contains("inferwatch_gpu_") && !gpu_up {
-                    gpu_skipped += 1; // parses; no GPU on this machine (checked on the H100 by gpu-check)
-                } else {
-                    failures.push(format!("{title}: no series for {promql}"));
-                }
-            }
+            // GPU panels too: the stand-in's GPUs answer them.
+            Ok(series) if series.is_empty() => failures.push(format!("{title}: no series for {promql}")),
             Ok(series) => eprintln!("{:>3} series  {title}", series.len()),
         }
     }
-    eprintln!("{} queries, {gpu_skipped} GPU queries empty because this machine has no GPU", queries.len());
+    eprintln!("{} queries, all with data", queries.len());
     // The dashboard's variables.
     for (selector, label) in [
         ("inferwatch_build_info", "instance"),
@@ -118,6 +172,21 @@ fn dashboard_queries_and_alert_rules_work_on_real_data() {
         }
     }
     assert_eq!(evaluated, 11, "every rule of alerts.yml is loaded: {rules}");
+    // The GPU alerts fire: the XID at once, the lost GPU after its `for: 1m`.
+    let firing = |alert: &str| {
+        prometheus
+            .query(&format!(r#"ALERTS{{alertname="{alert}",alertstate="firing"}}"#))
+            .is_ok_and(|series| !series.is_empty())
+    };
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !(firing("GPUXidErrors") && firing("GPULost")) && Instant::now() < deadline {
+        thread::sleep(Duration::from_secs(2));
+    }
+    for alert in ["GPUXidErrors", "GPULost"] {
+        if !firing(alert) {
+            failures.push(format!("alert {alert} did not fire: {}", prometheus.api("/api/v1/alerts")));
+        }
+    }
     assert!(
         failures.is_empty(),
         "{} failed:\n{}\n\nprometheus log:\n{}",

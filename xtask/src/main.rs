@@ -13,6 +13,7 @@
 //!   fuzz    `[--runs N] [TARGET ...]`: the fuzz targets of agent/fuzz, N executions each
 //!           (default 10 million; not part of `test`)
 //!   gpu-check  the GPU collector on a real NVIDIA GPU (xtask/gpu-check.sh; builds what it carries)
+//!   nvml-standin  the stand-in libnvidia-ml.so.1 the tests use where there is no GPU
 //!
 //! Every task but `setup` runs the setup check first and installs only what is missing.
 
@@ -21,6 +22,7 @@ mod cmd;
 mod demo;
 mod fuzz;
 mod gpu_check;
+mod nvml_standin;
 mod setup;
 mod soak;
 mod tasks;
@@ -28,7 +30,7 @@ mod vllm;
 
 use std::process::ExitCode;
 
-const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | soak --minutes N | fuzz [--runs N] | gpu-check>";
+const USAGE: &str = "usage: cargo xtask <setup [--e2e] | build [--release] | run [--debug] -- ARGS | test | e2e | demo | bench ... | soak --minutes N | fuzz [--runs N] | gpu-check | nvml-standin>";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::demo(),
         Some("bench") => bench::bench(&args[1..]),
         Some("gpu-check") => gpu_check::gpu_check(),
+        Some("nvml-standin") => nvml_standin::build().map(|_| ()),
         Some("soak") => soak::soak(&args[1..]),
         Some("fuzz") => fuzz::fuzz(&args[1..]),
         Some("-h" | "--help" | "help") => {

@@ -142,8 +142,12 @@ pub fn test() -> Result {
         .arg(root.join("target/fuzz/check"))
         .args(["--", "-D", "warnings"]))?;
 
-    step("unit tests");
-    run(user_cargo().args(["test", "--workspace", "--exclude", "inferwatch-tests"]))?;
+    step("unit tests (the GPU collector against the NVML stand-in)");
+    let standin = crate::nvml_standin::build()?;
+    run(user_cargo()
+        .args(["test", "--workspace", "--exclude", "inferwatch-tests"])
+        .env("INFERWATCH_NVML_STANDIN", &standin)
+        .env("INFERWATCH_NVML_SCENARIO", standin.with_file_name("unit-tests.json")))?;
 
     step("kernel integration tests (root) and the deploy files' tools");
     run(user_cargo().args(["build", "--package", "inferwatch"]))?;
@@ -187,7 +191,8 @@ fn integration_tests(selection: &[String]) -> std::process::Command {
         .env("INFERWATCH_BIN", agent_binary(Profile::Debug))
         .env("INFERWATCH_PYTHON", setup::python_env_python())
         .env("INFERWATCH_VLLM_PYTHON", crate::vllm::python())
-        .env("INFERWATCH_TINY_MODEL", crate::vllm::tiny_model());
+        .env("INFERWATCH_TINY_MODEL", crate::vllm::tiny_model())
+        .env("INFERWATCH_NVML_STANDIN", crate::nvml_standin::path());
     if !cmd::is_root() {
         // cargo runs each test binary through this runner.
         c.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
@@ -199,6 +204,7 @@ fn integration_tests(selection: &[String]) -> std::process::Command {
 pub fn e2e() -> Result {
     setup::ensure_quietly()?;
     build_ebpf()?;
+    crate::nvml_standin::build()?;
     run(user_cargo().args(["build", "--package", "inferwatch"]))?;
     e2e_tests()
 }

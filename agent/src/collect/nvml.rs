@@ -535,4 +535,114 @@ mod tests {
         assert_eq!(means[&1], 95);
         assert_eq!(means[&2], 10);
     }
+
+    /// The FFI path end to end against the NVML stand-in (tests/nvml-standin): `cargo xtask
+    /// test` builds it and names it and this test's scenario file in the environment; without
+    /// them the test says it checked nothing.
+    #[test]
+    fn the_collector_against_the_nvml_standin() {
+        let (Some(lib), Some(scenario)) =
+            (std::env::var_os("INFERWATCH_NVML_STANDIN"), std::env::var_os("INFERWATCH_NVML_SCENARIO"))
+        else {
+            eprintln!(
+                "SKIPPED: INFERWATCH_NVML_STANDIN / INFERWATCH_NVML_SCENARIO not set (cargo xtask test sets them)"
+            );
+            return;
+        };
+        let (lib, scenario) = (PathBuf::from(lib), PathBuf::from(scenario));
+        let calls_file = scenario.with_extension("calls.json");
+        let write = |gpu1: &str, gpu0_extra: &str| {
+            let text = format!(
+                r#"{{"calls_file": {calls:?}, "slow_ms": {{"nvmlDeviceGetPowerUsage": 30}}, "gpus": [
+                    {{"load": "busy", "processes": [{{"pid": 4242, "used_memory_bytes": 64424509440}}] {gpu0_extra}}},
+                    {{"uuid": "GPU-second" {gpu1}}}]}}"#,
+                calls = calls_file.display().to_string()
+            );
+            let staging = scenario.with_extension("staging");
+            std::fs::write(&staging, text).unwrap();
+            std::fs::rename(&staging, &scenario).unwrap();
+        };
+        write("", "");
+        let nvml = open(Some(&lib)).expect("the stand-in loads as libnvidia-ml.so.1");
+        assert_eq!(nvml.device_count().unwrap(), 2);
+        drop(nvml);
+
+        let (tx, mut rx) = mpsc::channel::<GpuSnapshot>(256);
+        spawn(GpuConfig { interval: Duration::from_millis(100), library: Some(lib) }, tx);
+        let mut next = |what: &str, done: &dyn Fn(&GpuSnapshot) -> bool| -> GpuSnapshot {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Some(s) = rx.blocking_recv()
+                    && done(&s)
+                {
+                    return s;
+                }
+            }
+            panic!("no snapshot with {what} within 20 s");
+        };
+        let s = next("process utilisation and GPM", &|s| {
+            s.collector_up && s.devices.len() == 2 && s.devices[0].gpm_sm_activity_percent.is_some()
+        });
+        let (busy, idle) = (&s.devices[0], &s.devices[1]);
+        assert_eq!((busy.name.as_str(), idle.uuid.as_str()), ("NVIDIA H100 80GB HBM3", "GPU-second"));
+        assert!(busy.up && idle.up);
+        assert_eq!((busy.utilization_gpu_percent, idle.utilization_gpu_percent), (Some(100), Some(0)));
+        assert!((414_000..=725_000).contains(&busy.power_milliwatts.unwrap()), "{busy:?}");
+        assert!((71_000..=96_000).contains(&idle.power_milliwatts.unwrap()), "{idle:?}");
+        assert_eq!((busy.clock_event_bits, idle.clock_event_bits), (Some(0x4), Some(0x1)));
+        assert_eq!(busy.memory_total_bytes, Some(81_559 << 20));
+        assert_eq!(busy.processes.len(), 1);
+        let p = &busy.processes[0];
+        assert_eq!((p.pid, p.memory_bytes), (4242, Some(60 << 30)));
+        assert!(p.sm_percent.is_some_and(|sm| (49..=75).contains(&sm)), "{p:?}");
+        assert!(idle.processes.is_empty() && idle.gpm_sm_activity_percent == Some(0.0));
+        assert!(busy.pcie_rx_bytes_per_second.is_some_and(|r| r > 1e8), "{busy:?}");
+        assert_eq!(busy.power_limit_milliwatts, Some(700_000));
+
+        // A critical XID on the busy GPU: counted once, with its code.
+        write("", r#", "xid": [{"id": 1, "code": 79}]"#);
+        let s = next("the XID", &|s| s.devices[0].xid_errors == 1);
+        assert_eq!(s.devices[0].last_xid, Some(79));
+        // The second GPU lost, then back.
+        write(r#", "lost": true"#, r#", "xid": [{"id": 1, "code": 79}]"#);
+        let s = next("the lost GPU", &|s| !s.devices[1].up);
+        assert!(s.devices[0].up, "the other GPU carries on");
+        write("", r#", "xid": [{"id": 1, "code": 79}]"#);
+        let s = next("the GPU back", &|s| s.devices[1].up);
+        assert_eq!(s.devices[0].xid_errors, 1, "an XID is delivered once");
+
+        // What the collector says it called is what the library saw (up to the round in flight),
+        // slow fields slowly, and a slow call shows in its cost.
+        let enough = |s: &GpuSnapshot| {
+            s.calls.iter().any(|(c, n, _)| *c == "power_usage" && *n >= 2 * (SLOW_ROUNDS + 5))
+        };
+        let s = next("35 rounds", &enough);
+        // The library writes its counts every 100 ms: let it catch up past this snapshot.
+        std::thread::sleep(Duration::from_millis(350));
+        let seen: std::collections::BTreeMap<String, u64> =
+            serde_json::from_str(&std::fs::read_to_string(&calls_file).unwrap()).unwrap();
+        let claimed = |call: &str| s.calls.iter().find(|(c, ..)| *c == call).map_or(0, |(_, n, _)| *n);
+        let rounds = claimed("power_usage");
+        for (call, function) in [
+            ("utilization_rates", "nvmlDeviceGetUtilizationRates"),
+            ("memory_info", "nvmlDeviceGetMemoryInfo_v2"),
+            ("power_usage", "nvmlDeviceGetPowerUsage"),
+            ("total_energy_consumption", "nvmlDeviceGetTotalEnergyConsumption"),
+            ("clock_info", "nvmlDeviceGetClockInfo"),
+            ("enforced_power_limit", "nvmlDeviceGetEnforcedPowerLimit"),
+            ("gpm_sample", "nvmlGpmSampleGet"),
+        ] {
+            let (ours, theirs) = (claimed(call), seen.get(function).copied().unwrap_or(0));
+            // Up to four rounds since the snapshot, two GPUs, two calls of a kind per round (clocks).
+            assert!(theirs >= ours && theirs <= ours + 16, "{call}: claimed {ours}, library saw {theirs}");
+        }
+        let limit = claimed("enforced_power_limit");
+        // Every SLOW_ROUNDS rounds per GPU (power_usage is read on every round of each GPU up).
+        assert!(
+            limit >= 4 && limit * SLOW_ROUNDS <= rounds + 2 * SLOW_ROUNDS && limit * 10 < rounds,
+            "power limit read {limit} times for {rounds} power readings"
+        );
+        let power_seconds = s.calls.iter().find(|(c, ..)| *c == "power_usage").unwrap().2;
+        assert!(power_seconds >= rounds as f64 * 0.029, "{power_seconds} s for {rounds} slow calls");
+    }
 }
