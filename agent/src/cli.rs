@@ -229,6 +229,26 @@ pub(crate) struct RunArgs {
     /// Log filter: a level (error, warn, info, debug, trace) or tracing directives.
     #[arg(long, default_value = "info", env = "INFERWATCH_LOG")]
     pub log_level: String,
+    /// Who may read /api/v1/* (recent requests, instances with their command lines, diagnosis):
+    /// `loopback` clients only (this host, `kubectl port-forward`, `kubectl exec`), or `any`.
+    /// Basic auth in --web-config-file opens it to clients that authenticate.
+    #[arg(long, value_enum, default_value = "loopback")]
+    pub api_access: crate::export::server::ApiAccess,
+    /// HTTP connections served at once; more are closed at once and counted.
+    #[arg(long, default_value_t = 512)]
+    pub http_max_connections: usize,
+    /// HTTP connections served at once from one client address (so that one address cannot
+    /// take them all).
+    #[arg(long, default_value_t = 16)]
+    pub http_max_connections_per_client: usize,
+    /// Longest a client may take to send a request head, or to start its next one on a kept-alive
+    /// connection, before the connection is closed.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
+    /// /healthz answers 503 once the ring-buffer reader or the aggregator has made no progress
+    /// for this long.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub health_stale_after: Duration,
 }
 
 impl Cli {

@@ -18,7 +18,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("aggregator", &["model", "kernel", "requests", "collect"]),
     ("export", &["model", "aggregator", "collect"]),
     ("api", &["model", "collect"]),
-    ("cli", &["model", "requests", "aggregator"]),
+    ("cli", &["model", "requests", "aggregator", "export"]),
     ("commands", &["api", "cli", "collect", "requests"]),
     ("run", &["model", "kernel", "requests", "collect", "aggregator", "export", "cli"]),
 ];

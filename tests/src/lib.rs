@@ -81,12 +81,17 @@ impl Agent {
     /// [`Agent::start_with`], with `env` added to the agent's environment.
     pub fn start_with_env(pids: &[u32], extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
         let mut agent = Self::spawn_with_env(pids, extra, env);
-        agent.wait_until_ready(|agent| match agent.try_get("/healthz") {
-            Ok((200, body)) => {
-                assert_eq!(body, "ok\n");
-                true
-            }
-            _ => false,
+        // Ready: the first discovery scan has set up the watch maps, so nothing is missed from
+        // here on; and healthy.
+        agent.wait_until_ready(|agent| {
+            matches!(agent.try_get("/readyz"), Ok((200, _)))
+                && match agent.try_get("/healthz") {
+                    Ok((200, body)) => {
+                        assert_eq!(body, "ok\n");
+                        true
+                    }
+                    _ => false,
+                }
         });
         agent
     }

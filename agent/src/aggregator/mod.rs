@@ -149,6 +149,7 @@ impl Aggregator {
     }
 
     pub(crate) fn apply(&mut self, input: Input) {
+        self.store.heartbeat.beat();
         match input {
             Input::Kernel(report) => self.kernel_report(report),
             Input::Discovery(DiscoveryReport::Watched { tgid, comm }) => self.watched(tgid, comm),

@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{diagnosis::Sample, families::Metrics};
-use crate::model::{family::Family, instance::InstanceView, request::RequestRecord};
+use crate::model::{family::Family, health::Heartbeat, instance::InstanceView, request::RequestRecord};
 
 /// Finished requests kept for `/api/v1/requests`.
 pub(crate) const RECENT_REQUESTS: usize = 2048;
@@ -60,6 +60,9 @@ pub(crate) struct Store {
     pub recent: Locked<VecDeque<RequestRecord>>,
     /// CLOCK_REALTIME − CLOCK_MONOTONIC, to give kernel timestamps a wall-clock time.
     pub realtime_offset_ns: i128,
+    /// The aggregator's sign of life: it beats with every input (the scheduler reader sends one
+    /// each second, so an idle node beats too).
+    pub heartbeat: Heartbeat,
 }
 
 impl Default for Store {
@@ -82,6 +85,7 @@ impl Store {
             started: Instant::now(),
             recent: Locked::default(),
             realtime_offset_ns: realtime_offset_ns(),
+            heartbeat: Heartbeat::default(),
         }
     }
 }

@@ -150,18 +150,28 @@ async fn connect(target: &Target) -> io::Result<TcpStream> {
     let Some(pid) = target.netns_of.filter(|pid| !same_netns(*pid)) else {
         return TcpStream::connect(target.addr).await;
     };
-    // setns() affects only the calling thread, so open the socket on a thread of its own that
-    // ends right after; the socket stays in the namespace it was created in.
     let addr = target.addr;
-    let std_stream = tokio::task::spawn_blocking(move || {
-        std::thread::spawn(move || connect_in_netns(pid, addr))
+    let std_stream = tokio::task::spawn_blocking(move || match super::netns::connect(pid, addr) {
+        // The agent's helper opens the socket in the namespace (it keeps CAP_SYS_ADMIN; the
+        // agent does not).
+        Some(connecting) => connecting,
+        // No helper (a one-off command run as root): setns() affects only the calling thread,
+        // so open the socket on a thread of its own that ends right after; the socket stays in
+        // the namespace it was created in.
+        None => std::thread::spawn(move || connect_in_netns(pid, addr))
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("connect thread panicked")))
+            .unwrap_or_else(|_| Err(io::Error::other("connect thread panicked"))),
     })
     .await
     .map_err(io::Error::other)??;
     std_stream.set_nonblocking(true)?;
-    TcpStream::from_std(std_stream)
+    let stream = TcpStream::from_std(std_stream)?;
+    // The helper's connect may still be in progress: wait for it, and for its outcome.
+    stream.writable().await?;
+    match stream.take_error()? {
+        Some(e) => Err(e),
+        None => Ok(stream),
+    }
 }
 
 fn same_netns(pid: u32) -> bool {

@@ -4,6 +4,7 @@
 
 pub mod discovery;
 pub(crate) mod fetch;
+pub(crate) mod netns;
 pub(crate) mod nvml;
 pub mod procfs;
 pub mod scrape;

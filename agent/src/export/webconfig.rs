@@ -17,11 +17,11 @@
 //! key. `/healthz` stays open (liveness probes), every other path needs the credentials.
 
 use std::{
-    collections::{BTreeMap, HashSet},
-    net::SocketAddr,
+    collections::{BTreeMap, HashMap, HashSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -38,16 +38,8 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 use serde::Deserialize;
-use tokio::{
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
-/// Longest a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once: a flood of idle connections cannot take every fd.
-const MAX_HANDSHAKES: usize = 256;
+use super::{listener::Client, stats::ServerStats};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,7 +95,7 @@ impl WebConfig {
                     anyhow::anyhow!("basic_auth_users.{user}: not a bcrypt hash ({e}); make one with `htpasswd -nBC 10 {user}`")
                 })?;
             }
-            Some(Arc::new(BasicAuth { users: file.basic_auth_users, verified: Mutex::default() }))
+            Some(Arc::new(BasicAuth::new(file.basic_auth_users)))
         };
         Ok(Self { tls, auth })
     }
@@ -175,22 +167,86 @@ fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>> {
 }
 
 /// Users and their bcrypt hashes. bcrypt is slow on purpose (~50 ms a check at cost 10), so
-/// credentials that passed are remembered; only successes are, and only a few.
+/// credentials that passed are remembered (only successes, only a few), one check runs at a
+/// time, and a client that keeps failing is refused without one (429).
 pub(crate) struct BasicAuth {
     users: BTreeMap<String, String>,
     verified: Mutex<HashSet<String>>,
+    throttle: Throttle,
+    checking: tokio::sync::Semaphore,
 }
 
 const VERIFIED_CACHE: usize = 64;
 
+/// Failed logins counted over a window, per client address and in all.
+#[derive(Default)]
+struct Throttle {
+    per_client: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    all: Mutex<Option<(Instant, u32)>>,
+}
+
+const FAILURE_WINDOW: Duration = Duration::from_secs(10);
+const FAILURES_PER_CLIENT: u32 = 5;
+const FAILURES_IN_ALL: u32 = 50;
+/// Client addresses remembered at once (many addresses, IPv6 ones in particular, must not
+/// grow the table).
+const THROTTLED_CLIENTS: usize = 4096;
+
+/// The count of a window that started at `start`, or a fresh window.
+fn current(window: Option<(Instant, u32)>) -> (Instant, u32) {
+    match window {
+        Some((start, n)) if start.elapsed() < FAILURE_WINDOW => (start, n),
+        _ => (Instant::now(), 0),
+    }
+}
+
+impl Throttle {
+    fn refuses(&self, ip: IpAddr) -> bool {
+        let mine = self.per_client.lock().unwrap_or_else(|e| e.into_inner()).get(&ip).copied();
+        let all = *self.all.lock().unwrap_or_else(|e| e.into_inner());
+        current(mine).1 >= FAILURES_PER_CLIENT || current(all).1 >= FAILURES_IN_ALL
+    }
+
+    fn failed(&self, ip: IpAddr) {
+        let mut clients = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
+        if clients.len() >= THROTTLED_CLIENTS && !clients.contains_key(&ip) {
+            clients.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
+            if clients.len() >= THROTTLED_CLIENTS {
+                clients.clear();
+            }
+        }
+        let (start, n) = current(clients.get(&ip).copied());
+        clients.insert(ip, (start, n + 1));
+        drop(clients);
+        let mut all = self.all.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, n) = current(*all);
+        *all = Some((start, n + 1));
+    }
+}
+
 impl BasicAuth {
+    fn new(users: BTreeMap<String, String>) -> Self {
+        Self {
+            users,
+            verified: Mutex::default(),
+            throttle: Throttle::default(),
+            checking: tokio::sync::Semaphore::new(1),
+        }
+    }
+
+    /// Credentials that passed before.
+    fn remembered(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some(value) = authorization.and_then(|v| v.to_str().ok()) else { return false };
+        self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(value)
+    }
+
     pub(crate) fn allows(&self, authorization: Option<&HeaderValue>) -> bool {
+        if self.remembered(authorization) {
+            return true;
+        }
         let Some(value) = authorization.and_then(|v| v.to_str().ok()) else {
             return false;
         };
-        if self.verified.lock().unwrap_or_else(|e| e.into_inner()).contains(value) {
-            return true;
-        }
         let Some(encoded) = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic ")) else {
             return false;
         };
@@ -218,89 +274,54 @@ impl BasicAuth {
     }
 }
 
+/// What the auth middleware needs: the users and the server's counters.
+#[derive(Clone)]
+pub(crate) struct AuthState {
+    pub auth: Arc<BasicAuth>,
+    pub stats: Arc<ServerStats>,
+}
+
 /// Middleware: every path but `/healthz` needs the credentials.
 pub(crate) async fn require_basic_auth(
-    State(auth): State<Arc<BasicAuth>>,
+    State(state): State<AuthState>,
     request: Request,
     next: Next,
 ) -> Response {
     if request.uri().path() == "/healthz" {
         return next.run(request).await;
     }
-    // bcrypt runs on the blocking pool, never on the runtime's workers.
     let header = request.headers().get(header::AUTHORIZATION).cloned();
+    let auth = &state.auth;
+    if auth.remembered(header.as_ref()) {
+        return next.run(request).await;
+    }
+    let client = request.extensions().get::<Client>().map(|c| c.0.ip());
+    let too_many = || {
+        state.stats.auth_throttled.inc();
+        (StatusCode::TOO_MANY_REQUESTS, [(header::RETRY_AFTER, "10")], "Too many failed logins\n")
+            .into_response()
+    };
+    if client.is_some_and(|ip| auth.throttle.refuses(ip)) {
+        return too_many();
+    }
+    // One bcrypt check at a time, on the blocking pool: a flood of guesses costs at most one
+    // core's share, never the runtime's workers.
+    let Ok(_permit) = auth.checking.try_acquire() else { return too_many() };
     let check = auth.clone();
     let allowed = tokio::task::spawn_blocking(move || check.allows(header.as_ref())).await.unwrap_or(false);
     if allowed {
         next.run(request).await
     } else {
+        if let Some(ip) = client {
+            auth.throttle.failed(ip);
+        }
+        state.stats.auth_failed.inc();
         (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Basic realm=\"inferwatch\"")],
             "Unauthorized\n",
         )
             .into_response()
-    }
-}
-
-/// A listener handing axum finished TLS connections. Handshakes run in their own tasks, so a
-/// slow or silent client never holds up the others; failed ones are logged at debug level.
-pub(crate) struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl TlsListener {
-    pub(crate) fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        tokio::spawn(async move {
-            loop {
-                let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        tracing::warn!("accept: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
-                    drop(permit);
-                    match handshake {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self { ready, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The accept task never ends on its own; if it did, serve nothing more.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
     }
 }
 

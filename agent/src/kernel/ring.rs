@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use super::{Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_RING_BUFFER_FULL, probes::Programs};
-use crate::model::sock::RecordBatch;
+use crate::model::{health::Heartbeat, sock::RecordBatch};
 
 /// Where the readers send what they read: the aggregator's input, whatever its type.
 pub(crate) trait Sink: From<KernelReport> + Send + 'static {}
@@ -90,6 +90,7 @@ pub(crate) async fn read_events<M: Sink>(
     tx: mpsc::Sender<M>,
     dropped: Arc<AtomicU64>,
     interval: Duration,
+    heartbeat: Arc<Heartbeat>,
 ) -> Result<(), Error> {
     // SAFETY: the RingBuf owns its map's fd for as long as the AsyncFd holds it.
     let mut ring = unsafe { AsyncFd::register_with_interest(ring, Interest::READABLE) }
@@ -108,6 +109,7 @@ pub(crate) async fn read_events<M: Sink>(
             _ = tokio::time::sleep(period) => drain(ring.get_mut(), &mut buf, &tx, &dropped),
         };
         period = next_period(period, interval, drained);
+        heartbeat.beat();
     }
 }
 

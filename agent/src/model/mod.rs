@@ -5,6 +5,7 @@
 pub(crate) mod diagnosis;
 pub(crate) mod family;
 pub(crate) mod gpu;
+pub(crate) mod health;
 pub(crate) mod instance;
 pub(crate) mod request;
 pub(crate) mod scrape;

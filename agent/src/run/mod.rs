@@ -1,12 +1,17 @@
 //! `inferwatch run`: check, bind, load the programs and drop privileges while single-threaded
 //! ([`prepare`]), then wire the stages together and serve until SIGINT/SIGTERM ([`run`]):
 //! kernel readers, discovery, scraper and GPU collector → one channel → the aggregator → the
-//! HTTP server. Nothing else imports this module.
+//! HTTP server. Every long-running task is supervised: one that ends or panics is logged and
+//! ends the agent with a failure, so the kubelet restarts it. Nothing else imports this module.
 
 mod preflight;
 mod privileges;
+mod supervise;
 
-use std::sync::{Arc, atomic::AtomicU64};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
 use anyhow::{Context as _, Result};
 use tokio::{
@@ -15,16 +20,19 @@ use tokio::{
     sync::{mpsc, oneshot, watch},
 };
 
+use self::supervise::Supervisor;
 use crate::{
     aggregator::{Aggregator, Input, Store},
     cli::RunArgs,
     collect::{
         discovery::{self, DiscoveryConfig, attach::WatchMap},
-        fetch, nvml, scrape,
+        fetch, netns, nvml, scrape,
     },
     export::{
-        server,
-        webconfig::{self, TlsListener, WebConfig},
+        listener::{self, Limits},
+        server::{self, ApiAccess, AppState},
+        stats::ServerStats,
+        webconfig::{self, AuthState, WebConfig},
     },
     kernel::{
         self,
@@ -32,13 +40,14 @@ use crate::{
         ring,
     },
     model::{
+        health::Heartbeat,
         instance::Role,
         scrape::{ScrapeTarget, Target},
     },
 };
 
 /// Messages buffered between the producers and the aggregator: kernel records arrive in
-/// batches of up to `probes::BATCH`, so at most 16 Ki records (a few MiB) wait; beyond that
+/// batches of up to `ring::BATCH`, so at most 16 Ki records (a few MiB) wait; beyond that
 /// the aggregator is behind for good and records are dropped and counted.
 const EVENT_QUEUE: usize = 64;
 
@@ -53,8 +62,9 @@ pub struct Prepared {
     outputs: Outputs,
 }
 
-/// Checks, binds, loads and attaches, then drops the capabilities no longer needed. Runs
-/// before the async runtime exists, because capabilities are per thread.
+/// Checks, binds, loads and attaches, starts the network-namespace helper, then drops the
+/// capabilities no longer needed. Runs before the async runtime exists, because capabilities
+/// are per thread and the helper is forked.
 pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
     preflight::check()?;
     let web = match &args.web_config_file {
@@ -71,9 +81,22 @@ pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
     }
     let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
     let (programs, watch_maps, outputs) = kernel::probes::load(args.capture_bytes)?;
-    let kept = privileges::drop_all_but(privileges::kept(!args.no_discovery, privileges::kernel_version()))
+    // Scraping a vLLM that listens on loopback only inside its pod needs setns(), hence
+    // CAP_SYS_ADMIN: a helper process keeps it, the agent does not. Without the capability
+    // (the DaemonSet does not grant it) pods are scraped through their own address.
+    if !args.no_discovery && privileges::has(privileges::CAP_SYS_ADMIN) {
+        netns::start(|| {
+            privileges::drop_all_but(privileges::HELPER).map(|_| ()).map_err(std::io::Error::other)
+        })
+        .context("starting the network-namespace helper")?;
+    }
+    let kept = privileges::drop_all_but(privileges::kept(privileges::kernel_version()))
         .context("dropping the capabilities no longer needed")?;
-    tracing::info!(kept = ?privileges::names(kept), "programs attached; dropped every other capability");
+    tracing::info!(
+        kept = ?privileges::names(kept),
+        netns_helper = ?netns::helper_pid(),
+        "programs attached; dropped every other capability"
+    );
     Ok(Prepared { args, listener, web, explicit_urls, programs, watch_maps, outputs })
 }
 
@@ -84,18 +107,34 @@ pub(crate) async fn run(prepared: Prepared) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let store = Arc::new(Store::new());
+    let ring_heartbeat = Arc::new(Heartbeat::default());
+    let ready = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<Input>(EVENT_QUEUE);
+    let mut tasks = Supervisor::from_env();
     ring::spawn_kernel_log(outputs.kernel_log);
-    tokio::spawn(Aggregator::new(store.clone(), args.max_connections, args.max_series_per_family).run(rx));
+    let aggregator = Aggregator::new(store.clone(), args.max_connections, args.max_series_per_family);
+    tasks.spawn("aggregator", async move {
+        aggregator.run(rx).await;
+        Err("its input channel closed".to_string())
+    });
     nvml::spawn(nvml::GpuConfig { interval: args.gpu_interval, library: args.nvml_lib.clone() }, tx.clone());
     let dropped = Arc::new(AtomicU64::new(0));
-    let reader =
-        tokio::spawn(ring::read_events(outputs.events, tx.clone(), dropped.clone(), args.drain_interval));
-    tokio::spawn(ring::report_losses(outputs.lost, tx.clone(), dropped));
-    tokio::spawn(ring::report_sched(outputs.sched, tx.clone()));
-    tokio::spawn(ring::report_programs(programs, tx.clone(), args.discovery_interval));
+    let reader = ring::read_events(
+        outputs.events,
+        tx.clone(),
+        dropped.clone(),
+        args.drain_interval,
+        ring_heartbeat.clone(),
+    );
+    tasks.spawn("ring", async move { reader.await.map_err(|e| e.to_string()) });
+    tasks.spawn_forever("losses", ring::report_losses(outputs.lost, tx.clone(), dropped));
+    tasks.spawn_forever("sched", ring::report_sched(outputs.sched, tx.clone()));
+    tasks.spawn_forever("programs", ring::report_programs(programs, tx.clone(), args.discovery_interval));
     let (targets_tx, targets_rx) = watch::channel(Vec::new());
-    tokio::spawn(scrape::run(targets_rx, tx.clone(), args.scrape_interval, args.scrape_timeout));
+    tasks.spawn_forever(
+        "scraper",
+        scrape::run(targets_rx, tx.clone(), args.scrape_interval, args.scrape_timeout),
+    );
     let config = DiscoveryConfig {
         enabled: !args.no_discovery,
         interval: args.discovery_interval,
@@ -103,46 +142,49 @@ pub(crate) async fn run(prepared: Prepared) -> Result<()> {
         explicit_urls,
     };
     let (scanned_tx, scanned_rx) = oneshot::channel();
-    tokio::spawn(discovery::run(watch_maps, config, tx, targets_tx, scanned_tx));
-    // Serve only once the first scan has set up the watch map: from then on, nothing is missed.
-    let _ = scanned_rx.await;
+    tasks.spawn_forever("discovery", discovery::run(watch_maps, config, tx, targets_tx, scanned_tx));
+    // /readyz turns ready once the first scan has set up the watch maps: from then on, nothing
+    // of a watched process is missed. /metrics and /healthz answer from the start.
+    let readiness = ready.clone();
+    tokio::spawn(async move {
+        if scanned_rx.await.is_ok() {
+            readiness.store(true, Ordering::Relaxed);
+        }
+    });
     if args.no_discovery && args.pids.is_empty() {
         tracing::warn!("--no-discovery and no --pid: nothing is watched");
     }
 
-    let mut app = server::router(store);
+    let stats = Arc::new(ServerStats::default());
+    let api_open = args.api_access == ApiAccess::Any || web.auth.is_some();
+    let state = AppState::new(store, stats.clone(), ring_heartbeat, args.health_stale_after, ready);
+    let mut app = server::router(state, api_open);
     if let Some(auth) = web.auth {
+        let auth = AuthState { auth, stats: stats.clone() };
         app = app.layer(axum::middleware::from_fn_with_state(auth, webconfig::require_basic_auth));
     }
     let scheme = if web.tls.is_some() { "https" } else { "http" };
-    tracing::info!(listen = %args.listen, scheme, "serving /metrics, /healthz and /api/v1/*");
+    tracing::info!(listen = %args.listen, scheme, api_open, "serving /metrics, /healthz, /readyz and /api/v1/*");
     let shutdown = async move {
         tokio::select! {
             _ = sigterm.recv() => tracing::info!("SIGTERM: detaching and exiting"),
             _ = sigint.recv() => tracing::info!("SIGINT: detaching and exiting"),
         }
     };
-    let serving = async move {
-        match web.tls {
-            Some(tls) => {
-                let listener = TlsListener::new(listener, tls).context("TLS listener")?;
-                axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-            }
-            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+    let limits = Limits {
+        max_connections: args.http_max_connections.max(1),
+        max_per_client: args.http_max_connections_per_client.max(1),
+        header_timeout: args.http_header_timeout,
+    };
+    tokio::select! {
+        () = listener::serve(listener, app, web.tls, limits, stats, shutdown) => {
+            // The programs are dropped with their task when the runtime ends: every program
+            // detaches, and nothing was pinned, so nothing remains.
+            Ok(())
         }
-        .context("HTTP server")
-    };
-    let served = tokio::select! {
-        served = serving => served,
-        failed = reader => Err(match failed {
-            Ok(Err(e)) => e.into(),
-            Ok(Ok(())) => anyhow::anyhow!("the ring-buffer reader stopped"),
-            Err(e) => anyhow::anyhow!("the ring-buffer reader crashed: {e}"),
-        }),
-    };
-    // The programs are dropped with their task when the runtime ends: every program detaches,
-    // and nothing was pinned, so nothing remains.
-    served
+        failure = tasks.first_failure() => Err(anyhow::anyhow!("{failure}; exiting so that it is restarted")),
+        failure = netns::helper_exit() => Err(anyhow::anyhow!("{failure}; exiting so that it is restarted")),
+    }
 }
 
 /// A `--vllm-url` as a scrape target.

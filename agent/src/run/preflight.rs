@@ -19,6 +19,7 @@ pub(crate) fn check() -> Result<()> {
         bail!("{problem}");
     }
     raise_memlock_limit();
+    raise_open_files_limit();
     Ok(())
 }
 
@@ -55,6 +56,19 @@ fn raise_memlock_limit() {
     // SAFETY: setrlimit with a valid pointer to an initialised struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// Open files up to the hard limit: the HTTP server's connection cap (--http-max-connections)
+/// is meant to bind before the descriptor limit does.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
     }
 }
 

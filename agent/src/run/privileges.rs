@@ -6,8 +6,10 @@
 //! - `CAP_SYS_PTRACE`: `/proc/PID/fd` and `/proc/PID/ns/net` of processes of other users
 //!   (discovery matches vLLM's listening sockets by inode, and scrapes inside its netns).
 //! - `CAP_DAC_READ_SEARCH`: the same `/proc` directories are mode 0500 for their owner.
-//! - `CAP_SYS_ADMIN`, only while discovery is on: `setns` into a vLLM pod's network namespace
-//!   to scrape its `/metrics`. With `--no-discovery` it is dropped as well.
+//!
+//! `CAP_SYS_ADMIN` is not kept: where the agent has it at start and discovery is on, a helper
+//! process keeps it (with `CAP_SYS_PTRACE`, nothing else) to open sockets inside pods' network
+//! namespaces (`collect::netns`); without it, pods are scraped through their own address.
 //!
 //! Everything else goes, `CAP_BPF` and `CAP_PERFMON` included: the maps are used through the
 //! file descriptors already held, which needs no capability since Linux 6.5. Before 6.5 (with
@@ -41,16 +43,25 @@ struct CapData {
     inheritable: u32,
 }
 
+/// What the network-namespace helper keeps (see `collect::netns`): `setns`, and opening another
+/// user's `/proc/PID/ns/net`.
+pub(crate) const HELPER: u64 = (1u64 << CAP_SYS_ADMIN) | (1u64 << CAP_SYS_PTRACE);
+
 /// The capabilities the running agent keeps on a kernel of version `kernel` (major, minor).
-pub(crate) fn kept(discovery: bool, kernel: (u32, u32)) -> u64 {
+pub(crate) fn kept(kernel: (u32, u32)) -> u64 {
     let mut caps = (1u64 << CAP_SYS_PTRACE) | (1u64 << CAP_DAC_READ_SEARCH);
-    if discovery {
-        caps |= 1u64 << CAP_SYS_ADMIN;
-    }
     if kernel < (6, 5) {
         caps |= 1u64 << CAP_BPF;
     }
     caps
+}
+
+/// Whether this thread has `cap` in its effective set.
+pub(crate) fn has(cap: u32) -> bool {
+    current().is_ok_and(|(_, data)| {
+        let effective = (data[0].effective as u64) | ((data[1].effective as u64) << 32);
+        effective & (1u64 << cap) != 0
+    })
 }
 
 /// The running kernel's (major, minor), from uname; (0, 0) if unreadable (then CAP_BPF stays).
@@ -149,10 +160,10 @@ mod tests {
 
     #[test]
     fn kept_set_depends_on_discovery_and_the_kernel() {
-        assert_eq!(names(kept(true, (6, 18))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]);
-        assert_eq!(names(kept(false, (6, 5))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]);
-        assert_eq!(kept(true, (6, 18)), 0x0028_0004);
-        assert_eq!(names(kept(false, (6, 4))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_BPF"]);
+        assert_eq!(names(kept((6, 18))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"]);
+        assert_eq!(kept((6, 5)), 0x0008_0004);
+        assert_eq!(names(kept((6, 4))), ["CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE", "CAP_BPF"]);
+        assert_eq!(names(HELPER), ["CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]);
         assert_eq!(parse_kernel_version("6.18.44-cloud-amd64\n"), (6, 18));
         assert_eq!(parse_kernel_version("5.15.0-91-generic"), (5, 15));
         assert_eq!(parse_kernel_version("garbage"), (0, 0));
