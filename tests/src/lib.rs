@@ -4,6 +4,8 @@
 //! The agent binary is `$INFERWATCH_BIN` (set by `cargo xtask test`), else `target/debug/inferwatch`.
 
 pub mod client;
+pub mod fake_vllm;
+pub mod netns;
 pub mod prometheus;
 pub mod servers;
 pub mod vllm;
@@ -102,11 +104,46 @@ impl Agent {
     }
 
     fn spawn_with_env(pids: &[u32], extra: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Agent {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::spawn_wrapped(&[], pids, extra, env)
+    }
+
+    /// [`Agent::start_with`] run through `wrapper` (e.g. `setpriv --bounding-set=-sys_admin --`),
+    /// which must exec the agent.
+    pub fn start_wrapped(wrapper: &[&str], extra: &[&str]) -> Agent {
+        let mut agent = Self::spawn_wrapped(wrapper, &[], extra, &[]);
+        agent.wait_until_ready(|agent| matches!(agent.try_get("/readyz"), Ok((200, _))));
+        agent
+    }
+
+    fn spawn_wrapped(
+        wrapper: &[&str],
+        pids: &[u32],
+        extra: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Agent {
+        // A test may choose the address (`--listen 0.0.0.0:PORT`); it is then reached on loopback.
+        let chosen = extra.iter().position(|a| *a == "--listen").and_then(|i| extra.get(i + 1));
+        let addr: SocketAddr = match chosen {
+            Some(listen) => {
+                let port = listen.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).unwrap();
+                format!("127.0.0.1:{port}").parse().unwrap()
+            }
+            None => format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        };
         let log =
             std::env::temp_dir().join(format!("inferwatch-test-{}-{}.log", std::process::id(), addr.port()));
-        let mut cmd = Command::new(agent_binary());
-        cmd.arg("--listen").arg(addr.to_string()).args(extra);
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(agent_binary()),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(agent_binary());
+                c
+            }
+        };
+        if chosen.is_none() {
+            cmd.arg("--listen").arg(addr.to_string());
+        }
+        cmd.args(extra);
         for pid in pids {
             cmd.arg("--pid").arg(pid.to_string());
         }
@@ -163,6 +200,19 @@ impl Agent {
             }
             assert!(Instant::now() < deadline, "metrics never reached the expected state:\n{text}");
             thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits for the agent to exit on its own, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let child = self.child.as_mut().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the agent did not exit within {timeout:?}:\n{}", self.log());
+            thread::sleep(Duration::from_millis(50));
         }
     }
 

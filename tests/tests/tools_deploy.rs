@@ -113,7 +113,9 @@ fn objects(kind: &str) -> Vec<Value> {
     manifests().iter().flat_map(|p| yaml_documents(p)).filter(|d| d["kind"] == kind).collect()
 }
 
-const NEEDED_CAPS: [&str; 5] = ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "SYS_ADMIN"];
+/// What the agent needs to attach and to read other users' /proc; not SYS_ADMIN (pods are
+/// scraped through their own address).
+const NEEDED_CAPS: [&str; 4] = ["BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH"];
 
 #[test]
 fn daemonset_service_and_monitors_fit_together() {
@@ -136,6 +138,10 @@ fn daemonset_service_and_monitors_fit_together() {
     let container = &spec["containers"][0];
     let security = &container["securityContext"];
     assert_eq!(security["privileged"], false, "capabilities, not privileged");
+    assert_eq!(security["allowPrivilegeEscalation"], false);
+    assert_eq!(security["readOnlyRootFilesystem"], true);
+    assert_eq!(security["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(container["resources"]["limits"]["cpu"].is_string(), "a CPU ceiling");
     assert_eq!(security["capabilities"]["drop"][0], "ALL");
     let added: BTreeSet<&str> =
         security["capabilities"]["add"].as_sequence().unwrap().iter().map(|c| c.as_str().unwrap()).collect();
@@ -152,6 +158,18 @@ fn daemonset_service_and_monitors_fit_together() {
     assert_eq!(container["ports"][0]["name"], "metrics");
     assert_eq!(container["ports"][0]["containerPort"], 9420);
     assert_eq!(container["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(container["readinessProbe"]["httpGet"]["path"], "/readyz");
+    // Only the monitoring namespace reaches the agents' port.
+    let policy = objects("NetworkPolicy").remove(0);
+    assert_eq!(&policy["spec"]["podSelector"]["matchLabels"], pod_labels);
+    assert_eq!(policy["spec"]["policyTypes"][0], "Ingress");
+    let rule = &policy["spec"]["ingress"][0];
+    assert_eq!(rule["from"].as_sequence().unwrap().len(), 1);
+    assert_eq!(
+        rule["from"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "monitoring"
+    );
+    assert_eq!(rule["ports"][0]["port"], 9420);
 
     let service = objects("Service").remove(0);
     assert_eq!(&service["spec"]["selector"], pod_labels);
@@ -163,7 +181,7 @@ fn daemonset_service_and_monitors_fit_together() {
     let pod_monitor = objects("PodMonitor").remove(0);
     assert_eq!(&pod_monitor["spec"]["selector"]["matchLabels"], pod_labels);
     assert_eq!(pod_monitor["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
-    for object in [&ds, &service, &monitor, &pod_monitor] {
+    for object in [&ds, &service, &monitor, &pod_monitor, &policy] {
         assert_eq!(object["metadata"]["namespace"], "inferwatch");
     }
     // The alert InferwatchDown matches on job="inferwatch": the monitors' job label.
@@ -198,7 +216,20 @@ fn compose_stack_mounts_files_that_exist() {
     let jobs = prometheus["scrape_configs"].as_sequence().unwrap();
     let job = jobs.iter().find(|j| j["job_name"] == "inferwatch").unwrap();
     assert_eq!(job["static_configs"][0]["targets"][0], "inferwatch:9420");
+    // Published on this host only, but Grafana, which has a password and no anonymous access.
+    for (name, service) in services {
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let port = port.as_str().unwrap();
+            assert_eq!(port.starts_with("127.0.0.1:"), name != "grafana", "{name:?} publishes {port}");
+        }
+    }
     assert!(agent["ports"][0].as_str().unwrap().ends_with(":9420"));
+    let grafana_env = &compose["services"]["grafana"]["environment"];
+    assert_eq!(grafana_env["GF_AUTH_ANONYMOUS_ENABLED"], "false");
+    assert!(
+        grafana_env["GF_SECURITY_ADMIN_PASSWORD"].as_str().unwrap().contains(":?"),
+        "required, no default"
+    );
     // Grafana's provisioning points at the mounted dashboards and the datasource the
     // dashboard's variable selects by type.
     let grafana = &compose["services"]["grafana"];

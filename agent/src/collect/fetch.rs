@@ -155,9 +155,12 @@ async fn connect(target: &Target) -> io::Result<TcpStream> {
         // The agent's helper opens the socket in the namespace (it keeps CAP_SYS_ADMIN; the
         // agent does not).
         Some(connecting) => connecting,
-        // No helper (a one-off command run as root): setns() affects only the calling thread,
-        // so open the socket on a thread of its own that ends right after; the socket stays in
-        // the namespace it was created in.
+        // No helper: the agent without CAP_SYS_ADMIN (as the DaemonSet runs it) reaches a server
+        // that listens on every address through the pod's own address.
+        None if !can_setns() => connect_through_pod_address(pid, addr),
+        // A one-off command run as root: setns() affects only the calling thread, so open the
+        // socket on a thread of its own that ends right after; the socket stays in the
+        // namespace it was created in.
         None => std::thread::spawn(move || connect_in_netns(pid, addr))
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("connect thread panicked"))),
@@ -172,6 +175,41 @@ async fn connect(target: &Target) -> io::Result<TcpStream> {
         Some(e) => Err(e),
         None => Ok(stream),
     }
+}
+
+/// Whether this thread may enter another network namespace (CAP_SYS_ADMIN).
+fn can_setns() -> bool {
+    super::procfs::effective_capabilities().is_ok_and(|caps| caps & (1 << super::procfs::CAP_SYS_ADMIN) != 0)
+}
+
+/// A server inside `pid`'s network namespace, reached from ours: a loopback address becomes
+/// each of the namespace's own addresses in turn (a server listening on all of them answers
+/// there); any other address is reached as it is.
+fn connect_through_pod_address(pid: u32, addr: SocketAddr) -> io::Result<StdTcpStream> {
+    if !addr.ip().is_loopback() {
+        return StdTcpStream::connect_timeout(&addr, Duration::from_secs(2));
+    }
+    let read = |file: &str| std::fs::read_to_string(format!("/proc/{pid}/net/{file}")).unwrap_or_default();
+    let addresses = super::procfs::net::local_addresses(&read("fib_trie"), &read("if_inet6"));
+    let mut last = io::Error::other(format!(
+        "{addr} is loopback inside the network namespace of pid {pid}, which has no other address"
+    ));
+    for ip in addresses {
+        match StdTcpStream::connect_timeout(&SocketAddr::new(ip, addr.port()), Duration::from_secs(2)) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => {
+                last = io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{ip}:{}: {e} (a server listening on loopback only inside its pod needs the \
+                         agent to have CAP_SYS_ADMIN for its namespace helper)",
+                        addr.port()
+                    ),
+                )
+            }
+        }
+    }
+    Err(last)
 }
 
 fn same_netns(pid: u32) -> bool {

@@ -157,7 +157,7 @@ fn child_setup(
         if libc::getppid() as u32 != parent {
             return Err(io::Error::other("the agent exited before its helper started"));
         }
-        libc::prctl(libc::PR_SET_NAME, c"inferwatch-netns".as_ptr());
+        libc::prctl(libc::PR_SET_NAME, c"iw-netns-helper".as_ptr());
         if libc::dup2(socket.as_raw_fd(), 3) == -1 {
             return Err(io::Error::last_os_error());
         }

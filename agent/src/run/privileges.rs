@@ -21,11 +21,9 @@
 
 use anyhow::{Context as _, Result, bail};
 
-pub(crate) const CAP_DAC_READ_SEARCH: u32 = 2;
-pub(crate) const CAP_SYS_PTRACE: u32 = 19;
-pub(crate) const CAP_SYS_ADMIN: u32 = 21;
-pub(crate) const CAP_PERFMON: u32 = 38;
-pub(crate) const CAP_BPF: u32 = 39;
+pub(crate) use crate::collect::procfs::{
+    CAP_BPF, CAP_DAC_READ_SEARCH, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE,
+};
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 

@@ -36,9 +36,14 @@ impl Supervisor {
             let outcome = match fault {
                 None => task.await,
                 Some(kind) => {
+                    // The task stays alive (not dropped) while the fault holds its thread.
+                    tokio::pin!(task);
                     tokio::select! {
-                        outcome = task => outcome,
-                        () = tokio::time::sleep(Duration::from_secs(2)) => inject(&kind, name),
+                        outcome = &mut task => outcome,
+                        () = tokio::time::sleep(Duration::from_secs(2)) => match inject(&kind, name) {
+                            Ok(()) => task.await,
+                            Err(e) => Err(e),
+                        },
                     }
                 }
             };

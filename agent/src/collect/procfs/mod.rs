@@ -18,6 +18,13 @@ fn comm_at(proc_root: &Path, pid: u32) -> io::Result<String> {
     Ok(raw.trim_end_matches('\n').to_string())
 }
 
+/// Capability numbers (include/uapi/linux/capability.h) of the ones the agent reads or keeps.
+pub(crate) const CAP_DAC_READ_SEARCH: u32 = 2;
+pub(crate) const CAP_SYS_PTRACE: u32 = 19;
+pub(crate) const CAP_SYS_ADMIN: u32 = 21;
+pub(crate) const CAP_PERFMON: u32 = 38;
+pub(crate) const CAP_BPF: u32 = 39;
+
 /// The effective capability mask of this process (`CapEff` in /proc/self/status).
 pub(crate) fn effective_capabilities() -> io::Result<u64> {
     parse_cap_eff(&fs::read_to_string("/proc/self/status")?)

@@ -80,9 +80,52 @@ pub(crate) fn listening_addresses_of(proc_dir: &Path) -> BTreeSet<SocketAddr> {
         .collect()
 }
 
+/// The addresses of a network namespace's own interfaces other than loopback, the way a pod's
+/// address is found from outside it: IPv4 from `net/fib_trie` (its `/32 host LOCAL` routes) and
+/// IPv6 from `net/if_inet6` (global scope).
+pub fn local_addresses(fib_trie: &str, if_inet6: &str) -> Vec<IpAddr> {
+    let mut found: Vec<IpAddr> = Vec::new();
+    let mut last: Option<Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let line = line.trim();
+        if let Some(ip) = line.strip_prefix("|-- ").and_then(|a| a.parse().ok()) {
+            last = Some(ip);
+        } else if line.starts_with("/32 host LOCAL")
+            && let Some(ip) = last
+            && !ip.is_loopback()
+            && !found.contains(&IpAddr::V4(ip))
+        {
+            found.push(IpAddr::V4(ip));
+        }
+    }
+    for line in if_inet6.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // address, interface index, prefix length, scope (00: global), flags, name
+        if let (Some(hex), Some(&"00")) = (f.first(), f.get(3))
+            && hex.len() == 32
+            && let Ok(bits) = u128::from_str_radix(hex, 16)
+        {
+            found.push(IpAddr::V6(Ipv6Addr::from(bits)));
+        }
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pods_own_addresses() {
+        let fib_trie = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n     +-- 10.244.1.0/24 2 0 2\n        |-- 10.244.1.0\n           /24 link UNICAST\n        |-- 10.244.1.17\n           /32 host LOCAL\n     +-- 127.0.0.0/8 2 0 2\n        |-- 127.0.0.1\n           /32 host LOCAL\nLocal:\n  +-- 10.244.1.17\n           /32 host LOCAL\n";
+        let if_inet6 = "00000000000000000000000000000001 01 80 10 80       lo\nfd000000000000000000000000000011 02 40 00 80     eth0\nfe80000000000000000000fffe0a0b0c 02 40 20 80     eth0\n";
+        assert_eq!(
+            local_addresses(fib_trie, if_inet6),
+            ["10.244.1.17".parse::<IpAddr>().unwrap(), "fd00::11".parse().unwrap()],
+            "loopback and link-local left out, each address once"
+        );
+        assert!(local_addresses("", "").is_empty());
+    }
 
     #[test]
     fn the_fixture_server_listens_on_its_wildcard_port() {
