@@ -62,7 +62,12 @@ fn execute(command: cli::Command) -> anyhow::Result<()> {
         // Loads its programs and drops privileges while this is still the only thread.
         cli::Command::Run(args) => {
             let prepared = run::prepare(args)?;
-            runtime()?.block_on(run::run(prepared))
+            let runtime = runtime()?;
+            let result = runtime.block_on(run::run(prepared));
+            // Blocking threads (a wait on the namespace helper, a parse in flight) must not hold
+            // up the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+            result
         }
         cli::Command::Discover(args) => runtime()?.block_on(commands::discover::run(args)),
         cli::Command::Bench(args) => runtime()?.block_on(commands::bench::run(args.normalized())),

@@ -44,14 +44,22 @@ pub fn fuzz(args: &[String]) -> Result {
         let mut c = Command::new("cargo");
         c.arg(format!("+{}", setup::ebpf_toolchain()))
             // Safe Rust needs no AddressSanitizer to find panics, overflows (debug assertions
-            // are on) and runaway memory (-rss_limit_mb); without it the targets run ~5x faster.
+            // are on) and runaway memory; without it the targets run ~5x faster. Resource bounds
+            // are findings too: an input that takes over 2 s (-timeout), makes one allocation
+            // over 64 MiB (-malloc_limit_mb) or grows the process past 512 MiB fails the run.
             .args(["fuzz", "run", "--sanitizer", "none", "--fuzz-dir"])
             .arg(root.join("agent/fuzz"))
             .arg(target)
             .arg(&corpus)
             .arg("--")
             .arg(format!("-runs={runs}"))
-            .args(["-max_len=4096", "-rss_limit_mb=2048", "-print_final_stats=1"])
+            .args([
+                "-max_len=4096",
+                "-timeout=2",
+                "-rss_limit_mb=512",
+                "-malloc_limit_mb=64",
+                "-print_final_stats=1",
+            ])
             .arg(format!("-artifact_prefix={}/", artifacts.display()))
             .env("CARGO_TARGET_DIR", work.join("build"));
         eprintln!("xtask: fuzzing {target} for {runs} executions");

@@ -19,6 +19,15 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(value, "***", "a secret flag leaked: {flags:?}");
         }
     }
+    // Secrets planted among arbitrary arguments, the ways a command line carries them: values of
+    // a secret flag, JSON of an allowed one, a URL's user and password. None may be shown.
+    let mut planted = data.to_vec();
+    planted.extend_from_slice(
+        b"\0--api-key\0PLANTEDa\0PLANTEDb\0--kv-transfer-config\0{\"k\":\"PLANTEDc\"}\0\
+          --otlp-traces-endpoint\0https://u:PLANTEDd@h/x\0--model={\"PLANTEDe\":1}\0--x-new\0PLANTEDf\0",
+    );
+    let shown = cmdline::redacted_flags(&planted).join("\n");
+    assert!(!shown.contains("PLANTED"), "a planted secret was shown: {shown}");
     let _ = procfs::ppid_from_stat(&text);
     let _ = procfs::comm_from_stat(&text);
     let _ = procfs::parse_start_time(&text);

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use super::{
     Aggregator,
-    families::{InstanceLabels, ResetLabels, VllmInfoLabels},
+    families::{InstanceLabels, ResetLabels, ScrapeErrorLabels, VllmInfoLabels},
 };
 use crate::{
     collect::procfs::cmdline::flag_value,
@@ -16,22 +16,21 @@ use crate::{
     },
 };
 
+/// Every `reason` of `inferwatch_vllm_scrape_errors_total`.
+const SCRAPE_ERROR_REASONS: [&str; 7] =
+    ["connect", "timeout", "io", "too_large", "malformed_http", "http_status", "parse"];
+
 impl Aggregator {
     pub(super) fn instances(&mut self, instances: Vec<InstanceView>) {
         let m = &self.store.metrics;
-        self.instance_model.clear();
+        self.instance_served.clear();
         self.instance_of_pid.clear();
         self.gpu_owners.clear();
         m.vllm_info.clear();
-        let ids: HashSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         for i in &instances {
             let api: Vec<u32> = i.instance.pids(Role::ApiServer).collect();
-            if let [model] = i.models.as_slice() {
-                for pid in &api {
-                    self.instance_model.insert(*pid, model.clone());
-                }
-            }
             for pid in &api {
+                self.instance_served.insert(*pid, i.models.clone());
                 self.instance_of_pid.insert(*pid, i.id.clone());
             }
             let model = i.models.first().or(i.instance.cmdline_models.first()).cloned().unwrap_or_default();
@@ -65,22 +64,47 @@ impl Aggregator {
                 })
                 .set(1);
         }
-        // Instances that are gone: stop exporting their vLLM metrics and their up/down state.
-        let mut vllm = self.store.vllm.write();
-        let gone: Vec<String> = vllm.keys().filter(|k| !ids.contains(k.as_str())).cloned().collect();
+        // Instances that are gone (discovered ones no longer found; `--vllm-url` ones stay):
+        // their series and what was kept for them go, so restarts and churn pile up nothing.
+        let current: HashSet<String> =
+            instances.iter().map(|i| i.id.clone()).chain(self.explicit_instances.iter().cloned()).collect();
+        let gone: Vec<String> = self.known_instances.difference(&current).cloned().collect();
         for id in gone {
-            vllm.remove(&id);
-            m.vllm_up.remove(&InstanceLabels { vllm_instance: id.clone() });
-            m.vllm_scrape_duration.remove(&InstanceLabels { vllm_instance: id });
+            self.forget_instance(&id);
         }
-        drop(vllm);
+        self.known_instances = current;
         *self.store.instances.write() = instances;
+    }
+
+    /// Removes every series and every state kept for instance `id`.
+    pub(super) fn forget_instance(&mut self, id: &str) {
+        let m = &self.store.metrics;
+        let instance = InstanceLabels { vllm_instance: id.to_string() };
+        self.store.vllm.write().remove(id);
+        m.vllm_up.remove(&instance);
+        m.vllm_scrape_duration.remove(&instance);
+        m.tcp_retransmits.remove(&instance);
+        m.tcp_listen_overflows.remove(&instance);
+        m.api_server_overhead.remove(&instance);
+        for direction in ["sent", "received"] {
+            m.tcp_resets.remove(&ResetLabels { vllm_instance: id.to_string(), direction });
+        }
+        for reason in SCRAPE_ERROR_REASONS {
+            m.vllm_scrape_errors.remove(&ScrapeErrorLabels { vllm_instance: id.to_string(), reason });
+        }
+        self.listen_overflows.remove(id);
+        self.ttft_since_scrape.remove(id);
+        self.vllm_ttft_seen.remove(id);
+        self.phase_sums.remove(id);
+        self.max_num_seqs.remove(id);
+        self.known_instances.remove(id);
     }
 
     /// A retransmit or reset on a connection of an API server.
     pub(super) fn net_event(&mut self, net: NetEvent) {
+        // A process outside any instance (a `--pid`) counts under one bounded value, not its pid.
         let vllm_instance =
-            self.instance_of_pid.get(&net.tgid).cloned().unwrap_or_else(|| format!("pid:{}", net.tgid));
+            self.instance_of_pid.get(&net.tgid).cloned().unwrap_or_else(|| "unknown".to_string());
         let m = &self.store.metrics;
         match net.what {
             NetWhat::Retransmit => {

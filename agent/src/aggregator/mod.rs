@@ -88,9 +88,14 @@ pub(crate) struct Aggregator {
     comms: HashMap<u32, String>,
     /// Last cumulative loss count seen per reason, to turn totals into counter increments.
     lost_totals: HashMap<&'static str, u64>,
+    /// Model label values admitted from successful requests, for processes whose served models
+    /// discovery does not know (at most `requests::MAX_MODELS`).
     models: HashSet<String>,
-    /// The served model of the instance each API server pid belongs to, when it serves one.
-    instance_model: HashMap<u32, String>,
+    /// The models the instance of each API server pid serves (`/v1/models`, else its command
+    /// line), when discovery knows them.
+    instance_served: HashMap<u32, Vec<String>>,
+    /// The model label each in-flight request started with, per connection.
+    in_flight_labels: requests::InFlightLabels,
     handoff: HandoffTracker,
     /// The instance id of each API server pid, for per-instance network counters.
     instance_of_pid: HashMap<u32, String>,
@@ -115,6 +120,9 @@ pub(crate) struct Aggregator {
     api_runqueue: (f64, f64),
     /// `--max-num-seqs` of each instance, from its command line.
     max_num_seqs: HashMap<String, f64>,
+    /// Instances with series: discovered ones and `--vllm-url` ones (these never go).
+    known_instances: HashSet<String>,
+    explicit_instances: HashSet<String>,
 }
 
 impl Aggregator {
@@ -129,7 +137,8 @@ impl Aggregator {
             comms: HashMap::new(),
             lost_totals: HashMap::new(),
             models: HashSet::new(),
-            instance_model: HashMap::new(),
+            instance_served: HashMap::new(),
+            in_flight_labels: Default::default(),
             handoff: HandoffTracker::default(),
             instance_of_pid: HashMap::new(),
             gpu_owners: HashMap::new(),
@@ -139,6 +148,8 @@ impl Aggregator {
             phase_sums: HashMap::new(),
             api_runqueue: (0.0, 0.0),
             max_num_seqs: HashMap::new(),
+            known_instances: HashSet::new(),
+            explicit_instances: HashSet::new(),
         }
     }
 
@@ -155,6 +166,7 @@ impl Aggregator {
             Input::Discovery(DiscoveryReport::Watched { tgid, comm }) => self.watched(tgid, comm),
             Input::Discovery(DiscoveryReport::Unwatched { tgid }) => self.unwatched(tgid),
             Input::Discovery(DiscoveryReport::Instances(instances)) => self.instances(instances),
+            Input::Discovery(DiscoveryReport::Explicit(ids)) => self.explicit_instances.extend(ids),
             Input::Scrape(result) => self.scrape(result),
             Input::Gpu(snapshot) => {
                 *self.store.gpu.write() = gpu::families(&snapshot, &self.gpu_owners);

@@ -17,19 +17,42 @@ use crate::{
 /// Distinct `model` label values; later names are exported as `other`.
 pub(crate) const MAX_MODELS: usize = 32;
 
+/// The label of each request in flight on a connection, oldest first: a request keeps the label
+/// it started with (its in-flight gauge is taken back under it) whatever is learnt meanwhile.
+pub(super) type InFlightLabels = foldhash::HashMap<u64, std::collections::VecDeque<(String, &'static str)>>;
+
 impl Aggregator {
-    /// A bounded model label: the model the request named, else its instance's (`tgid`), if it
-    /// is one of the first few seen.
-    pub(super) fn model_label(&mut self, named: Option<&str>, tgid: u32) -> String {
-        match named.or_else(|| self.instance_model.get(&tgid).map(String::as_str)) {
-            None => "unknown".into(),
-            Some(m) if self.models.contains(m) => m.to_string(),
-            Some(m) if self.models.len() < MAX_MODELS => {
-                self.models.insert(m.to_string());
-                m.to_string()
-            }
-            Some(_) => "other".into(),
+    /// The model label a request starts with. Where discovery knows what the instance serves
+    /// (`/v1/models`, its command line), a named model is its label only if it is one of those,
+    /// else `other`: a client naming junk models cannot take label values. Where it does not
+    /// (a `--pid` that is not vLLM), only models seen served successfully before qualify (see
+    /// [`Self::admit_model`]), at most [`MAX_MODELS`] of them.
+    pub(super) fn model_label(&self, named: Option<&str>, tgid: u32) -> String {
+        let served = self.instance_served.get(&tgid).filter(|s| !s.is_empty());
+        match (named, served) {
+            (None, Some(served)) if served.len() == 1 => served[0].clone(),
+            (None, _) => "unknown".into(),
+            (Some(m), Some(served)) if served.iter().any(|s| s == m) => m.to_string(),
+            (Some(_), Some(_)) => "other".into(),
+            (Some(m), None) if self.models.contains(m) => m.to_string(),
+            (Some(_), None) => "other".into(),
         }
+    }
+
+    /// A request that named a model ended well: for instances whose models discovery does not
+    /// know, the model becomes a label value (for later requests) while there is room. Never
+    /// from a request the server refused.
+    pub(super) fn admit_model(&mut self, named: Option<&str>, tgid: u32, status: u16) {
+        let Some(m) = named else { return };
+        let served_known = self.instance_served.get(&tgid).is_some_and(|s| !s.is_empty());
+        if served_known
+            || !(200..400).contains(&status)
+            || self.models.contains(m)
+            || self.models.len() >= MAX_MODELS
+        {
+            return;
+        }
+        self.models.insert(m.to_string());
     }
 
     /// Takes what one transfer revealed out of `update` (leaving it empty, its room kept).
@@ -37,9 +60,17 @@ impl Aggregator {
         if let Some(reason) = update.not_http.take() {
             self.store.metrics.not_http.get_or_create(&ReasonLabels { reason }).inc();
         }
-        for (route, model) in update.started.drain(..) {
-            let model = self.model_label(model.as_deref(), tgid);
-            self.route_series.get(&model, route).in_flight(&self.store.metrics).inc();
+        for started in update.started.drain(..) {
+            let model = self.model_label(started.model.as_deref(), tgid);
+            self.route_series.get(&model, started.route).in_flight(&self.store.metrics).inc();
+            self.in_flight_labels.entry(started.conn_id).or_default().push_back((model, started.route));
+        }
+        for gap in update.gaps.drain(..) {
+            let Some((model, route)) = self.in_flight_labels.get(&gap.conn_id).and_then(|q| q.front()) else {
+                continue;
+            };
+            let series = self.route_series.get(model, route);
+            series.chunk_gap(&self.store.metrics).observe(gap.ns as f64 / 1e9);
         }
         for req in update.finished.drain(..) {
             self.finished(tgid, req);
@@ -47,7 +78,15 @@ impl Aggregator {
     }
 
     fn finished(&mut self, tgid: u32, req: FinishedRequest) {
-        let model = self.model_label(req.model.as_deref(), tgid);
+        let started = self.in_flight_labels.get_mut(&req.conn_id).and_then(|q| q.pop_front());
+        if self.in_flight_labels.get(&req.conn_id).is_some_and(|q| q.is_empty()) {
+            self.in_flight_labels.remove(&req.conn_id);
+        }
+        let model = match started {
+            Some((model, _)) => model,
+            None => self.model_label(req.model.as_deref(), tgid),
+        };
+        self.admit_model(req.model.as_deref(), tgid, req.status);
         let m = &self.store.metrics;
         let series = self.route_series.get(&model, req.route);
         series.in_flight(m).dec();
@@ -69,12 +108,6 @@ impl Aggregator {
             series.time_to_first_token(m).observe(t);
         }
         series.request_duration(m).observe(duration);
-        if !req.chunk_gaps_ns.is_empty() {
-            let gaps = series.chunk_gap(m);
-            for g in &req.chunk_gaps_ns {
-                gaps.observe(*g as f64 / 1e9);
-            }
-        }
         if req.events > 0 {
             series.stream_events(m, true).inc_by(req.content_events as u64);
             series.stream_events(m, false).inc_by((req.events - req.content_events) as u64);
@@ -131,7 +164,7 @@ impl Aggregator {
             response_headers_seconds: headers,
             time_to_first_token_seconds: ttft,
             duration_seconds: duration,
-            max_chunk_gap_seconds: req.chunk_gaps_ns.iter().max().map(|g| *g as f64 / 1e9),
+            max_chunk_gap_seconds: req.max_chunk_gap_ns.map(|g| g as f64 / 1e9),
             frontend_in_seconds: phase(|p| Some(p.frontend_in)),
             engine_first_seconds: phase(|p| p.engine_first),
             engine_seconds: phase(|p| p.engine),

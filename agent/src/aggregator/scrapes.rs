@@ -6,10 +6,10 @@ use super::{
     families::{FamilyLabels, InstanceLabels, ResetLabels, RuleLabels, ScrapeErrorLabels},
     store::VllmSnapshot,
 };
-use crate::model::{family::Family, scrape::ScrapeResult};
-
-/// Samples re-exported per vLLM instance at most (vLLM 0.32 with one model: ~1,100).
-pub(crate) const MAX_VLLM_SAMPLES: usize = 50_000;
+use crate::model::{
+    family::Family,
+    scrape::{MAX_VLLM_SAMPLES, ScrapeResult},
+};
 
 /// Keeps the first `max` samples of a scraped page (whole families first come, first kept);
 /// returns how many were dropped.
@@ -48,11 +48,12 @@ impl Aggregator {
         let id = result.target.id.clone();
         let labels = InstanceLabels { vllm_instance: id.clone() };
         m.vllm_scrape_duration.get_or_create(&labels).set(result.duration.as_secs_f64());
+        self.known_instances.insert(id.clone());
         let mut vllm = self.store.vllm.write();
         match result.outcome {
             Ok(mut families) => {
                 m.vllm_up.get_or_create(&labels).set(1);
-                let refused = cap_samples(&mut families, MAX_VLLM_SAMPLES);
+                let refused = cap_samples(&mut families, MAX_VLLM_SAMPLES) + result.dropped;
                 if refused > 0 {
                     m.series_refused.get_or_create(&FamilyLabels { family: "vllm" }).inc_by(refused);
                 }

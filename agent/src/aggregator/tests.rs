@@ -9,6 +9,27 @@ use crate::{
     model::sock::{Direction, KernelEvent, RecordBatch, SockOp},
 };
 
+/// An instance whose API server is `api` and which serves `models`.
+fn instance(api: u32, models: &[&str]) -> crate::model::instance::InstanceView {
+    use crate::model::instance::{Instance, InstanceView, Process, Role};
+    let instance = Instance {
+        root_pid: api,
+        processes: vec![Process { pid: api, ppid: 1, role: Role::ApiServer, comm: "python".into() }],
+        listen: vec![format!("127.0.0.1:{}", 8000 + api).parse().unwrap()],
+        cmdline_models: vec![],
+        flags: vec![],
+        container_id: None,
+        pod_uid: None,
+    };
+    InstanceView {
+        id: format!("localhost:{}", 8000 + api),
+        instance,
+        version: None,
+        models: models.iter().map(|m| m.to_string()).collect(),
+        listen_overflows: None,
+    }
+}
+
 fn watched(tgid: u32) -> Input {
     Input::Discovery(DiscoveryReport::Watched { tgid, comm: "vllm".into() })
 }
@@ -150,6 +171,8 @@ fn kernel_loss_totals_become_increments() {
 fn a_streamed_request_becomes_metrics_and_a_record() {
     let store = Arc::new(Store::new());
     let mut agg = Aggregator::new(store.clone(), 16, 2000);
+    // Process 10 is the API server of an instance serving "tiny".
+    agg.apply(Input::Discovery(DiscoveryReport::Instances(vec![instance(10, &["tiny"])])));
     let body = br#"{"model":"tiny","prompt":"hi","stream":true}"#;
     let head = format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n", body.len());
     let request = [head.as_bytes(), body].concat();
@@ -189,10 +212,52 @@ fn a_streamed_request_becomes_metrics_and_a_record() {
 fn model_labels_are_bounded() {
     let store = Arc::new(Store::new());
     let mut agg = Aggregator::new(store, 16, 2000);
-    for i in 0..MAX_MODELS {
-        assert_eq!(agg.model_label(Some(&format!("m{i}")), 1), format!("m{i}"));
+    // Where discovery knows what the instance serves: those names, else `other`.
+    agg.apply(Input::Discovery(DiscoveryReport::Instances(vec![instance(10, &["tiny", "big"])])));
+    assert_eq!(agg.model_label(Some("tiny"), 10), "tiny");
+    assert_eq!(agg.model_label(Some("big"), 10), "big");
+    assert_eq!(agg.model_label(Some("junk1"), 10), "other");
+    assert_eq!(agg.model_label(None, 10), "unknown", "two served: which one is unknown");
+    // Elsewhere (process 1, no instance): only models served successfully before, at most
+    // MAX_MODELS, never from a refused request.
+    assert_eq!(agg.model_label(Some("m0"), 1), "other", "not seen served yet");
+    agg.admit_model(Some("m0"), 1, 404);
+    assert_eq!(agg.model_label(Some("m0"), 1), "other", "a refused request admits nothing");
+    for i in 0..MAX_MODELS + 5 {
+        agg.admit_model(Some(&format!("m{i}")), 1, 200);
     }
-    assert_eq!(agg.model_label(Some("one-too-many"), 1), "other");
     assert_eq!(agg.model_label(Some("m0"), 1), "m0");
-    assert_eq!(agg.model_label(None, 1), "unknown");
+    assert_eq!(agg.model_label(Some(&format!("m{}", MAX_MODELS - 1)), 1), format!("m{}", MAX_MODELS - 1));
+    assert_eq!(agg.model_label(Some(&format!("m{MAX_MODELS}")), 1), "other", "beyond the cap");
+    // The instance's own requests never used those slots.
+    assert_eq!(agg.model_label(Some("m0"), 10), "other");
+}
+
+#[test]
+fn junk_models_named_by_clients_take_no_label_and_in_flight_returns_to_zero() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 16, 2000);
+    agg.apply(Input::Discovery(DiscoveryReport::Instances(vec![instance(10, &["tiny"])])));
+    for (conn, model) in (1..=40u64).map(|i| (i, format!("junk{i}"))) {
+        let body = format!(r#"{{"model":"{model}","prompt":"x"}}"#);
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        agg.kernel_event(io(conn, 1, Direction::Received, head.as_bytes()));
+        agg.kernel_event(io(
+            conn,
+            2,
+            Direction::Sent,
+            b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+        ));
+    }
+    let text = store.metrics.encode().unwrap();
+    assert!(!text.contains("junk"), "{text}");
+    let other = "inferwatch_http_requests_total{model=\"other\",route=\"/v1/completions\",status=\"404\",outcome=\"complete\"}";
+    assert_eq!(value(&text, other), Some(40.0));
+    assert_eq!(
+        value(&text, "inferwatch_http_requests_in_flight{model=\"other\",route=\"/v1/completions\"}"),
+        Some(0.0)
+    );
 }

@@ -22,10 +22,15 @@ pub struct ScrapeTarget {
     pub labels: Vec<(String, String)>,
 }
 
+/// Samples re-exported per vLLM instance at most (vLLM 0.32 with one model: ~1,100).
+pub const MAX_VLLM_SAMPLES: usize = 50_000;
+
 #[derive(Debug)]
 pub struct ScrapeResult {
     pub target: ScrapeTarget,
     /// The `vllm:*` families, current names added; or the reason and detail of the failure.
     pub outcome: Result<Vec<Family>, (&'static str, String)>,
     pub duration: Duration,
+    /// Samples of the page left out: beyond the scraper's cap, not parsed at all.
+    pub dropped: u64,
 }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use foldhash::{HashMap, HashMapExt as _};
 
-use super::http::{Connection, Progress};
+use super::http::{Connection, Outcome, Progress};
 use crate::model::sock::{Direction, SockOp, StateChange};
 
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
@@ -57,7 +57,8 @@ impl ConnectionTable {
         if op.conn_id == 0 {
             return (op.tgid, false);
         }
-        let entry = self.touch(op.conn_id, op.tgid);
+        let entry = self.touch(op.conn_id, op.tgid, op.ts_ns, up);
+        let mark = Mark::of(up);
         let conn = &mut entry.conn;
         match (op.direction, op.ret) {
             (_, EAGAIN) => {}
@@ -67,6 +68,7 @@ impl ConnectionTable {
             (Direction::Received, r) => conn.receive_into(op.ts_ns, op.payload, r as usize, up),
             (Direction::Sent, r) => conn.send_into(op.ts_ns, op.payload, r as usize, up),
         }
+        mark.stamp(up, op.conn_id);
         (entry.tgid, conn.is_http_server())
     }
 
@@ -78,7 +80,9 @@ impl ConnectionTable {
         };
         let tgid = entry.tgid;
         if st.ends_connection() {
+            let mark = Mark::of(up);
             entry.conn.close_into(st.ts_ns, up);
+            mark.stamp(up, st.conn_id);
         }
         if st.is_close() {
             self.entries.remove(&st.conn_id);
@@ -86,11 +90,11 @@ impl ConnectionTable {
         tgid
     }
 
-    fn touch(&mut self, conn_id: u64, tgid: u32) -> &mut Entry {
+    fn touch(&mut self, conn_id: u64, tgid: u32, ts: u64, up: &mut Progress) -> &mut Entry {
         let seq = self.next_seq;
         self.next_seq += 1;
         if self.entries.len() >= self.max && !self.entries.contains_key(&conn_id) {
-            self.evict_least_recently_used();
+            self.evict_least_recently_used(ts, up);
         }
         // Amortised: a pass over the queue once per `entries.len() + 64` uses.
         if self.uses.len() > 2 * self.entries.len() + 64 {
@@ -110,14 +114,19 @@ impl ConnectionTable {
         self.entries.get(&id).is_some_and(|e| e.last_used == seq)
     }
 
-    fn evict_least_recently_used(&mut self) {
+    /// Drops the least recently used connection; what was open on it ends as `evicted` (so
+    /// its requests leave the in-flight count and its state is freed).
+    fn evict_least_recently_used(&mut self, ts: u64, up: &mut Progress) {
         // Every entry's latest use is in the queue, so this finds one while any is left.
         while let Some(used) = self.uses.pop_front() {
             if self.is_current(used)
-                && let Some(e) = self.entries.remove(&used.1)
+                && let Some(mut e) = self.entries.remove(&used.1)
             {
                 self.evicted_connections += 1;
                 self.evicted_requests += e.conn.in_flight() as u64;
+                let mark = Mark::of(up);
+                e.conn.end_into(ts, Outcome::Evicted, up);
+                mark.stamp(up, used.1);
                 return;
             }
         }
@@ -128,6 +137,25 @@ impl ConnectionTable {
         let mut uses = std::mem::take(&mut self.uses);
         uses.retain(|&used| self.is_current(used));
         self.uses = uses;
+    }
+}
+
+/// Where a connection's additions to a [`Progress`] begin, to give them its id.
+struct Mark {
+    started: usize,
+    gaps: usize,
+    finished: usize,
+}
+
+impl Mark {
+    fn of(up: &Progress) -> Self {
+        Self { started: up.started.len(), gaps: up.gaps.len(), finished: up.finished.len() }
+    }
+
+    fn stamp(&self, up: &mut Progress, conn_id: u64) {
+        up.started[self.started..].iter_mut().for_each(|s| s.conn_id = conn_id);
+        up.gaps[self.gaps..].iter_mut().for_each(|g| g.conn_id = conn_id);
+        up.finished[self.finished..].iter_mut().for_each(|f| f.conn_id = conn_id);
     }
 }
 
@@ -159,6 +187,11 @@ mod tests {
         assert_eq!(t.len(), 2);
         assert_eq!(t.evicted_connections, 1);
         assert_eq!(t.evicted_requests, 1, "connection 2 had a request open");
+        // It ends as evicted (so it leaves the in-flight count), under its own connection.
+        let evicted: Vec<_> = up.finished.iter().filter(|f| f.outcome == Outcome::Evicted).collect();
+        assert_eq!(evicted.len(), 1);
+        assert_eq!(evicted[0].conn_id, 2);
+        assert!(up.started.iter().all(|s| s.conn_id != 0), "every start carries its connection");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub(crate) enum DiscoveryReport {
     Unwatched { tgid: u32 },
     /// The vLLM instances found by the latest scan.
     Instances(Vec<InstanceView>),
+    /// The instances named by `--vllm-url` (scraped, never discovered nor forgotten).
+    Explicit(Vec<String>),
 }
 
 pub(crate) struct DiscoveryConfig {
@@ -72,6 +74,8 @@ pub(crate) async fn run<M: From<DiscoveryReport> + Send + 'static>(
     let mut scan_cache = scan::ScanCache::default();
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let explicit = config.explicit_urls.iter().map(|t| t.id.clone()).collect();
+    let _ = tx.send(DiscoveryReport::Explicit(explicit).into()).await;
     loop {
         tick.tick().await;
         let instances = if config.enabled {
@@ -94,6 +98,10 @@ pub(crate) async fn run<M: From<DiscoveryReport> + Send + 'static>(
         for report in attacher.reconcile(&mut map, &HostProcs, &instances) {
             let _ = tx.send(report.into()).await;
         }
+        // Ready once the watch maps are set up; describing (network) comes after.
+        if let Some(done) = first_scan_done.take() {
+            let _ = done.send(());
+        }
         let described = descriptions.of(&instances).await;
         let views: Vec<InstanceView> =
             instances.into_iter().zip(described).map(|(i, d)| view(i, d)).collect();
@@ -105,9 +113,6 @@ pub(crate) async fn run<M: From<DiscoveryReport> + Send + 'static>(
             changed
         });
         let _ = tx.send(DiscoveryReport::Instances(views).into()).await;
-        if let Some(done) = first_scan_done.take() {
-            let _ = done.send(());
-        }
     }
 }
 

@@ -45,24 +45,110 @@ pub fn models_from_cmdline(cmdline: &[u8]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Command-line arguments with secrets hidden.
-pub fn redacted_flags(cmdline: &[u8]) -> Vec<String> {
-    let args = arguments(cmdline);
-    let secret = |a: &str| {
-        let a = a.to_ascii_lowercase();
-        a.starts_with("--") && ["key", "token", "secret", "password"].iter().any(|w| a.contains(w))
-    };
-    let mut out = Vec::new();
-    let mut hide_next = false;
-    for a in args {
-        if hide_next && !a.starts_with("--") {
-            out.push("***".to_string());
-        } else if let Some((flag, _)) = a.split_once('=').filter(|(f, _)| secret(f)) {
-            out.push(format!("{flag}=***"));
-        } else {
-            out.push(a.clone());
+/// Flags whose values are shown (by allowlist: every other flag's values are hidden, so a new
+/// secret-bearing flag of a future vLLM is hidden too). vLLM's own names, long and short.
+const SHOWN: &[&str] = &[
+    // python -m MODULE
+    "-m",
+    "--model",
+    "--served-model-name",
+    "--tokenizer",
+    "--revision",
+    "--tokenizer-revision",
+    "--port",
+    "--host",
+    "--api-server-count",
+    "--tensor-parallel-size",
+    "-tp",
+    "--pipeline-parallel-size",
+    "-pp",
+    "--data-parallel-size",
+    "-dp",
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--max-model-len",
+    "--gpu-memory-utilization",
+    "--dtype",
+    "--kv-cache-dtype",
+    "--quantization",
+    "-q",
+    "--block-size",
+    "--swap-space",
+    "--cpu-offload-gb",
+    "--seed",
+    "--load-format",
+    "--task",
+    "--runner",
+    "--device",
+    "--distributed-executor-backend",
+    "--scheduling-policy",
+    "--max-logprobs",
+    "--max-loras",
+    "--max-lora-rank",
+    "--tool-call-parser",
+    "--reasoning-parser",
+    "--uvicorn-log-level",
+    "--otlp-traces-endpoint",
+    "--compilation-config",
+    "-O",
+];
+
+/// Longest value shown; longer ones are hidden.
+const MAX_SHOWN_VALUE: usize = 256;
+
+/// Whether `arg` is a flag (not a value such as `-1`).
+fn is_flag(arg: &str) -> bool {
+    arg.starts_with('-') && !arg[1..].starts_with(|c: char| c.is_ascii_digit() || c == '.') && arg.len() > 1
+}
+
+/// A value of a shown flag as it may be shown: JSON (which can carry anything) hidden, the user
+/// and password of a URL hidden, overlong values hidden.
+fn shown_value(value: &str) -> String {
+    let trimmed = value.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') || value.len() > MAX_SHOWN_VALUE {
+        return "***".to_string();
+    }
+    match value.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+                None => value.to_string(),
+            }
         }
-        hide_next = secret(&a) && !a.contains('=');
+        None => value.to_string(),
+    }
+}
+
+/// Command-line arguments as they may be shown: the program, its subcommand and positional
+/// arguments (`vllm serve MODEL`), every flag's name, and the values of [`SHOWN`] flags only
+/// (with JSON and URL credentials hidden); every value of every other flag, up to the next
+/// flag, is `***`. The environment is never read.
+pub fn redacted_flags(cmdline: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    // The flag whose values follow, and whether they may be shown; None before any flag.
+    let mut current: Option<bool> = None;
+    for arg in arguments(cmdline) {
+        if is_flag(&arg) {
+            match arg.split_once('=') {
+                Some((flag, value)) => {
+                    let value = if SHOWN.contains(&flag) { shown_value(value) } else { "***".to_string() };
+                    out.push(format!("{flag}={value}"));
+                    current = None;
+                }
+                None => {
+                    current = Some(SHOWN.contains(&arg.as_str()));
+                    out.push(arg);
+                }
+            }
+            continue;
+        }
+        match current {
+            // Before any flag: the program, `-m module`, `serve`, the model.
+            None => out.push(arg),
+            Some(true) => out.push(shown_value(&arg)),
+            Some(false) => out.push("***".to_string()),
+        }
     }
     out
 }
@@ -130,6 +216,48 @@ mod tests {
         );
         assert!(models_from_cmdline(&nul(&["vllm", "serve", "--help"])).is_empty());
         assert_eq!(models_from_cmdline(b"vllm serve /m/tiny --served-model-name tiny --port 1"), ["tiny"]);
+    }
+
+    #[test]
+    fn only_allowed_values_are_shown() {
+        let flags = redacted_flags(&nul(&[
+            "python3",
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            "meta-llama/Llama-3.1-8B",
+            "--api-key",
+            "k1",
+            "k2",
+            "--kv-transfer-config",
+            r#"{"kv_connector":"x","key":"s3cr3t"}"#,
+            "--model-loader-extra-config={\"token\":\"t0k\"}",
+            "--otlp-traces-endpoint",
+            "https://user:pa55@collector:4318/v1/traces",
+            "--some-future-flag",
+            "hidden-value",
+            "--seed",
+            "-1",
+            "--compilation-config",
+            "{\"level\":3}",
+            "--port=8000",
+        ]));
+        let text = flags.join(" ");
+        for secret in ["k1", "k2", "s3cr3t", "t0k", "pa55", "user", "hidden-value"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert_eq!(flag_value(&flags, "--model").as_deref(), Some("meta-llama/Llama-3.1-8B"));
+        assert_eq!(
+            flag_value(&flags, "--otlp-traces-endpoint").as_deref(),
+            Some("https://***@collector:4318/v1/traces")
+        );
+        assert_eq!(flag_value(&flags, "--seed").as_deref(), Some("-1"), "a negative number is a value");
+        assert_eq!(flag_value(&flags, "--compilation-config").as_deref(), Some("***"), "JSON is hidden");
+        assert_eq!(flag_value(&flags, "--port").as_deref(), Some("8000"));
+        assert_eq!(flags[..3], ["python3", "-m", "vllm.entrypoints.openai.api_server"]);
+        // Retitled (one string), as `vllm serve` shows itself.
+        let flags = redacted_flags(b"vllm serve /m/tiny --hf-token hf_abc --max-num-seqs 8");
+        assert_eq!(flags, ["vllm", "serve", "/m/tiny", "--hf-token", "***", "--max-num-seqs", "8"]);
     }
 
     #[test]

@@ -23,21 +23,40 @@ pub(crate) fn valid_name(name: &str) -> bool {
     name.chars().next().is_some_and(is_name_start) && name.chars().all(is_name_char)
 }
 
-/// The family a sample belongs to: the longest declared family name it extends with a known
-/// suffix (or equals).
-fn family_of(sample: &str, families: &[Family]) -> Option<usize> {
+/// Families by name (names are unique: a family is only added under a name none has).
+type Index = foldhash::HashMap<String, usize>;
+
+/// The family a sample belongs to: among the declared families whose name it equals or extends
+/// with a known suffix, the one declared last. A few hash lookups, however many families.
+fn family_of(sample: &str, index: &Index) -> Option<usize> {
     const SUFFIXES: [&str; 7] = ["", "_total", "_created", "_bucket", "_sum", "_count", "_info"];
-    families
-        .iter()
-        .enumerate()
-        .rev()
-        .find(|(_, f)| SUFFIXES.iter().any(|s| sample.strip_prefix(f.name.as_str()) == Some(*s)))
-        .map(|(i, _)| i)
+    SUFFIXES.iter().filter_map(|s| index.get(sample.strip_suffix(s)?).copied()).max()
 }
 
+/// The family named `name`, added (untyped, no help) if there is none.
+fn family_named(families: &mut Vec<Family>, index: &mut Index, name: &str) -> usize {
+    if let Some(&i) = index.get(name) {
+        return i;
+    }
+    families.push(Family { name: name.into(), help: String::new(), kind: "untyped".into(), samples: vec![] });
+    index.insert(name.to_string(), families.len() - 1);
+    families.len() - 1
+}
+
+/// A page, parsed whole.
 pub fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
+    parse_capped(text, usize::MAX).map(|(families, _)| families)
+}
+
+/// A page, parsed up to `max_samples` samples: the rest of the page is not read (a huge page
+/// costs no more than its cap), and the samples left out are counted (one per remaining line
+/// that is not a comment). Returns the families and that count.
+pub fn parse_capped(text: &str, max_samples: usize) -> Result<(Vec<Family>, u64), ParseError> {
     let mut families: Vec<Family> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    let mut index = Index::default();
+    let mut samples = 0usize;
+    let mut lines = text.lines().enumerate();
+    for (i, raw) in lines.by_ref() {
         let line_no = i + 1;
         let err = |reason| ParseError { line: line_no, reason };
         let line = raw.trim_end_matches('\r');
@@ -51,16 +70,8 @@ pub fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
                     if !valid_name(name) {
                         return Err(err("bad metric name in HELP"));
                     }
-                    let help = unescape_help(help.unwrap_or(""));
-                    match families.iter_mut().rev().find(|f| f.name == name) {
-                        Some(f) => f.help = help,
-                        None => families.push(Family {
-                            name: name.into(),
-                            help,
-                            kind: "untyped".into(),
-                            samples: vec![],
-                        }),
-                    }
+                    let at = family_named(&mut families, &mut index, name);
+                    families[at].help = unescape_help(help.unwrap_or(""));
                 }
                 (Some("TYPE"), Some(name), Some(kind)) => {
                     if !valid_name(name) {
@@ -82,37 +93,29 @@ pub fn parse(text: &str) -> Result<Vec<Family>, ParseError> {
                     {
                         return Err(err("unknown metric type"));
                     }
-                    match families.iter_mut().rev().find(|f| f.name == name) {
-                        Some(f) if f.samples.is_empty() => f.kind = kind.into(),
-                        Some(_) => return Err(err("TYPE after samples")),
-                        None => families.push(Family {
-                            name: name.into(),
-                            help: String::new(),
-                            kind: kind.into(),
-                            samples: vec![],
-                        }),
+                    let at = family_named(&mut families, &mut index, name);
+                    if !families[at].samples.is_empty() {
+                        return Err(err("TYPE after samples"));
                     }
+                    families[at].kind = kind.into();
                 }
                 _ => {} // other comments
             }
             continue;
         }
+        if samples >= max_samples {
+            let rest = lines.filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#')).count();
+            return Ok((families, rest as u64 + 1));
+        }
         let sample = parse_sample(line).map_err(err)?;
-        let index = match family_of(&sample.name, &families) {
+        let at = match family_of(&sample.name, &index) {
             Some(i) => i,
-            None => {
-                families.push(Family {
-                    name: sample.name.clone(),
-                    help: String::new(),
-                    kind: "untyped".into(),
-                    samples: vec![],
-                });
-                families.len() - 1
-            }
+            None => family_named(&mut families, &mut index, &sample.name.clone()),
         };
-        families[index].samples.push(sample);
+        families[at].samples.push(sample);
+        samples += 1;
     }
-    Ok(families)
+    Ok((families, 0))
 }
 
 fn parse_sample(line: &str) -> Result<Sample, &'static str> {
@@ -204,6 +207,24 @@ pub fn add_current_names(families: &mut Vec<Family>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_beyond_the_cap_is_cut_and_counted_and_families_are_found_by_hash() {
+        let mut page = String::from("# TYPE vllm:a counter\n");
+        for i in 0..1000 {
+            page.push_str(&format!("vllm:a_total{{i=\"{i}\"}} 1\n# a comment\n"));
+        }
+        let (families, dropped) = parse_capped(&page, 300).unwrap();
+        assert_eq!(families[0].samples.len(), 300);
+        assert_eq!(dropped, 700);
+        assert_eq!(parse_capped(&page, 5000).unwrap().1, 0);
+        // Many families, each found again by name (TYPE then HELP then samples).
+        let wide: String =
+            (0..2_000).map(|i| format!("# TYPE f{i} counter\n# HELP f{i} h{i}\nf{i}_total {i}\n")).collect();
+        let families = parse(&wide).unwrap();
+        assert_eq!(families.len(), 2_000);
+        assert!(families.iter().enumerate().all(|(i, f)| f.help == format!("h{i}") && f.samples.len() == 1));
+    }
 
     const METRICS: &str = include_str!("../../../../tests/fixtures/vllm-0.32.0-cpu/metrics.txt");
     const METRICS_2: &str =

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use super::{
     chunked::{Dechunker, Piece},
-    exchange::{ID_SCAN, Outcome, Pending, Progress, finished, new_pending, response_id},
+    exchange::{Gap, ID_SCAN, Outcome, Pending, Progress, Started, finished, new_pending, response_id},
     head::{
         MAX_HEAD, decimal, may_be_request, method_label, names, read_head, request_line_start, take_sized,
     },
@@ -14,8 +14,9 @@ use super::{
 };
 /// Request body bytes kept to find the `"model"`.
 const KEEP_BODY: usize = 1024;
-/// Content-event times kept per request for gap statistics; later gaps are not observed.
-const MAX_GAPS: usize = 1 << 16;
+/// Requests queued on one connection (pipelined, their responses not begun) at most; beyond,
+/// the connection is no longer followed until it starts a request afresh.
+const MAX_PENDING: usize = 64;
 
 #[derive(Debug)]
 enum Inbound {
@@ -203,7 +204,7 @@ impl Connection {
         self.seen_request = true;
         let mut req = new_pending(method_label(method), route_of(target), started, bytes);
         req.started = true;
-        up.started.push((req.route, None));
+        up.started.push(Started { conn_id: 0, route: req.route, model: None });
         self.pending.push_back(req);
     }
 
@@ -233,6 +234,9 @@ impl Connection {
             }
         }
         self.seen_request = true;
+        if self.pending.len() >= MAX_PENDING {
+            return Err("too_many_pipelined");
+        }
         self.pending.push_back(new_pending(method, route, started, head.len() as u64));
         if chunked {
             self.inbound = Inbound::Chunked(Dechunker::default());
@@ -256,7 +260,7 @@ impl Connection {
                 req.model = model_from_body(&req.body);
                 req.body = Vec::new();
                 req.started = true;
-                up.started.push((req.route, req.model.clone()));
+                up.started.push(Started { conn_id: 0, route: req.route, model: req.model.clone() });
             }
         }
     }
@@ -303,7 +307,7 @@ impl Connection {
             match &mut self.outbound {
                 Outbound::Lost => break,
                 Outbound::UntilClose => {
-                    self.body_bytes(data, gap, ts);
+                    self.body_bytes(data, gap, ts, up);
                     break;
                 }
                 Outbound::Head { buf } => {
@@ -326,7 +330,7 @@ impl Connection {
                 }
                 Outbound::Sized { remaining } => {
                     let (body, skipped, done) = take_sized(remaining, &mut data, &mut gap);
-                    self.body_bytes(body, skipped, ts);
+                    self.body_bytes(body, skipped, ts, up);
                     if done {
                         self.finish_front(ts, Outcome::Complete, up);
                     }
@@ -350,8 +354,8 @@ impl Connection {
                     let (done, lost) = (d.is_done(), d.is_lost());
                     for piece in pieces {
                         match piece {
-                            Ok(b) => self.body_bytes(&b, 0, ts),
-                            Err(n) => self.body_bytes(&[], n, ts),
+                            Ok(b) => self.body_bytes(&b, 0, ts, up),
+                            Err(n) => self.body_bytes(&[], n, ts, up),
                         }
                     }
                     if done {
@@ -367,7 +371,7 @@ impl Connection {
             let mut classes = Vec::new();
             sse.transfer_end(&mut |c| classes.push(c));
             for c in classes {
-                self.sse_event(c, ts);
+                self.sse_event(c, ts, up);
             }
         }
         // A chunked stream whose framing was lost still ends visibly with the last chunk.
@@ -431,7 +435,7 @@ impl Connection {
         }
     }
 
-    fn body_bytes(&mut self, known: &[u8], gap: usize, ts: u64) {
+    fn body_bytes(&mut self, known: &[u8], gap: usize, ts: u64, up: &mut Progress) {
         if let Some(req) = self.pending.front_mut()
             && req.response_id.is_none()
             && req.id_scan.len() < ID_SCAN
@@ -450,11 +454,11 @@ impl Connection {
             sse.gap();
         }
         for c in classes {
-            self.sse_event(c, ts);
+            self.sse_event(c, ts, up);
         }
     }
 
-    fn sse_event(&mut self, class: EventClass, ts: u64) {
+    fn sse_event(&mut self, class: EventClass, ts: u64, up: &mut Progress) {
         let Some(req) = self.pending.front_mut() else { return };
         req.events += 1;
         if class == EventClass::Content {
@@ -462,10 +466,10 @@ impl Connection {
             if req.first_token_ns.is_none() {
                 req.first_token_ns = Some(ts);
             }
-            if let Some(last) = req.last_content_ns
-                && req.chunk_gaps_ns.len() < MAX_GAPS
-            {
-                req.chunk_gaps_ns.push(ts.saturating_sub(last));
+            if let Some(last) = req.last_content_ns {
+                let gap = ts.saturating_sub(last);
+                req.max_chunk_gap_ns = Some(req.max_chunk_gap_ns.map_or(gap, |m| m.max(gap)));
+                up.gaps.push(Gap { conn_id: 0, ns: gap });
             }
             req.last_content_ns = Some(ts);
         }
@@ -476,7 +480,7 @@ impl Connection {
         self.outbound = Outbound::Head { buf: Vec::new() };
         if let Some(req) = self.pending.pop_front() {
             if !req.started {
-                up.started.push((req.route, req.model.clone()));
+                up.started.push(Started { conn_id: 0, route: req.route, model: req.model.clone() });
             }
             up.finished.push(finished(req, ts, outcome));
         }
@@ -493,6 +497,12 @@ impl Connection {
     /// The connection ended (peer EOF, reset, close). What is still open is aborted, except a
     /// body delimited by the close itself.
     pub fn close_into(&mut self, ts: u64, up: &mut Progress) {
+        self.end_into(ts, Outcome::Aborted, up);
+    }
+
+    /// The connection is no longer followed (evicted from a full table): what is still open
+    /// ends as `outcome`.
+    pub fn end_into(&mut self, ts: u64, outcome: Outcome, up: &mut Progress) {
         if self.closed {
             return;
         }
@@ -502,9 +512,9 @@ impl Connection {
         }
         while let Some(req) = self.pending.pop_front() {
             if !req.started {
-                up.started.push((req.route, req.model.clone()));
+                up.started.push(Started { conn_id: 0, route: req.route, model: req.model.clone() });
             }
-            up.finished.push(finished(req, ts, Outcome::Aborted));
+            up.finished.push(finished(req, ts, outcome));
         }
     }
 }

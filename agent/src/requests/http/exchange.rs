@@ -10,6 +10,8 @@ pub enum Outcome {
     Complete,
     /// The connection ended first: client abort, reset, or the server giving up.
     Aborted,
+    /// The agent stopped following the connection (its table was full) before the end.
+    Evicted,
 }
 
 impl Outcome {
@@ -17,6 +19,7 @@ impl Outcome {
         match self {
             Outcome::Complete => "complete",
             Outcome::Aborted => "aborted",
+            Outcome::Evicted => "evicted",
         }
     }
 }
@@ -24,6 +27,8 @@ impl Outcome {
 /// A request whose response is over. Times are CLOCK_MONOTONIC nanoseconds.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FinishedRequest {
+    /// The connection (set by the connection table; 0 from a lone [`super::Connection`]).
+    pub conn_id: u64,
     pub method: &'static str,
     pub route: &'static str,
     pub model: Option<String>,
@@ -40,8 +45,9 @@ pub struct FinishedRequest {
     pub end_ns: u64,
     pub events: u32,
     pub content_events: u32,
-    /// Gaps between consecutive content events.
-    pub chunk_gaps_ns: Vec<u64>,
+    /// The longest gap between consecutive content events (each gap is reported as it happens,
+    /// in [`Progress::gaps`]).
+    pub max_chunk_gap_ns: Option<u64>,
     /// The response's own `"id"` (`cmpl-…`), to join with the engine IPC. Never exported.
     pub response_id: Option<String>,
 }
@@ -52,10 +58,28 @@ pub struct FinishedRequest {
 #[derive(Debug, Default, PartialEq)]
 pub struct Progress {
     /// Requests whose heads (and model) are now known: they are in flight.
-    pub started: Vec<(&'static str, Option<String>)>,
+    pub started: Vec<Started>,
+    /// Gaps between consecutive content events of the connection's current response.
+    pub gaps: Vec<Gap>,
     pub finished: Vec<FinishedRequest>,
     /// Set when the connection turned out not to be HTTP/1.1 server traffic.
     pub not_http: Option<&'static str>,
+}
+
+/// A request now in flight.
+#[derive(Debug, PartialEq)]
+pub struct Started {
+    /// The connection (set by the connection table).
+    pub conn_id: u64,
+    pub route: &'static str,
+    pub model: Option<String>,
+}
+
+/// A gap between two content events of the response being written on a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gap {
+    pub conn_id: u64,
+    pub ns: u64,
 }
 
 #[derive(Debug)]
@@ -76,7 +100,7 @@ pub(super) struct Pending {
     pub(super) last_content_ns: Option<u64>,
     pub(super) events: u32,
     pub(super) content_events: u32,
-    pub(super) chunk_gaps_ns: Vec<u64>,
+    pub(super) max_chunk_gap_ns: Option<u64>,
     /// The first body bytes of the response, until its `"id"` is found.
     pub(super) id_scan: Vec<u8>,
     pub(super) response_id: Option<String>,
@@ -120,7 +144,7 @@ pub(super) fn new_pending(
         last_content_ns: None,
         events: 0,
         content_events: 0,
-        chunk_gaps_ns: Vec::new(),
+        max_chunk_gap_ns: None,
         id_scan: Vec::new(),
         response_id: None,
     }
@@ -128,6 +152,7 @@ pub(super) fn new_pending(
 
 pub(super) fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedRequest {
     FinishedRequest {
+        conn_id: 0,
         method: req.method,
         route: req.route,
         model: req.model,
@@ -142,7 +167,7 @@ pub(super) fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedR
         end_ns,
         events: req.events,
         content_events: req.content_events,
-        chunk_gaps_ns: req.chunk_gaps_ns,
+        max_chunk_gap_ns: req.max_chunk_gap_ns,
         response_id: req.response_id,
     }
 }

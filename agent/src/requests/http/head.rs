@@ -4,8 +4,9 @@ use std::borrow::Cow;
 
 use super::{Needle, find, needle};
 
-/// Longest request or response head we buffer.
-pub(super) const MAX_HEAD: usize = 64 * 1024;
+/// Longest request or response head we buffer (two per connection at most: memory per
+/// connection stays small with 16k of them). Longer heads are cut: the request line is kept.
+pub(super) const MAX_HEAD: usize = 16 * 1024;
 
 /// A header value that is a decimal number (`Content-Length`), surrounding spaces allowed.
 pub(super) fn decimal(value: &[u8]) -> Option<u64> {

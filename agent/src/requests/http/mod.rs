@@ -15,7 +15,7 @@ mod routes;
 mod sse;
 
 pub use connection::Connection;
-pub use exchange::{FinishedRequest, Outcome, Progress};
+pub use exchange::{FinishedRequest, Gap, Outcome, Progress, Started};
 
 #[cfg(test)]
 mod tests;
