@@ -78,6 +78,11 @@ pub(crate) struct SocketBytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct WhatLabels {
+    pub what: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct LostLabels {
     pub reason: &'static str,
 }
@@ -94,6 +99,7 @@ pub(crate) struct Metrics {
     pub events: Counter,
     pub events_lost: Family<LostLabels, Counter>,
     pub watched_processes: Gauge,
+    pub discovery_left_out: Family<WhatLabels, Gauge>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub response_headers: Histograms<ModelRoute>,
     pub time_to_first_token: Histograms<ModelRoute>,
@@ -200,6 +206,15 @@ impl Metrics {
             "inferwatch_watched_processes",
             "Processes the kernel programs currently watch",
             watched_processes.clone(),
+        );
+        let discovery_left_out = Family::<WhatLabels, Gauge>::default();
+        for what in ["instances", "processes"] {
+            let _ = discovery_left_out.get_or_create(&WhatLabels { what });
+        }
+        registry.register(
+            "inferwatch_discovery_left_out",
+            "vLLM-like candidates the latest scan left out because of the agent's caps (instances, watched API-server processes); the most credible are kept",
+            discovery_left_out.clone(),
         );
         registry.register(
             "inferwatch_build",
@@ -381,6 +396,7 @@ impl Metrics {
             events,
             events_lost,
             watched_processes,
+            discovery_left_out,
             http_requests,
             response_headers,
             time_to_first_token,

@@ -27,12 +27,15 @@ use std::{
     sync::Arc,
 };
 
-use inferwatch_common::sched::{Role as KernelRole, Slot, index};
+use inferwatch_common::{
+    sched::{Role as KernelRole, Slot, index},
+    sock::AF_UNIX,
+};
 use tokio::sync::mpsc;
 
 pub(crate) use self::store::Store;
 use self::{
-    families::{LostLabels, ProgramLabels},
+    families::{LostLabels, ProgramLabels, WhatLabels},
     processes::ProcessCounters,
 };
 use crate::{
@@ -167,6 +170,11 @@ impl Aggregator {
             Input::Discovery(DiscoveryReport::Unwatched { tgid }) => self.unwatched(tgid),
             Input::Discovery(DiscoveryReport::Instances(instances)) => self.instances(instances),
             Input::Discovery(DiscoveryReport::Explicit(ids)) => self.explicit_instances.extend(ids),
+            Input::Discovery(DiscoveryReport::LeftOut { instances, processes }) => {
+                let left_out = &self.store.metrics.discovery_left_out;
+                left_out.get_or_create(&WhatLabels { what: "instances" }).set(instances as i64);
+                left_out.get_or_create(&WhatLabels { what: "processes" }).set(processes as i64);
+            }
             Input::Scrape(result) => self.scrape(result),
             Input::Gpu(snapshot) => {
                 *self.store.gpu.write() = gpu::families(&snapshot, &self.gpu_owners);
@@ -233,8 +241,8 @@ impl Aggregator {
                 self.sock_op(&op);
                 let mut progress = std::mem::take(&mut self.progress);
                 let (tgid, http) = self.connections.on_sock(&op, &mut progress);
-                if !http && op.ret > 0 && !op.payload.is_empty() {
-                    // Not a client connection: vLLM's IPC with its engine, or something else.
+                if !http && op.family == AF_UNIX && op.ret > 0 && !op.payload.is_empty() {
+                    // vLLM's ZMQ IPC with its engine (Unix sockets; never a TCP peer's bytes).
                     self.handoff.observe(op.ts_ns, op.direction == Direction::Sent, op.payload);
                 }
                 self.http_update(tgid, &mut progress);

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use inferwatch_common::sock::AF_INET;
+
 use super::{Aggregator, Input, Store, requests::MAX_MODELS, scrapes::cap_samples};
 use crate::{
     collect::discovery::DiscoveryReport,
@@ -20,6 +22,7 @@ fn instance(api: u32, models: &[&str]) -> crate::model::instance::InstanceView {
         flags: vec![],
         container_id: None,
         pod_uid: None,
+        verified: false,
     };
     InstanceView {
         id: format!("localhost:{}", 8000 + api),
@@ -35,7 +38,17 @@ fn watched(tgid: u32) -> Input {
 }
 
 fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> KernelEvent<'static> {
-    KernelEvent::Sock(SockOp { ts_ns: 1, conn_id: 0, tgid, tid: tgid, ret, syscall, direction, payload: b"" })
+    KernelEvent::Sock(SockOp {
+        ts_ns: 1,
+        conn_id: 0,
+        tgid,
+        tid: tgid,
+        ret,
+        syscall,
+        direction,
+        family: AF_INET,
+        payload: b"",
+    })
 }
 
 fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> KernelEvent<'_> {
@@ -47,6 +60,7 @@ fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> KernelEve
         ret: bytes.len() as i32,
         syscall: "read",
         direction,
+        family: AF_INET,
         payload: bytes,
     })
 }

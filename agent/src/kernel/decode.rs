@@ -67,6 +67,7 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
         ret: raw.ret,
         syscall: syscalls::name(raw.syscall_nr),
         direction,
+        family: raw.family,
         payload: &payload[..captured],
     }))
 }
@@ -76,6 +77,7 @@ mod tests {
     use super::*;
     use crate::model::sock::RecordBatch;
     use bytes::Bytes;
+    use inferwatch_common::sock::AF_INET;
 
     fn record(ev: &SockEvent, payload: &[u8]) -> Vec<u8> {
         // SAFETY: SockEvent is #[repr(C)] with explicit padding, so all its bytes are initialised.
@@ -97,7 +99,8 @@ mod tests {
             syscall_nr: nr,
             captured,
             kind,
-            _pad: [0; 5],
+            family: AF_INET,
+            _pad: [0; 4],
         }
     }
 
@@ -115,6 +118,7 @@ mod tests {
                 ret: 512,
                 syscall: "write",
                 direction: Direction::Sent,
+                family: AF_INET,
                 payload: b"HTTP/",
             }
         );

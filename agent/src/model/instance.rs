@@ -57,6 +57,10 @@ pub struct Instance {
     pub flags: Vec<String>,
     pub container_id: Option<String>,
     pub pod_uid: Option<String>,
+    /// The API server has vLLM's or PyTorch's code mapped (/proc/PID/maps), not only its
+    /// title: preferred when there are more candidates than the agent follows.
+    #[serde(default)]
+    pub verified: bool,
 }
 
 impl Instance {

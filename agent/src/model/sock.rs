@@ -32,6 +32,8 @@ pub struct SockOp<'a> {
     pub ret: i32,
     pub syscall: &'static str,
     pub direction: Direction,
+    /// The socket's address family (`inferwatch_common::sock::AF_*`).
+    pub family: u8,
     /// The first bytes of the transfer (at most the capture limit). Never exported. Borrowed
     /// from the batch it arrived in: no allocation or reference count per event.
     pub payload: &'a [u8],

@@ -57,19 +57,35 @@ impl ConnectionTable {
         if op.conn_id == 0 {
             return (op.tgid, false);
         }
+        // Only an operation that moved bytes starts following a connection: the failed calls
+        // and end-of-stream reads that trail a connection's close (or its eviction) would
+        // otherwise leave an entry that no close ever removes.
+        if op.ret <= 0 && !self.entries.contains_key(&op.conn_id) {
+            return (op.tgid, false);
+        }
         let entry = self.touch(op.conn_id, op.tgid, op.ts_ns, up);
         let mark = Mark::of(up);
         let conn = &mut entry.conn;
+        let mut broken = false;
         match (op.direction, op.ret) {
             (_, EAGAIN) => {}
-            // End of stream from the peer, or the connection broke under us.
-            (Direction::Received, 0) | (_, EPIPE | ECONNRESET) => conn.close_into(op.ts_ns, up),
+            // End of stream from the peer (the server may still answer a half-closed one).
+            (Direction::Received, 0) => conn.close_into(op.ts_ns, up),
+            // The connection broke under us: nothing more will move on it.
+            (_, EPIPE | ECONNRESET) => {
+                conn.close_into(op.ts_ns, up);
+                broken = true;
+            }
             (_, r) if r < 0 => {}
             (Direction::Received, r) => conn.receive_into(op.ts_ns, op.payload, r as usize, up),
             (Direction::Sent, r) => conn.send_into(op.ts_ns, op.payload, r as usize, up),
         }
         mark.stamp(up, op.conn_id);
-        (entry.tgid, conn.is_http_server())
+        let answer = (entry.tgid, conn.is_http_server());
+        if broken {
+            self.entries.remove(&op.conn_id);
+        }
+        answer
     }
 
     /// Feeds a TCP state change: a closed or half-closed connection ends what is open on it
@@ -172,6 +188,7 @@ mod tests {
             ret: payload.len() as i32,
             syscall: "read",
             direction,
+            family: inferwatch_common::sock::AF_INET,
             payload,
         }
     }
@@ -240,5 +257,21 @@ mod tests {
         assert_eq!(up.finished.len(), 1);
         assert_eq!(up.finished[0].outcome, crate::requests::http::Outcome::Aborted);
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn calls_that_trail_a_close_or_an_eviction_leave_nothing_behind() {
+        let mut t = ConnectionTable::new(8);
+        let up = &mut Progress::default();
+        let failed = |id, ret| SockOp { ret, ..op(id, Direction::Sent, 9, b"") };
+        // Unknown connections (closed, or evicted earlier): a failed write, an EOF.
+        t.on_sock(&failed(1, EPIPE), up);
+        t.on_sock(&op(2, Direction::Received, 9, b""), up);
+        assert_eq!(t.len(), 0);
+        // A connection that breaks under the server is done with at once.
+        t.on_sock(&op(3, Direction::Received, 1, b"GET / HTTP/1.1\r\n\r\n"), up);
+        t.on_sock(&failed(3, ECONNRESET), up);
+        assert_eq!(t.len(), 0);
+        assert_eq!(up.finished.len(), 1);
     }
 }

@@ -7,16 +7,18 @@
 use std::collections::{HashMap, VecDeque};
 
 /// Ids followed at once; the oldest are forgotten beyond this.
-const MAX_IDS: usize = 16 * 1024;
-/// Output receipts kept per request.
-const MAX_RECEIPTS: usize = 1 << 14;
+const MAX_IDS: usize = 4096;
+/// Output receipts kept per request: the first ones (where the first token comes from), then
+/// only the latest in one more slot (where the end comes from).
+const MAX_RECEIPTS: usize = 64;
 
 /// What the IPC showed of one request.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HandoffTimes {
     /// First message to the engine that named the request.
     pub handed_ns: Option<u64>,
-    /// Every message from the engine that named it, in order.
+    /// Messages from the engine that named it, in order: the first [`MAX_RECEIPTS`], then
+    /// the latest.
     pub receipts: Vec<u64>,
 }
 
@@ -54,25 +56,27 @@ pub fn request_ids(payload: &[u8]) -> Vec<String> {
 }
 
 impl HandoffTracker {
-    /// A message the API server sent (`to_engine`) or received over a non-HTTP socket.
+    /// A message the API server sent to (`to_engine`) or received from its engine.
     pub fn observe(&mut self, ts: u64, to_engine: bool, payload: &[u8]) {
-        for id in request_ids(payload) {
-            let times = match self.ids.get_mut(&id) {
-                Some(t) => t,
-                None => {
-                    if self.order.len() >= MAX_IDS
-                        && let Some(old) = self.order.pop_front()
-                    {
-                        self.ids.remove(&old);
-                    }
-                    self.order.push_back(id.clone());
-                    self.ids.entry(id).or_default()
+        if to_engine {
+            let Some(id) = request_ids(payload).into_iter().next() else { return };
+            if !self.ids.contains_key(&id) {
+                if self.order.len() >= MAX_IDS
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.ids.remove(&old);
                 }
-            };
-            if to_engine {
-                times.handed_ns.get_or_insert(ts);
-            } else if times.receipts.len() < MAX_RECEIPTS {
+                self.order.push_back(id.clone());
+            }
+            self.ids.entry(id).or_default().handed_ns.get_or_insert(ts);
+            return;
+        }
+        for id in request_ids(payload) {
+            let Some(times) = self.ids.get_mut(&id) else { continue };
+            if times.receipts.len() <= MAX_RECEIPTS {
                 times.receipts.push(ts);
+            } else if let Some(latest) = times.receipts.last_mut() {
+                *latest = ts;
             }
         }
     }
@@ -155,7 +159,7 @@ mod tests {
     }
 
     #[test]
-    fn tracker_keeps_first_handoff_and_every_receipt() {
+    fn tracker_keeps_first_handoff_and_receipts_of_known_ids() {
         let mut t = HandoffTracker::default();
         t.observe(10, true, b"cmpl-0123456789abcdef-0-x");
         t.observe(15, true, b"cmpl-0123456789abcdef-0-x"); // an abort message, later
@@ -166,7 +170,33 @@ mod tests {
             Some(HandoffTimes { handed_ns: Some(10), receipts: vec![20, 30] })
         );
         assert_eq!(t.take("cmpl-0123456789abcdef"), None, "taken once");
-        assert_eq!(t.take("cmpl-fedcba9876543210").unwrap().handed_ns, None);
+        assert_eq!(t.take("cmpl-fedcba9876543210"), None, "an output never creates an id");
+    }
+
+    #[test]
+    fn ids_a_client_wrote_into_a_request_are_not_followed() {
+        let mut t = HandoffTracker::default();
+        // A stop string carrying forged ids travels in the request's own message.
+        t.observe(
+            10,
+            true,
+            b"\xd9 cmpl-0123456789abcdef-0-x ... stop: cmpl-aaaaaaaaaaaaaaaa cmpl-bbbbbbbbbbbbbbbb",
+        );
+        assert_eq!(t.ids.len(), 1);
+        assert!(t.take("cmpl-0123456789abcdef").is_some());
+    }
+
+    #[test]
+    fn receipts_per_id_are_bounded_and_keep_the_latest() {
+        let mut t = HandoffTracker::default();
+        t.observe(1, true, b"cmpl-0123456789abcdef");
+        for ts in 2..100_000 {
+            t.observe(ts, false, b"cmpl-0123456789abcdef");
+        }
+        let times = t.take("cmpl-0123456789abcdef").unwrap();
+        assert_eq!(times.receipts.len(), MAX_RECEIPTS + 1);
+        assert_eq!(times.receipts[..3], [2, 3, 4]);
+        assert_eq!(times.receipts.last(), Some(&99_999));
     }
 
     #[test]

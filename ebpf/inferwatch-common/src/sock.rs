@@ -112,8 +112,19 @@ pub struct SockEvent {
     pub captured: u16,
     /// A [`SockEventKind`].
     pub kind: u8,
-    pub _pad: [u8; 5],
+    /// The socket's address family (`sk_family`: [`AF_UNIX`], [`AF_INET`], [`AF_INET6`], …);
+    /// 0 where not read.
+    pub family: u8,
+    pub _pad: [u8; 4],
 }
+
+pub const AF_UNIX: u8 = 1;
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+/// Offset of `skc_family` (u16) in `struct sock` (`__sk_common` comes first): after the
+/// address pair (8), the hash (4) and the port pair (4) on every architecture and kernel
+/// since 2.6.
+pub const SKC_FAMILY_OFFSET: usize = 16;
 
 pub const SOCK_EVENT_SIZE: usize = 48;
 const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);

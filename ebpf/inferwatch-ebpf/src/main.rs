@@ -16,7 +16,7 @@ mod sched;
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
     },
     macros::{btf_tracepoint, map},
@@ -27,8 +27,8 @@ use aya_log_ebpf::warn;
 use inferwatch_common::{
     maps::{EVENTS_RING_BYTES, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
     sock::{
-        LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind, SOCK_EVENT_SIZE, Scratch, SockEvent,
-        SockEventKind, TrackedSock, WatchFlags,
+        LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind, SKC_FAMILY_OFFSET, SOCK_EVENT_SIZE,
+        Scratch, SockEvent, SockEventKind, TrackedSock, WatchFlags,
     },
     tcp::TcpState,
 };
@@ -154,7 +154,8 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
         syscall_nr,
         captured: captured as u16,
         kind: kind as u8,
-        _pad: [0; 5],
+        family: family_of(sock),
+        _pad: [0; 4],
     };
     // Copy the record at its real size: header plus the captured bytes, no padding.
     let len = SOCK_EVENT_SIZE + (captured & (2 * MAX_CAPTURE - 1));
@@ -165,6 +166,13 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
         return Err(1);
     }
     Ok(())
+}
+
+/// The socket's address family (a `u16` that always fits a byte).
+#[inline(always)]
+fn family_of(sock: u64) -> u8 {
+    // SAFETY: the helper checks the kernel address.
+    unsafe { bpf_probe_read_kernel((sock + SKC_FAMILY_OFFSET as u64) as *const u16) }.map_or(0, |f| f as u8)
 }
 
 /// Ring-buffer notification policy for data records. The kernel's default wakes the reader
@@ -227,7 +235,8 @@ fn try_net_event(ctx: &BtfTracePointContext, what: NetEventKind) -> Result<(), i
         syscall_nr: NO_SYSCALL,
         captured: 0,
         kind: SockEventKind::Net as u8,
-        _pad: [0; 5],
+        family: 0,
+        _pad: [0; 4],
     })
 }
 
@@ -266,7 +275,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         syscall_nr: old,
         captured: 0,
         kind: SockEventKind::State as u8,
-        _pad: [0; 5],
+        family: 0,
+        _pad: [0; 4],
     })
 }
 

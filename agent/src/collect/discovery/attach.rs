@@ -7,6 +7,11 @@ use super::DiscoveryReport;
 use crate::model::instance::{Instance, Role};
 
 /// The kernel maps that say which processes are watched and measured (see `kernel::probes`).
+/// Processes watched at most, well under the kernel map's size so that adding one never fails
+/// for lack of room.
+pub(crate) const MAX_WATCHED: usize = 1024;
+const _: () = assert!(MAX_WATCHED < inferwatch_common::maps::MAX_WATCHED_TGIDS as usize);
+
 pub(crate) trait WatchMap {
     type Error: std::fmt::Display;
     fn watch(&mut self, tgid: u32) -> Result<(), Self::Error>;
@@ -43,12 +48,14 @@ impl Attacher {
     }
 
     /// Brings the maps in step with `instances`; returns what changed, for the aggregator.
+    /// Brings the watch maps to the API servers of `instances` (and `--pid`s); returns what
+    /// changed and how many API servers were left out by [`MAX_WATCHED`].
     pub(crate) fn reconcile(
         &mut self,
         map: &mut impl WatchMap,
         procs: &impl ProcessTable,
         instances: &[Instance],
-    ) -> Vec<DiscoveryReport> {
+    ) -> (Vec<DiscoveryReport>, usize) {
         let mut reports = Vec::new();
         let mut desired: BTreeMap<u32, u64> = BTreeMap::new();
         self.explicit.retain(|&pid, started| match (procs.start_time(pid), *started) {
@@ -66,11 +73,13 @@ impl Attacher {
                 false
             }
         });
-        for i in instances {
-            for pid in i.pids(Role::ApiServer) {
-                if let Some(started) = procs.start_time(pid) {
-                    desired.insert(pid, started);
-                }
+        // Instances come ranked (most credible first): the cap leaves out the last ones.
+        let mut left_out = 0;
+        for pid in instances.iter().flat_map(|i| i.pids(Role::ApiServer)) {
+            if desired.len() >= MAX_WATCHED {
+                left_out += 1;
+            } else if let Some(started) = procs.start_time(pid) {
+                desired.insert(pid, started);
             }
         }
         let stale: Vec<u32> = self
@@ -123,7 +132,7 @@ impl Attacher {
             let _ = map.set_sched_role(pid, None);
             self.roles.remove(&pid);
         }
-        reports
+        (reports, left_out)
     }
 }
 
@@ -179,6 +188,7 @@ mod tests {
             flags: vec![],
             container_id: None,
             pod_uid: None,
+            verified: false,
         }
     }
 
@@ -187,15 +197,15 @@ mod tests {
         let mut map = FakeMap::default();
         let mut attacher = Attacher::new(&[]);
         let mut procs = Procs(HashMap::from([(10, 100), (11, 101)]));
-        let reports = attacher.reconcile(&mut map, &procs, &[instance(10, 11)]);
+        let reports = attacher.reconcile(&mut map, &procs, &[instance(10, 11)]).0;
         assert_eq!(reports, [DiscoveryReport::Watched { tgid: 10, comm: "p10".into() }]);
         assert_eq!(map.watched, [10]);
         assert_eq!(map.roles, HashMap::from([(10, Role::ApiServer), (11, Role::EngineCore)]));
-        assert!(attacher.reconcile(&mut map, &procs, &[instance(10, 11)]).is_empty(), "nothing changed");
+        assert!(attacher.reconcile(&mut map, &procs, &[instance(10, 11)]).0.is_empty(), "nothing changed");
 
         // Pid 10 now names another process: unwatched, then watched afresh.
         procs.0.insert(10, 555);
-        let reports = attacher.reconcile(&mut map, &procs, &[instance(10, 11)]);
+        let reports = attacher.reconcile(&mut map, &procs, &[instance(10, 11)]).0;
         assert_eq!(
             reports,
             [
@@ -204,7 +214,7 @@ mod tests {
             ]
         );
         // Gone: unwatched and no longer measured.
-        let reports = attacher.reconcile(&mut map, &procs, &[]);
+        let reports = attacher.reconcile(&mut map, &procs, &[]).0;
         assert_eq!(reports, [DiscoveryReport::Unwatched { tgid: 10 }]);
         assert!(map.watched.is_empty() && map.roles.is_empty());
     }
@@ -217,8 +227,22 @@ mod tests {
         attacher.reconcile(&mut map, &procs, &[]);
         assert_eq!(map.watched, [42]);
         procs.0.insert(42, 8); // exited, and its pid reused
-        assert_eq!(attacher.reconcile(&mut map, &procs, &[]), [DiscoveryReport::Unwatched { tgid: 42 }]);
-        assert!(attacher.reconcile(&mut map, &procs, &[]).is_empty(), "the new owner is not watched");
+        assert_eq!(attacher.reconcile(&mut map, &procs, &[]).0, [DiscoveryReport::Unwatched { tgid: 42 }]);
+        assert!(attacher.reconcile(&mut map, &procs, &[]).0.is_empty(), "the new owner is not watched");
         assert!(map.watched.is_empty());
+    }
+
+    #[test]
+    fn watched_processes_are_capped_keeping_the_first_ranked_and_explicit_pids() {
+        let mut map = FakeMap::default();
+        let mut attacher = Attacher::new(&[7]);
+        let n = MAX_WATCHED as u32 + 100;
+        let procs = Procs((0..n).map(|i| (1000 + 2 * i, 1)).chain([(7, 1)]).collect());
+        let instances: Vec<Instance> = (0..n).map(|i| instance(1000 + 2 * i, 1001 + 2 * i)).collect();
+        let (_, left_out) = attacher.reconcile(&mut map, &procs, &instances);
+        assert_eq!(map.watched.len(), MAX_WATCHED);
+        assert_eq!(left_out, 101, "100 over the cap, plus the room the explicit pid took");
+        assert!(map.watched.contains(&7) && map.watched.contains(&1000));
+        assert!(!map.watched.contains(&(1000 + 2 * (n - 1))), "the last ranked is left out");
     }
 }

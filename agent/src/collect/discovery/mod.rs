@@ -1,6 +1,6 @@
 //! Finding vLLM on this node, as a chain of small stages run every `--discovery-interval`:
 //! [`scan`] /proc (reading as little as it can) → [`classify`] each process's role → [`group`]
-//! processes into instances → [`attach`] the kernel's watch maps to their API servers →
+//! processes into instances → [`limit`] them to the most credible → [`attach`] the kernel's watch maps to their API servers →
 //! [`describe`] each instance (`/version`, `/v1/models`) → hand the instances to the aggregator
 //! and their `/metrics` to the scraper.
 
@@ -8,6 +8,7 @@ pub(crate) mod attach;
 pub mod classify;
 pub(crate) mod describe;
 pub(crate) mod group;
+pub(crate) mod limit;
 pub(crate) mod scan;
 
 use std::{path::Path, time::Duration};
@@ -37,6 +38,9 @@ pub(crate) enum DiscoveryReport {
     Instances(Vec<InstanceView>),
     /// The instances named by `--vllm-url` (scraped, never discovered nor forgotten).
     Explicit(Vec<String>),
+    /// Candidates left out by the latest scan because of the caps: instances beyond
+    /// [`limit::MAX_INSTANCES`], API-server processes beyond [`attach::MAX_WATCHED`].
+    LeftOut { instances: usize, processes: usize },
 }
 
 pub(crate) struct DiscoveryConfig {
@@ -72,32 +76,43 @@ pub(crate) async fn run<M: From<DiscoveryReport> + Send + 'static>(
     let mut descriptions = Descriptions::default();
     let mut first_scan_done = Some(first_scan_done);
     let mut scan_cache = scan::ScanCache::default();
+    let mut verifier = limit::Verifier::default();
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let explicit = config.explicit_urls.iter().map(|t| t.id.clone()).collect();
     let _ = tx.send(DiscoveryReport::Explicit(explicit).into()).await;
     loop {
         tick.tick().await;
-        let instances = if config.enabled {
-            let mut cache = std::mem::take(&mut scan_cache);
+        let (instances, left_out) = if config.enabled {
+            let (mut cache, mut checks) = (std::mem::take(&mut scan_cache), std::mem::take(&mut verifier));
             let scanned = tokio::task::spawn_blocking(move || {
-                let instances = scan::scan(Path::new("/proc"), &mut cache);
-                (instances, cache)
+                let proc = Path::new("/proc");
+                let mut instances = scan::scan(proc, &mut cache);
+                let left_out = limit::rank_and_cap(
+                    &mut instances,
+                    |pid| procfs::start_time(pid).is_some_and(|started| checks.verified(proc, pid, started)),
+                    procfs::start_time,
+                );
+                checks.keep_only(|pid, started| procfs::start_time(pid) == Some(started));
+                (instances, left_out, cache, checks)
             })
             .await;
             match scanned {
-                Ok((instances, cache)) => {
-                    scan_cache = cache;
-                    instances
+                Ok((instances, left_out, cache, checks)) => {
+                    (scan_cache, verifier) = (cache, checks);
+                    (instances, left_out)
                 }
-                Err(_) => Vec::new(),
+                Err(_) => (Vec::new(), 0),
             }
         } else {
-            Vec::new()
+            (Vec::new(), 0)
         };
-        for report in attacher.reconcile(&mut map, &HostProcs, &instances) {
+        let (reports, processes_left_out) = attacher.reconcile(&mut map, &HostProcs, &instances);
+        for report in reports {
             let _ = tx.send(report.into()).await;
         }
+        let left_out = DiscoveryReport::LeftOut { instances: left_out, processes: processes_left_out };
+        let _ = tx.send(left_out.into()).await;
         // Ready once the watch maps are set up; describing (network) comes after.
         if let Some(done) = first_scan_done.take() {
             let _ = done.send(());

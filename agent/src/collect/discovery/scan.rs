@@ -223,6 +223,7 @@ fn scan_listing(root: &Path, cache: &mut ScanCache, full: bool, young_after: u64
                 flags,
                 container_id,
                 pod_uid,
+                verified: false,
             }
         })
         .collect()
