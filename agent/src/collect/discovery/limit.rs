@@ -15,8 +15,9 @@ use crate::model::instance::{Instance, Role};
 
 /// Instances followed at most (described, scraped, watched).
 pub(crate) const MAX_INSTANCES: usize = 64;
-/// How long a process found unverified is not looked at again (it may still be importing).
-const RECHECK: Duration = Duration::from_secs(30);
+/// How long a process found unverified is not looked at again (it may still be importing
+/// torch: a real server starting among many impostors waits at most this long).
+const RECHECK: Duration = Duration::from_secs(5);
 /// Lines of /proc/PID/maps read at most per check: a real API server maps torch early.
 const MAX_MAPS_LINES: usize = 65_536;
 
