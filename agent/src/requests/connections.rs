@@ -9,6 +9,11 @@ use super::http::{Connection, Outcome, Progress};
 use crate::model::sock::{Direction, SockOp, StateChange};
 
 pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
+/// Bytes all connections may hold for partial heads and events together. Heads are kept up to
+/// 16 KiB each: clients sending slow, large heads on every connection would otherwise make
+/// the table's worst case 16 KiB × its size. Beyond this budget, the connection that grew is
+/// dropped (counted as evicted).
+const MAX_BUFFERED: usize = 32 << 20;
 
 const EAGAIN: i32 = -11;
 const EPIPE: i32 = -32;
@@ -19,6 +24,8 @@ struct Entry {
     tgid: u32,
     /// When it was last used, in operations fed to the table.
     last_used: u64,
+    /// Its [`Connection::buffered`] after its latest operation.
+    buffered: usize,
 }
 
 pub struct ConnectionTable {
@@ -30,6 +37,8 @@ pub struct ConnectionTable {
     uses: VecDeque<(u64, u64)>,
     next_seq: u64,
     max: usize,
+    /// Sum of the entries' `buffered`.
+    buffered: usize,
     /// Connections dropped to stay within `max`, and requests that were open in them.
     pub evicted_connections: u64,
     pub evicted_requests: u64,
@@ -42,6 +51,7 @@ impl ConnectionTable {
             uses: VecDeque::new(),
             next_seq: 0,
             max: max.max(1),
+            buffered: 0,
             evicted_connections: 0,
             evicted_requests: 0,
         }
@@ -82,10 +92,38 @@ impl ConnectionTable {
         }
         mark.stamp(up, op.conn_id);
         let answer = (entry.tgid, conn.is_http_server());
+        let (before, now) = (entry.buffered, conn.buffered());
+        entry.buffered = now;
+        self.buffered = self.buffered - before + now;
         if broken {
-            self.entries.remove(&op.conn_id);
+            self.remove(op.conn_id);
+        } else if self.buffered > MAX_BUFFERED {
+            self.evict(op.conn_id, op.ts_ns, up);
         }
         answer
+    }
+
+    /// Bytes held for partial heads and events, all connections together.
+    pub fn buffered(&self) -> usize {
+        self.buffered
+    }
+
+    fn remove(&mut self, conn_id: u64) -> Option<Entry> {
+        let e = self.entries.remove(&conn_id)?;
+        self.buffered -= e.buffered;
+        Some(e)
+    }
+
+    /// Drops a connection; what was open on it ends as `evicted` (so its requests leave the
+    /// in-flight count and its state is freed).
+    fn evict(&mut self, conn_id: u64, ts: u64, up: &mut Progress) -> bool {
+        let Some(mut e) = self.remove(conn_id) else { return false };
+        self.evicted_connections += 1;
+        self.evicted_requests += e.conn.in_flight() as u64;
+        let mark = Mark::of(up);
+        e.conn.end_into(ts, Outcome::Evicted, up);
+        mark.stamp(up, conn_id);
+        true
     }
 
     /// Feeds a TCP state change: a closed or half-closed connection ends what is open on it
@@ -101,7 +139,7 @@ impl ConnectionTable {
             mark.stamp(up, st.conn_id);
         }
         if st.is_close() {
-            self.entries.remove(&st.conn_id);
+            self.remove(st.conn_id);
         }
         tgid
     }
@@ -121,6 +159,7 @@ impl ConnectionTable {
             conn: Connection::default(),
             tgid,
             last_used: seq,
+            buffered: 0,
         });
         entry.last_used = seq;
         entry
@@ -130,19 +169,11 @@ impl ConnectionTable {
         self.entries.get(&id).is_some_and(|e| e.last_used == seq)
     }
 
-    /// Drops the least recently used connection; what was open on it ends as `evicted` (so
-    /// its requests leave the in-flight count and its state is freed).
+    /// Drops the least recently used connection.
     fn evict_least_recently_used(&mut self, ts: u64, up: &mut Progress) {
         // Every entry's latest use is in the queue, so this finds one while any is left.
         while let Some(used) = self.uses.pop_front() {
-            if self.is_current(used)
-                && let Some(mut e) = self.entries.remove(&used.1)
-            {
-                self.evicted_connections += 1;
-                self.evicted_requests += e.conn.in_flight() as u64;
-                let mark = Mark::of(up);
-                e.conn.end_into(ts, Outcome::Evicted, up);
-                mark.stamp(up, used.1);
+            if self.is_current(used) && self.evict(used.1, ts, up) {
                 return;
             }
         }
@@ -273,5 +304,32 @@ mod tests {
         t.on_sock(&failed(3, ECONNRESET), up);
         assert_eq!(t.len(), 0);
         assert_eq!(up.finished.len(), 1);
+    }
+
+    #[test]
+    fn slow_heads_on_every_connection_stay_within_the_byte_budget() {
+        let mut t = ConnectionTable::new(DEFAULT_MAX_CONNECTIONS);
+        let up = &mut Progress::default();
+        // Each connection sends 15 KiB of a head that never ends.
+        let part = [b"POST /v1/completions HTTP/1.1\r\n".as_slice(), &[b'x'; 15 * 1024]].concat();
+        for id in 1..=DEFAULT_MAX_CONNECTIONS as u64 {
+            t.on_sock(&op(id, Direction::Received, id, &part), up);
+            assert!(t.buffered() <= MAX_BUFFERED);
+        }
+        assert!(t.evicted_connections > 0);
+        let kept: usize = t.entries.values().map(|e| e.conn.buffered()).sum();
+        assert_eq!(kept, t.buffered(), "the running sum matches");
+        // Closing everything gives every byte back.
+        for id in 1..=DEFAULT_MAX_CONNECTIONS as u64 {
+            let closed = StateChange {
+                ts_ns: 1 << 40,
+                conn_id: id,
+                tgid: 9,
+                old: 1,
+                new: inferwatch_common::tcp::TcpState::Close as i32,
+            };
+            t.on_state(&closed, up);
+        }
+        assert_eq!((t.len(), t.buffered()), (0, 0));
     }
 }

@@ -91,6 +91,20 @@ impl Connection {
         self.pending.len()
     }
 
+    /// Heap bytes held for partial heads and events (what a slow client can make grow).
+    pub fn buffered(&self) -> usize {
+        let head = |buf: &Vec<u8>| buf.capacity();
+        let inbound = match &self.inbound {
+            Inbound::Head { buf, .. } => head(buf),
+            _ => 0,
+        };
+        let outbound = match &self.outbound {
+            Outbound::Head { buf } => head(buf),
+            _ => 0,
+        };
+        inbound + outbound + self.sse.as_ref().map_or(0, SseParser::buffered)
+    }
+
     /// [`Self::receive_into`], into a fresh [`Progress`].
     #[cfg(test)]
     pub fn received(&mut self, ts: u64, known: &[u8], total: usize) -> Progress {

@@ -28,6 +28,11 @@ pub struct SseParser {
 }
 
 impl SseParser {
+    /// Heap bytes held (at most `KEEP_LINE + KEEP_DATA`, rounded up by the allocator).
+    pub fn buffered(&self) -> usize {
+        self.line.capacity() + self.data.capacity()
+    }
+
     /// Feeds known body bytes; completed events are passed to `on_event`.
     pub fn feed(&mut self, bytes: &[u8], on_event: &mut impl FnMut(EventClass)) {
         let mut rest = bytes;
