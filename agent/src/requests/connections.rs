@@ -104,7 +104,8 @@ impl ConnectionTable {
     }
 
     /// Bytes held for partial heads and events, all connections together.
-    pub fn buffered(&self) -> usize {
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
         self.buffered
     }
 
