@@ -102,7 +102,6 @@ pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
 
 pub(crate) async fn run(prepared: Prepared) -> Result<()> {
     let Prepared { args, listener, web, explicit_urls, programs, watch_maps, outputs } = prepared;
-    let listener = TcpListener::from_std(listener).context("registering the listening socket")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -165,26 +164,57 @@ pub(crate) async fn run(prepared: Prepared) -> Result<()> {
     }
     let scheme = if web.tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %args.listen, scheme, api_open, "serving /metrics, /healthz, /readyz and /api/v1/*");
-    let shutdown = async move {
-        tokio::select! {
-            _ = sigterm.recv() => tracing::info!("SIGTERM: detaching and exiting"),
-            _ = sigint.recv() => tracing::info!("SIGINT: detaching and exiting"),
-        }
-    };
     let limits = Limits {
         max_connections: args.http_max_connections.max(1),
         max_per_client: args.http_max_connections_per_client.max(1),
         header_timeout: args.http_header_timeout,
     };
-    tokio::select! {
-        () = listener::serve(listener, app, web.tls, limits, stats, shutdown) => {
-            // The programs are dropped with their task when the runtime ends: every program
-            // detaches, and nothing was pinned, so nothing remains.
+    // The HTTP server runs on a thread and runtime of its own: a task of the pipeline that hangs
+    // (a worker thread stuck in a loop or a lock) cannot delay /healthz, which must answer — and
+    // say what is stuck — for the probe to restart the agent.
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (served_tx, served_rx) = oneshot::channel::<Result<()>>();
+    std::thread::Builder::new()
+        .name("http".into())
+        .spawn(move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the HTTP server's runtime")
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        let listener =
+                            TcpListener::from_std(listener).context("registering the listening socket")?;
+                        let shutdown = async move {
+                            let _ = stop_rx.await;
+                        };
+                        listener::serve(listener, app, web.tls, limits, stats, shutdown).await;
+                        Ok(())
+                    })
+                });
+            let _ = served_tx.send(served);
+        })
+        .context("starting the HTTP server's thread")?;
+    let outcome = tokio::select! {
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM: detaching and exiting");
             Ok(())
         }
+        _ = sigint.recv() => {
+            tracing::info!("SIGINT: detaching and exiting");
+            Ok(())
+        }
+        served = served_rx => match served {
+            Ok(Err(e)) => Err(e),
+            _ => Err(anyhow::anyhow!("the HTTP server stopped")),
+        },
         failure = tasks.first_failure() => Err(anyhow::anyhow!("{failure}; exiting so that it is restarted")),
         failure = netns::helper_exit() => Err(anyhow::anyhow!("{failure}; exiting so that it is restarted")),
-    }
+    };
+    // The programs are dropped with their task when the runtime ends: every program detaches,
+    // and nothing was pinned, so nothing remains.
+    let _ = stop_tx.send(());
+    outcome
 }
 
 /// A `--vllm-url` as a scrape target.
