@@ -5,7 +5,6 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
@@ -59,17 +58,7 @@ fn impersonators_as_nobody_neither_stall_the_agent_nor_exceed_its_caps() {
     require_root();
     // 70 processes of an unprivileged user, titled like vLLM's API server, listening and never
     // answering: more than the agent follows (64).
-    let mut fakes: Vec<FakeVllm> = (0..70)
-        .map(|_| {
-            let mut command = Command::new("python3");
-            command.uid(NOBODY).gid(NOBODY);
-            FakeVllm::start(command, "127.0.0.1", free_port(), &["--mode", "silent"])
-        })
-        .collect();
-    for f in &mut fakes {
-        let pid = f.pid();
-        f.wait(|| std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|t| t.contains(" 0A ")));
-    }
+    let fakes = FakeVllm::impostors(70, NOBODY);
     let started = Instant::now();
     let mut agent = Agent::spawn(&[], &["--discovery-interval", "1s", "--scrape-interval", "1s"]);
     // Health answers from the start, before the first scan (so no liveness probe restarts an

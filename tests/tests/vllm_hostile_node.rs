@@ -4,8 +4,6 @@
 
 use std::{
     net::SocketAddr,
-    os::unix::process::CommandExt,
-    process::Command,
     thread,
     time::{Duration, Instant},
 };
@@ -14,7 +12,7 @@ use inferwatch_tests::{
     Agent,
     client::Client,
     fake_vllm::FakeVllm,
-    free_port, require_root, series_value,
+    require_root, series_value,
     vllm::{Vllm, completion, post},
 };
 use serde_json::Value;
@@ -41,17 +39,7 @@ fn sum_of(text: &str, family: &str, needle: &str) -> f64 {
 fn a_real_vllm_among_impersonators_and_rejected_models() {
     require_root();
     // 70 impostors, all older than vLLM: more than the 64 instances the agent follows.
-    let mut fakes: Vec<FakeVllm> = (0..70)
-        .map(|_| {
-            let mut command = Command::new("python3");
-            command.uid(NOBODY).gid(NOBODY);
-            FakeVllm::start(command, "127.0.0.1", free_port(), &["--mode", "silent"])
-        })
-        .collect();
-    for f in &mut fakes {
-        let pid = f.pid();
-        f.wait(|| std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).is_ok_and(|t| t.contains(" 0A ")));
-    }
+    let fakes = FakeVllm::impostors(70, NOBODY);
     let agent = Agent::start_discovering(&["--discovery-interval", "1s", "--scrape-interval", "1s"]);
     let mut vllm = Vllm::start("hostile", &[]);
     let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
