@@ -56,6 +56,18 @@ impl Server {
         Self::ready(child, port, "rust-std")
     }
 
+    /// [`Server::rust`] cutting every chunk into `iovecs` iovecs and ending each stream with
+    /// one `writev` (`last_pad` bytes of padding before `[DONE]` put its end beyond the capture).
+    pub fn rust_vectored(binary: &str, iovecs: usize, last_pad: usize) -> Server {
+        let port = free_port();
+        let child = Command::new(binary)
+            .args([port.to_string(), iovecs.to_string(), last_pad.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("sseserver");
+        Self::ready(child, port, "rust-writev")
+    }
+
     fn ready(mut child: Child, port: u16, name: &'static str) -> Server {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -137,6 +137,39 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
     }
 }
 
+/// Servers that cut their writes into several iovecs (Node.js ends a stream with one `writev`
+/// of 5) and ends that lie beyond the capture (a large last event in the same `write` as the
+/// terminator): every stream is still seen to its end, at the right time. (More than 8 iovecs
+/// per call: not yet, see `MAX_IOVECS`.)
+#[test]
+fn several_iovecs_and_an_end_beyond_the_capture() {
+    require_root();
+    for (iovecs, last_pad) in [(5, 0), (8, 0), (1, 6000), (1, 20000)] {
+        let server = Server::rust_vectored(SSESERVER, iovecs, last_pad);
+        let agent = Agent::start(&[server.pid()]);
+        let truths = load(&server, 2, 10, stream);
+        let records = wait_for_records(&agent, truths.len());
+        let mut end = Vec::new();
+        for t in &truths {
+            let r = &records[&t.request_bytes];
+            let what = format!("{iovecs} iovecs, {last_pad} bytes before the end: {r}");
+            assert_eq!(r["outcome"], "complete", "{what}");
+            assert_eq!(r["content_events"].as_u64(), Some(t.content_events as u64), "{what}");
+            let read = r["received_monotonic_ns"].as_u64().unwrap() as f64;
+            let agent_end = read + r["duration_seconds"].as_f64().unwrap() * 1e9;
+            end.push((t.end_ns as f64 - agent_end).abs() / 1e6);
+        }
+        let (e50, e99) = (percentile(&end, 50.0), percentile(&end, 99.0));
+        println!(
+            "fidelity writev {iovecs} iovecs, last pad {last_pad}: end |delta| median {e50:.3} ms p99 {e99:.3} ms"
+        );
+        assert!(e50 <= 1.0 && e99 <= 3.0, "{iovecs} iovecs: end |delta| median {e50} ms, p99 {e99} ms");
+        let text = agent.metrics();
+        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", "outcome=\"aborted\""), 0.0);
+        assert!(agent.stop().success());
+    }
+}
+
 fn sum_of(text: &str, family: &str, needle: &str) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(family) && l.contains(needle))

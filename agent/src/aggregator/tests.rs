@@ -48,6 +48,7 @@ fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> Kerne
         direction,
         family: AF_INET,
         payload: b"",
+        tail: b"",
     })
 }
 
@@ -62,6 +63,7 @@ fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> KernelEve
         direction,
         family: AF_INET,
         payload: bytes,
+        tail: b"",
     })
 }
 

@@ -3,7 +3,9 @@
 //! Decoding is pure: a record is checked for size and kind before anything trusts it, so a
 //! mismatched kernel object or a corrupt record is counted, never misread.
 
-use inferwatch_common::sock::{MAX_CAPTURE, NetEventKind, SOCK_EVENT_SIZE, SockEvent, SockEventKind};
+use inferwatch_common::sock::{
+    MAX_CAPTURE, NetEventKind, SOCK_EVENT_SIZE, SockEvent, SockEventKind, TAIL_BYTES,
+};
 
 use super::syscalls;
 use crate::model::sock::{Direction, KernelEvent, NetEvent, NetWhat, SockOp, StateChange};
@@ -16,6 +18,8 @@ pub enum DecodeError {
     Kind(u8),
     #[error("header announces {captured} payload bytes, record has {present}")]
     Captured { captured: usize, present: usize },
+    #[error("header announces a tail of {tail} bytes in {captured} captured")]
+    Tail { tail: usize, captured: usize },
 }
 
 /// Decodes one ring-buffer record: a [`SockEvent`] header and its captured payload, which
@@ -29,8 +33,12 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
     let raw: SockEvent = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
     let payload = &record[SOCK_EVENT_SIZE..];
     let captured = raw.captured as usize;
-    if captured > payload.len() || captured > MAX_CAPTURE {
+    if captured > payload.len() || captured > MAX_CAPTURE + TAIL_BYTES {
         return Err(DecodeError::Captured { captured, present: payload.len() });
+    }
+    let tail = raw.tail as usize;
+    if tail > TAIL_BYTES || tail > captured || captured - tail > MAX_CAPTURE {
+        return Err(DecodeError::Tail { tail, captured });
     }
     let direction = match SockEventKind::from_u8(raw.kind) {
         Some(SockEventKind::Send) => Direction::Sent,
@@ -68,7 +76,8 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
         syscall: syscalls::name(raw.syscall_nr),
         direction,
         family: raw.family,
-        payload: &payload[..captured],
+        payload: &payload[..captured - tail],
+        tail: &payload[captured - tail..captured],
     }))
 }
 
@@ -100,7 +109,22 @@ mod tests {
             captured,
             kind,
             family: AF_INET,
-            _pad: [0; 4],
+            tail: 0,
+            _pad: [0; 2],
+        }
+    }
+
+    #[test]
+    fn a_tail_is_split_from_the_head_and_checked() {
+        let mut ev = sample(SockEventKind::Send as u8, 1, 9);
+        ev.tail = 4;
+        let raw = record(&ev, b"HTTP/0\r\n\r\n");
+        let KernelEvent::Sock(op) = decode(&raw).unwrap() else { panic!("not a socket op") };
+        assert_eq!((op.payload, op.tail), (&b"HTTP/"[..], &b"0\r\n\r"[..]));
+        for (captured, tail) in [(3, 4), (9, TAIL_BYTES as u16 + 1)] {
+            let mut ev = sample(SockEventKind::Send as u8, 1, captured);
+            ev.tail = tail;
+            assert!(matches!(decode(&record(&ev, &[0; 200])), Err(DecodeError::Tail { .. })), "{captured} {tail}");
         }
     }
 
@@ -120,6 +144,7 @@ mod tests {
                 direction: Direction::Sent,
                 family: AF_INET,
                 payload: b"HTTP/",
+                tail: b"",
             }
         );
     }

@@ -37,6 +37,31 @@ pub struct SockOp<'a> {
     /// The first bytes of the transfer (at most the capture limit). Never exported. Borrowed
     /// from the batch it arrived in: no allocation or reference count per event.
     pub payload: &'a [u8],
+    /// The transfer's last bytes when it was longer than the capture (else empty).
+    pub tail: &'a [u8],
+}
+
+impl<'a> SockOp<'a> {
+    /// The transfer as the HTTP reassembly reads it: `moved` bytes, the copied head and tail.
+    pub fn transfer(&self, moved: usize) -> Transfer<'a> {
+        Transfer { head: self.payload, tail: self.tail, total: moved }
+    }
+}
+
+/// What the kernel saw of one transfer: `total` bytes moved, of which the first (`head`) and,
+/// when the transfer was longer than the capture, the last (`tail`) were copied.
+#[derive(Clone, Copy, Debug)]
+pub struct Transfer<'a> {
+    pub head: &'a [u8],
+    pub tail: &'a [u8],
+    pub total: usize,
+}
+
+impl Transfer<'_> {
+    /// Unseen bytes between the head and the tail.
+    pub fn gap(&self) -> usize {
+        self.total.saturating_sub(self.head.len() + self.tail.len())
+    }
 }
 
 /// A TCP state change of a socket a watched process used.

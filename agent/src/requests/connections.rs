@@ -87,8 +87,8 @@ impl ConnectionTable {
                 broken = true;
             }
             (_, r) if r < 0 => {}
-            (Direction::Received, r) => conn.receive_into(op.ts_ns, op.payload, r as usize, up),
-            (Direction::Sent, r) => conn.send_into(op.ts_ns, op.payload, r as usize, up),
+            (Direction::Received, r) => conn.receive_transfer(op.ts_ns, op.transfer(r as usize), up),
+            (Direction::Sent, r) => conn.send_transfer(op.ts_ns, op.transfer(r as usize), up),
         }
         mark.stamp(up, op.conn_id);
         let answer = (entry.tgid, conn.is_http_server());
@@ -222,6 +222,7 @@ mod tests {
             direction,
             family: inferwatch_common::sock::AF_INET,
             payload,
+            tail: b"",
         }
     }
 

@@ -77,8 +77,15 @@ pub const MAX_CAPTURE: usize = 4096;
 /// vLLM's batched engine outputs at a concurrency of 32 (at 1024 bytes, most of those lose the
 /// ids the phase breakdown needs).
 pub const DEFAULT_CAPTURE: usize = 4096;
-/// iovecs looked at per vectored call (`writev`, `sendmsg`, …).
-pub const MAX_IOVECS: usize = 4;
+/// iovecs followed per vectored call (`writev`, `sendmsg`, …) for the first bytes: Node.js ends
+/// a chunked stream with one `writev` of 5. An unrolled loop: at 16 the verifier gives up
+/// (over 1M instructions), and the `bpf_loop` walk of every iovec (which verifies in 74k) is
+/// refused at load with EFAULT through aya 0.13 — see issue #21's note.
+pub const MAX_IOVECS: usize = 8;
+/// Last bytes of a transfer sent along when it is longer than the capture (single-buffer calls:
+/// `write`, `send`, `read`, `recv`): where a chunked body's terminator (`\r\n0\r\n\r\n`) is,
+/// whatever the transfer's size.
+pub const TAIL_BYTES: usize = 64;
 
 /// Identity of a socket while the kernel programs follow it.
 #[repr(C)]
@@ -115,7 +122,11 @@ pub struct SockEvent {
     /// The socket's address family (`sk_family`: [`AF_UNIX`], [`AF_INET`], [`AF_INET6`], …);
     /// 0 where not read.
     pub family: u8,
-    pub _pad: [u8; 4],
+    /// Of the `captured` bytes, how many are the transfer's last bytes (at most
+    /// [`TAIL_BYTES`]); the ones before them are its first bytes. Non-zero only when the
+    /// transfer was longer than the capture.
+    pub tail: u16,
+    pub _pad: [u8; 2],
 }
 
 pub const AF_UNIX: u8 = 1;
@@ -133,10 +144,11 @@ const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
 const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 
 /// Per-CPU scratch where a record is assembled before it is copied to the ring buffer at its
-/// real size. Twice [`MAX_CAPTURE`] of payload room, so the verifier can see that any offset
-/// below `MAX_CAPTURE` plus any length below `MAX_CAPTURE` stays inside.
+/// real size. Twice [`MAX_CAPTURE`] of payload room (and a tail's), so the verifier can see
+/// that any offset below `MAX_CAPTURE` plus any length below `MAX_CAPTURE` stays inside, and
+/// any offset below `2 * MAX_CAPTURE` plus a tail's length.
 #[repr(C)]
 pub struct Scratch {
     pub event: SockEvent,
-    pub payload: [u8; 2 * MAX_CAPTURE],
+    pub payload: [u8; 2 * MAX_CAPTURE + TAIL_BYTES],
 }

@@ -132,18 +132,22 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     let scratch = unsafe { &mut *scratch };
 
     let regs = current_regs();
-    let (syscall_nr, captured) = match regs {
+    let (syscall_nr, copied) = match regs {
         None => {
             warn!(ctx, "socket I/O without saved user registers");
-            (NO_SYSCALL, 0)
+            (NO_SYSCALL, capture::Copied::default())
         }
         Some(regs) => {
             let nr = syscall_nr_of(regs);
-            let captured =
-                if ret > 0 { capture::payload(regs, nr, ret as usize, &mut scratch.payload) } else { 0 };
-            (nr, captured)
+            let copied = if ret > 0 {
+                capture::payload(regs, nr, ret as usize, &mut scratch.payload)
+            } else {
+                capture::Copied::default()
+            };
+            (nr, copied)
         }
     };
+    let captured = copied.head + copied.tail;
     scratch.event = SockEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id,
@@ -155,7 +159,8 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
         captured: captured as u16,
         kind: kind as u8,
         family: family_of(sock),
-        _pad: [0; 4],
+        tail: copied.tail as u16,
+        _pad: [0; 2],
     };
     // Copy the record at its real size: header plus the captured bytes, no padding.
     let len = SOCK_EVENT_SIZE + (captured & (2 * MAX_CAPTURE - 1));
@@ -236,7 +241,8 @@ fn try_net_event(ctx: &BtfTracePointContext, what: NetEventKind) -> Result<(), i
         captured: 0,
         kind: SockEventKind::Net as u8,
         family: 0,
-        _pad: [0; 4],
+        tail: 0,
+        _pad: [0; 2],
     })
 }
 
@@ -276,7 +282,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         captured: 0,
         kind: SockEventKind::State as u8,
         family: 0,
-        _pad: [0; 4],
+        tail: 0,
+        _pad: [0; 2],
     })
 }
 

@@ -2,7 +2,11 @@
 //! receives with `recv` (recvfrom) and sends the head with `send` (sendto) and each SSE chunk
 //! with one `writev` of two iovecs (size line, then data), as Node.js does.
 //!
-//! `sseserver PORT`: a thread per connection, keep-alive and pipelining supported.
+//! `sseserver PORT [IOVECS [LAST_PAD]]`: a thread per connection, keep-alive and pipelining
+//! supported. With IOVECS (default 2) each chunk is written as that many iovecs (1: a plain
+//! `write`), and the stream's end — the `[DONE]` chunk and the terminator — as one call of that
+//! many, as Node.js does (a `writev` of 5 there); LAST_PAD bytes of padding in an event before `[DONE]`, in the same `writev`, put
+//! the terminator beyond the agent's capture.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
@@ -12,12 +16,18 @@ use std::{
 };
 
 fn main() {
-    let port: u16 = std::env::args().nth(1).and_then(|p| p.parse().ok()).expect("usage: sseserver PORT");
+    let port: u16 = std::env::args()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("usage: sseserver PORT [IOVECS [LAST_PAD]]");
+    let iovecs: usize = std::env::args().nth(2).and_then(|p| p.parse().ok()).unwrap_or(2);
+    let last_pad: usize = std::env::args().nth(3).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let shape = Shape { iovecs: iovecs.clamp(1, 1024), last_pad };
     let listener = TcpListener::bind(("127.0.0.1", port)).expect("bind");
     println!("listening");
     for stream in listener.incoming().flatten() {
         thread::spawn(move || {
-            let _ = serve(stream);
+            let _ = serve(stream, shape);
         });
     }
 }
@@ -31,7 +41,14 @@ fn json_field<'a>(body: &'a str, key: &str) -> Option<&'a str> {
     Some(rest.split([',', '}']).next()?.trim())
 }
 
-fn serve(stream: TcpStream) -> std::io::Result<()> {
+/// How the stream's writes are cut.
+#[derive(Clone, Copy)]
+struct Shape {
+    iovecs: usize,
+    last_pad: usize,
+}
+
+fn serve(stream: TcpStream, shape: Shape) -> std::io::Result<()> {
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
@@ -76,13 +93,29 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
             out.write_all(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
             )?;
-            send_chunk(&out, event("").as_bytes())?;
+            send_chunk(&out, event("").as_bytes(), shape)?;
             for i in 0..tokens {
                 thread::sleep(delay);
-                send_chunk(&out, event(&format!(" t{i}")).as_bytes())?;
+                send_chunk(&out, event(&format!(" t{i}")).as_bytes(), shape)?;
             }
-            send_chunk(&out, b"data: [DONE]\n\n")?;
-            out.write_all(b"0\r\n\r\n")?;
+            if shape.iovecs == 2 && shape.last_pad == 0 {
+                send_chunk(&out, b"data: [DONE]\n\n", shape)?;
+                out.write_all(b"0\r\n\r\n")?;
+            } else {
+                // The end in one call: [padding event,] [DONE], terminator.
+                let mut end = Vec::new();
+                if shape.last_pad > 0 {
+                    // A usage chunk (no choices), as vLLM sends with `include_usage`, padded.
+                    let pad = format!(
+                        "data: {{\"id\":\"cmpl-test\",\"choices\":[],\"usage\":{{\"pad\":\"{}\"}}}}\n\n",
+                        "u".repeat(shape.last_pad)
+                    );
+                    end.extend_from_slice(&chunk(pad.as_bytes()));
+                }
+                end.extend_from_slice(&chunk(b"data: [DONE]\n\n"));
+                end.extend_from_slice(b"0\r\n\r\n");
+                write_vectored(&out, &end, shape.iovecs)?;
+            }
         } else {
             thread::sleep(delay * tokens);
             let text = " t".repeat(tokens as usize);
@@ -98,8 +131,16 @@ fn serve(stream: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// One chunk in one `writev`: the size line and the data in separate iovecs.
-fn send_chunk(out: &TcpStream, data: &[u8]) -> std::io::Result<()> {
+fn chunk(data: &[u8]) -> Vec<u8> {
+    [format!("{:x}\r\n", data.len()).as_bytes(), data, b"\r\n"].concat()
+}
+
+/// One chunk in one `writev`: by default the size line and the data in separate iovecs, else
+/// cut into `shape.iovecs` pieces.
+fn send_chunk(out: &TcpStream, data: &[u8], shape: Shape) -> std::io::Result<()> {
+    if shape.iovecs != 2 {
+        return write_vectored(out, &chunk(data), shape.iovecs);
+    }
     let size = format!("{:x}\r\n", data.len());
     let tail = [data, b"\r\n"].concat();
     let iov = [
@@ -109,6 +150,31 @@ fn send_chunk(out: &TcpStream, data: &[u8]) -> std::io::Result<()> {
     // SAFETY: both iovecs point to live buffers for the duration of the call.
     let n = unsafe { libc::writev(out.as_raw_fd(), iov.as_ptr(), 2) };
     if n as usize != size.len() + tail.len() {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `bytes` in one `writev` of exactly `count` iovecs (as equal as they come; empty ones when
+/// `bytes` is shorter).
+fn write_vectored(out: &TcpStream, bytes: &[u8], count: usize) -> std::io::Result<()> {
+    if count == 1 {
+        // One buffer: a plain `write`.
+        return (&*out).write_all(bytes);
+    }
+    let (each, extra) = (bytes.len() / count, bytes.len() % count);
+    let mut at = 0;
+    let iov: Vec<libc::iovec> = (0..count)
+        .map(|i| {
+            let len = each + usize::from(i < extra);
+            let v = libc::iovec { iov_base: bytes[at..].as_ptr() as *mut _, iov_len: len };
+            at += len;
+            v
+        })
+        .collect();
+    // SAFETY: every iovec points into `bytes`, alive for the call.
+    let n = unsafe { libc::writev(out.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+    if n as usize != bytes.len() {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())

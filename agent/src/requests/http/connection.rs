@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 
 use super::{
+    Transfer,
     chunked::{Dechunker, Piece},
     exchange::{Gap, ID_SCAN, Outcome, Pending, Progress, Started, finished, new_pending, response_id},
     head::{
@@ -115,14 +116,26 @@ impl Connection {
 
     /// Bytes the server received: `total` of them, the first `known.len()` seen.
     pub fn receive_into(&mut self, ts: u64, known: &[u8], total: usize, up: &mut Progress) {
+        self.receive_transfer(ts, Transfer { head: known, tail: &[], total }, up);
+    }
+
+    /// Bytes the server received, with the transfer's last bytes when it was longer than the
+    /// capture.
+    pub fn receive_transfer(&mut self, ts: u64, t: Transfer<'_>, up: &mut Progress) {
         if self.closed {
             return;
         }
-        if matches!(self.inbound, Inbound::Lost) && request_line_start(known) {
+        if matches!(self.inbound, Inbound::Lost) && request_line_start(t.head) {
             self.inbound = Inbound::Head { buf: Vec::new(), started: None };
         }
-        let mut data = known;
-        let mut gap = total.saturating_sub(known.len());
+        self.receive_part(ts, t.head, t.gap(), t.total, up);
+        if !t.tail.is_empty() {
+            self.receive_part(ts, t.tail, 0, t.total, up);
+        }
+    }
+
+    /// `data` then `gap` unseen bytes of a transfer of `total`.
+    fn receive_part(&mut self, ts: u64, mut data: &[u8], mut gap: usize, total: usize, up: &mut Progress) {
         while !data.is_empty() || gap > 0 {
             match &mut self.inbound {
                 Inbound::Lost | Inbound::NotHttp => break,
@@ -290,6 +303,14 @@ impl Connection {
     /// Bytes the server sent: `total` of them, the first `known.len()` seen. What they reveal
     /// is added to `up` (the caller reuses one, so a request allocates no update of its own).
     pub fn send_into(&mut self, ts: u64, known: &[u8], total: usize, up: &mut Progress) {
+        self.send_transfer(ts, Transfer { head: known, tail: &[], total }, up);
+    }
+
+    /// Bytes the server sent, with the transfer's last bytes when it was longer than the
+    /// capture: a chunked body stays in step across the unseen middle when that lies inside a
+    /// chunk, and its end is seen in any case.
+    pub fn send_transfer(&mut self, ts: u64, t: Transfer<'_>, up: &mut Progress) {
+        let (known, total) = (t.head, t.total);
         if self.closed || matches!(self.inbound, Inbound::NotHttp) {
             return;
         }
@@ -310,13 +331,33 @@ impl Connection {
             d.resync(known);
         }
         self.last_sent_ns = ts;
-        let mut data = known;
-        let mut gap = total.saturating_sub(known.len());
         // Whole transfers count for the response in progress when they start (exact in sum;
         // pipelined responses sharing one write are attributed to the first).
         if let Some(front) = self.pending.front_mut() {
             front.response_bytes += total as u64;
         }
+        self.send_part(ts, known, t.gap(), up);
+        if !t.tail.is_empty() {
+            self.send_part(ts, t.tail, 0, up);
+        }
+        if let Some(sse) = &mut self.sse {
+            let mut classes = Vec::new();
+            sse.transfer_end(&mut |c| classes.push(c));
+            for c in classes {
+                self.sse_event(c, ts, up);
+            }
+        }
+        // A chunked stream whose framing was lost still ends visibly with the last chunk.
+        if let Outbound::Chunked(d) = &self.outbound
+            && d.is_lost()
+            && super::ends_chunked_body(&t)
+        {
+            self.finish_front(ts, Outcome::Complete, up);
+        }
+    }
+
+    /// `data` then `gap` unseen bytes of a transfer out.
+    fn send_part(&mut self, ts: u64, mut data: &[u8], mut gap: usize, up: &mut Progress) {
         while !data.is_empty() || gap > 0 {
             match &mut self.outbound {
                 Outbound::Lost => break,
@@ -380,21 +421,6 @@ impl Connection {
                     }
                 }
             }
-        }
-        if let Some(sse) = &mut self.sse {
-            let mut classes = Vec::new();
-            sse.transfer_end(&mut |c| classes.push(c));
-            for c in classes {
-                self.sse_event(c, ts, up);
-            }
-        }
-        // A chunked stream whose framing was lost still ends visibly with the last chunk.
-        if let Outbound::Chunked(d) = &self.outbound
-            && d.is_lost()
-            && known.len() == total
-            && known.ends_with(b"0\r\n\r\n")
-        {
-            self.finish_front(ts, Outcome::Complete, up);
         }
     }
 

@@ -15,6 +15,24 @@ mod routes;
 mod sse;
 
 pub use connection::Connection;
+
+pub use crate::model::sock::Transfer;
+
+/// Whether a transfer ends with a chunked body's last chunk. Where its bytes are known
+/// whole, a transfer of just `0\r\n\r\n` counts (servers write it alone); after unseen
+/// bytes, only the whole `\r\n0\r\n\r\n`.
+fn ends_chunked_body(t: &Transfer<'_>) -> bool {
+    if t.head.len() + t.tail.len() < t.total {
+        return t.tail.ends_with(b"\r\n0\r\n\r\n");
+    }
+    const END: &[u8] = b"0\r\n\r\n";
+    let mut last = [0u8; END.len()];
+    let joined = t.head.iter().chain(t.tail).rev().take(END.len()).count();
+    for (slot, b) in last.iter_mut().rev().zip(t.head.iter().chain(t.tail).rev()) {
+        *slot = *b;
+    }
+    joined == END.len() && last == *END
+}
 pub use exchange::{FinishedRequest, Gap, Outcome, Progress, Started};
 
 #[cfg(test)]

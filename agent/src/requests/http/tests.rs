@@ -343,3 +343,58 @@ fn close_delimited_body_ends_at_the_close() {
         (Outcome::Complete, 2, Some(2))
     );
 }
+
+/// The stream's whole body after the head in one transfer, as the kernel reports it: the
+/// first `capture` bytes and the last `tail` (the capture's tail, when the transfer is longer).
+fn sent_with_tail(
+    c: &mut Connection,
+    ts: u64,
+    w: &[u8],
+    capture: usize,
+    tail: usize,
+) -> Vec<FinishedRequest> {
+    let head = &w[..w.len().min(capture)];
+    let tail = if w.len() > head.len() { &w[w.len() - tail.min(w.len() - head.len())..] } else { &[][..] };
+    let mut up = super::Progress::default();
+    c.send_transfer(ts, super::Transfer { head, tail, total: w.len() }, &mut up);
+    up.finished
+}
+
+#[test]
+fn the_end_of_a_chunked_body_beyond_the_capture_is_seen_in_the_tail() {
+    let writes = vllm_writes(COMPLETIONS_STREAM);
+    let body: Vec<u8> = writes[1..].concat();
+    let req = request("/v1/completions", STREAM_BODY);
+    // Every capture that cuts the body: with a 64-byte tail the end is seen (complete, at the
+    // write's time); without one it is not (the stream stays open).
+    for capture in [16, 100, 400, body.len() - 8] {
+        let mut c = Connection::default();
+        c.received(1000, &req, req.len());
+        c.sent(2000, writes[0], writes[0].len());
+        let done = sent_with_tail(&mut c, 3000, &body, capture, 64);
+        assert_eq!(done.len(), 1, "capture {capture}");
+        assert_eq!((done[0].outcome, done[0].end_ns), (Outcome::Complete, 3000), "capture {capture}");
+        assert_eq!(done[0].response_bytes, COMPLETIONS_STREAM.len() as u64);
+
+        let mut c = Connection::default();
+        c.received(1000, &req, req.len());
+        c.sent(2000, writes[0], writes[0].len());
+        assert!(sent_with_tail(&mut c, 3000, &body, capture, 0).is_empty(), "capture {capture}, no tail");
+    }
+}
+
+#[test]
+fn a_tail_after_a_gap_inside_a_chunk_keeps_the_framing() {
+    // One large chunk whose middle is beyond the capture, then the terminator: the gap lies
+    // inside the chunk's data, so the tail is decoded in step (not just recognised).
+    let event = format!("data: {{\"choices\":[{{\"text\":\"{}\"}}]}}\n\n", "x".repeat(9000));
+    let body = [format!("{:x}\r\n", event.len()).as_bytes(), event.as_bytes(), b"\r\n0\r\n\r\n"].concat();
+    let req = request("/v1/completions", STREAM_BODY);
+    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let mut c = Connection::default();
+    c.received(1000, &req, req.len());
+    c.sent(2000, head, head.len());
+    let done = sent_with_tail(&mut c, 3000, &body, 4096, 64);
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].outcome, done[0].end_ns, done[0].content_events), (Outcome::Complete, 3000, 1));
+}
