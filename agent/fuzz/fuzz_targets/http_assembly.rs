@@ -1,10 +1,10 @@
 //! HTTP/SSE assembly fed arbitrary transfer sequences: any mix of received and sent bytes,
-//! transfers longer than their captured prefix (gaps), closes. Besides not crashing, every
+//! transfers longer than their captured prefix (gaps, with or without their last bytes), closes. Besides not crashing, every
 //! finished request must have times in order and no more content events than events; the
 //! captured bytes also go through the engine-IPC id scanner and the kernel-record decoder.
 #![no_main]
 
-use inferwatch::requests::http::{Connection, Progress};
+use inferwatch::requests::http::{Connection, Progress, Transfer};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -26,6 +26,17 @@ fuzz_target!(|data: &[u8]| {
             0 => conn.receive_into(ts, known, known.len(), &mut update),
             1 => conn.send_into(ts, known, known.len(), &mut update),
             2 => conn.receive_into(ts, known, known.len() + gap, &mut update),
+            // Beyond the captured prefix, the transfer's last bytes (the kernel's tail): the
+            // second half of what was taken.
+            _ if gap.is_multiple_of(4) => {
+                let (head, tail) = known.split_at(known.len() / 2);
+                let t = Transfer { head, tail, total: known.len() + gap };
+                if gap.is_multiple_of(8) {
+                    conn.send_transfer(ts, t, &mut update)
+                } else {
+                    conn.receive_transfer(ts, t, &mut update)
+                }
+            }
             _ if gap.is_multiple_of(2) => conn.send_into(ts, known, known.len() + gap, &mut update),
             _ => conn.close_into(ts, &mut update),
         }

@@ -124,7 +124,10 @@ mod tests {
         for (captured, tail) in [(3, 4), (9, TAIL_BYTES as u16 + 1)] {
             let mut ev = sample(SockEventKind::Send as u8, 1, captured);
             ev.tail = tail;
-            assert!(matches!(decode(&record(&ev, &[0; 200])), Err(DecodeError::Tail { .. })), "{captured} {tail}");
+            assert!(
+                matches!(decode(&record(&ev, &[0; 200])), Err(DecodeError::Tail { .. })),
+                "{captured} {tail}"
+            );
         }
     }
 
