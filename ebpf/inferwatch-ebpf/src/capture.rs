@@ -5,10 +5,7 @@
 //! `readv`/`writev`, a `msghdr` for `sendmsg`/`recvmsg`. Other calls (`sendfile`, `splice`,
 //! io_uring, …) are counted without bytes.
 
-use aya_ebpf::{
-    bindings::pt_regs,
-    helpers::generated::bpf_probe_read_user,
-};
+use aya_ebpf::{bindings::pt_regs, helpers::generated::bpf_probe_read_user};
 use inferwatch_common::sock::{MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES};
 
 use crate::{
