@@ -14,6 +14,8 @@ pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 16 * 1024;
 /// the table's worst case 16 KiB × its size. Beyond this budget, the connection that grew is
 /// dropped (counted as evicted).
 const MAX_BUFFERED: usize = 32 << 20;
+/// Connections remembered as closed, so that their late records are ignored (see `closed`).
+const REMEMBER_CLOSED: usize = 8192;
 
 const EAGAIN: i32 = -11;
 const EPIPE: i32 = -32;
@@ -39,6 +41,12 @@ pub struct ConnectionTable {
     max: usize,
     /// Sum of the entries' `buffered`.
     buffered: usize,
+    /// Ids of connections that closed lately, oldest first. A send's record is written after
+    /// the call returns, so it can reach the ring after the close that a peer's RST or FIN
+    /// caused meanwhile on another CPU; it must not bring the connection back (no close would
+    /// ever remove it). Ids are unique per socket life, so a closed one never comes back.
+    closed: VecDeque<u64>,
+    closed_set: foldhash::HashSet<u64>,
     /// Connections dropped to stay within `max`, and requests that were open in them.
     pub evicted_connections: u64,
     pub evicted_requests: u64,
@@ -52,6 +60,8 @@ impl ConnectionTable {
             next_seq: 0,
             max: max.max(1),
             buffered: 0,
+            closed: VecDeque::new(),
+            closed_set: foldhash::HashSet::default(),
             evicted_connections: 0,
             evicted_requests: 0,
         }
@@ -70,7 +80,7 @@ impl ConnectionTable {
         // Only an operation that moved bytes starts following a connection: the failed calls
         // and end-of-stream reads that trail a connection's close (or its eviction) would
         // otherwise leave an entry that no close ever removes.
-        if op.ret <= 0 && !self.entries.contains_key(&op.conn_id) {
+        if (op.ret <= 0 && !self.entries.contains_key(&op.conn_id)) || self.closed_set.contains(&op.conn_id) {
             return (op.tgid, false);
         }
         let entry = self.touch(op.conn_id, op.tgid, op.ts_ns, up);
@@ -97,6 +107,7 @@ impl ConnectionTable {
         self.buffered = self.buffered - before + now;
         if broken {
             self.remove(op.conn_id);
+            self.remember_closed(op.conn_id);
         } else if self.buffered > MAX_BUFFERED {
             self.evict(op.conn_id, op.ts_ns, up);
         }
@@ -107,6 +118,17 @@ impl ConnectionTable {
     #[cfg(test)]
     fn buffered(&self) -> usize {
         self.buffered
+    }
+
+    fn remember_closed(&mut self, conn_id: u64) {
+        if self.closed_set.insert(conn_id) {
+            self.closed.push_back(conn_id);
+            if self.closed.len() > REMEMBER_CLOSED
+                && let Some(old) = self.closed.pop_front()
+            {
+                self.closed_set.remove(&old);
+            }
+        }
     }
 
     fn remove(&mut self, conn_id: u64) -> Option<Entry> {
@@ -130,6 +152,10 @@ impl ConnectionTable {
     /// Feeds a TCP state change: a closed or half-closed connection ends what is open on it
     /// (added to `up`). Returns the process it belongs to.
     pub fn on_state(&mut self, st: &StateChange, up: &mut Progress) -> u32 {
+        if st.is_close() {
+            // Also for a connection not in the table (evicted earlier): its late records too.
+            self.remember_closed(st.conn_id);
+        }
         let Some(entry) = self.entries.get_mut(&st.conn_id) else {
             return st.tgid;
         };
@@ -333,5 +359,27 @@ mod tests {
             t.on_state(&closed, up);
         }
         assert_eq!((t.len(), t.buffered()), (0, 0));
+    }
+
+    #[test]
+    fn a_send_recorded_after_its_close_does_not_bring_the_connection_back() {
+        let mut t = ConnectionTable::new(8);
+        let up = &mut Progress::default();
+        t.on_sock(&op(1, Direction::Received, 1, b"GET / HTTP/1.1\r\n\r\n"), up);
+        let closed = StateChange {
+            ts_ns: 5,
+            conn_id: 1,
+            tgid: 9,
+            old: 1,
+            new: inferwatch_common::tcp::TcpState::Close as i32,
+        };
+        t.on_state(&closed, up);
+        t.on_sock(&op(1, Direction::Sent, 4, b"HTTP/1.1 200 OK\r\n"), up);
+        assert_eq!(t.len(), 0);
+        // Remembered within bounds.
+        for id in 100..100 + 2 * REMEMBER_CLOSED as u64 {
+            t.on_state(&StateChange { conn_id: id, ..closed.clone() }, up);
+        }
+        assert_eq!((t.closed.len(), t.closed_set.len()), (REMEMBER_CLOSED, REMEMBER_CLOSED));
     }
 }

@@ -136,6 +136,8 @@ pub const AF_INET6: u8 = 10;
 /// address pair (8), the hash (4) and the port pair (4) on every architecture and kernel
 /// since 2.6.
 pub const SKC_FAMILY_OFFSET: usize = 16;
+/// Offset of `skc_state` (u8), right after `skc_family`.
+pub const SKC_STATE_OFFSET: usize = 18;
 
 pub const SOCK_EVENT_SIZE: usize = 48;
 const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);

@@ -27,8 +27,9 @@ use aya_log_ebpf::warn;
 use inferwatch_common::{
     maps::{EVENTS_RING_BYTES, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
     sock::{
-        LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind, SKC_FAMILY_OFFSET, SOCK_EVENT_SIZE,
-        Scratch, SockEvent, SockEventKind, TrackedSock, WatchFlags,
+        AF_INET, AF_INET6, LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind,
+        SKC_FAMILY_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockEvent, SockEventKind, TrackedSock,
+        WatchFlags,
     },
     tcp::TcpState,
 };
@@ -180,6 +181,13 @@ fn family_of(sock: u64) -> u8 {
     unsafe { bpf_probe_read_kernel((sock + SKC_FAMILY_OFFSET as u64) as *const u16) }.map_or(0, |f| f as u8)
 }
 
+/// The socket's `skc_state` (a `TcpState` for TCP sockets).
+#[inline(always)]
+fn state_of(sock: u64) -> u8 {
+    // SAFETY: the helper checks the kernel address.
+    unsafe { bpf_probe_read_kernel((sock + SKC_STATE_OFFSET as u64) as *const u8) }.unwrap_or(0)
+}
+
 /// Ring-buffer notification policy for data records. The kernel's default wakes the reader
 /// whenever it has caught up, which costs an interrupt and a cross-CPU wakeup per record at
 /// moderate rates. Instead the reader drains on a short timer (the agent's `--drain-interval`)
@@ -292,6 +300,13 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 fn track(sock: u64, tgid: u32) -> u64 {
     if let Some(t) = unsafe { TRACKED_SOCKS.get(&sock) } {
         return t.conn_id;
+    }
+    // A TCP socket already closed (a send whose record is written after a close that the
+    // peer's RST caused meanwhile, a read after it): not a new connection. Tracking it would
+    // leave an entry no close removes, inherited by the next socket at this address.
+    let family = family_of(sock);
+    if (family == AF_INET || family == AF_INET6) && state_of(sock) == TcpState::Close as u8 {
+        return 0;
     }
     let Some(counter) = CONN_COUNTER.get_ptr_mut(0) else {
         return 0;
