@@ -82,14 +82,21 @@ impl Aggregator {
         if self.in_flight_labels.get(&req.conn_id).is_some_and(|q| q.is_empty()) {
             self.in_flight_labels.remove(&req.conn_id);
         }
-        let model = match started {
-            Some((model, _)) => model,
-            None => self.model_label(req.model.as_deref(), tgid),
-        };
+        // Counted under what is known at its end: a model the server just accepted (and that
+        // found room) is its label now, though its in-flight gauge is taken back under the
+        // label it started with.
         self.admit_model(req.model.as_deref(), tgid, req.status);
+        let model = self.model_label(req.model.as_deref(), tgid);
         let m = &self.store.metrics;
+        match started {
+            Some((at_start, route)) if at_start != model => {
+                self.route_series.get(&at_start, route).in_flight(m).dec();
+            }
+            _ => {
+                self.route_series.get(&model, req.route).in_flight(m).dec();
+            }
+        }
         let series = self.route_series.get(&model, req.route);
-        series.in_flight(m).dec();
         let outcome = req.outcome.as_str();
         series.count_request(m, &mut self.budget, req.status, outcome);
         let since = |t: u64| t.saturating_sub(req.received_ns) as f64 / 1e9;
