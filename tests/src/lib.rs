@@ -272,6 +272,14 @@ pub fn series_matching<'a>(text: &'a str, family: &str, needle: &str) -> Vec<&'a
     text.lines().filter(|l| l.starts_with(family) && l.contains(needle)).collect()
 }
 
+/// The sum of the series of a metric family whose lines contain `needle` (`""`: all of them).
+pub fn sum_matching(text: &str, family: &str, needle: &str) -> f64 {
+    series_matching(text, family, needle)
+        .iter()
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A `sockload` helper process: connects to `target`, waits for "go", then makes exactly
 /// `writes` `write()`s and `sendtos` `sendto()`s of `size` bytes each on that socket.
 pub struct SockLoad {

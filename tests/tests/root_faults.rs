@@ -13,8 +13,9 @@ use std::{
 use inferwatch_tests::{
     Agent, SockLoad,
     client::{Client, Completion},
-    drain_connections, require_root, series_matching, series_value,
+    drain_connections, require_root, series_value,
     servers::Server,
+    sum_matching,
 };
 
 const SSESERVER: &str = env!("CARGO_BIN_EXE_sseserver");
@@ -29,10 +30,7 @@ fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 }
 
 fn requests(text: &str, outcome: &str) -> f64 {
-    series_matching(text, "inferwatch_http_requests_total{", &format!("outcome=\"{outcome}\""))
-        .iter()
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    sum_matching(text, "inferwatch_http_requests_total{", &format!("outcome=\"{outcome}\""))
 }
 
 fn stream(tokens: u32, delay_ms: f64) -> Completion {
@@ -53,12 +51,8 @@ fn a_server_killed_mid_stream_ends_its_requests_aborted_and_frees_them() {
     // Without discovery the agent does not know what the server serves: a model name becomes a
     // label only once the server has accepted a request for it, so these first three streams
     // are in flight as `other` (issue #23). Counted over every label.
-    let in_flight = |t: &str| {
-        series_matching(t, "inferwatch_http_requests_in_flight{", "route=\"/v1/completions\"")
-            .iter()
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let in_flight =
+        |t: &str| sum_matching(t, "inferwatch_http_requests_in_flight{", "route=\"/v1/completions\"");
     let text = agent.wait_for_metrics(Duration::from_secs(10), |t| in_flight(t) == 3.0);
     assert!(text.contains("inferwatch_http_requests_in_flight{model=\"other\""), "{text}");
     server.kill();

@@ -17,16 +17,10 @@ use inferwatch_tests::{
     fake_vllm::FakeVllm,
     free_port, require_root, series_value,
     servers::{Server, python},
+    sum_matching,
 };
 
 const NOBODY: u32 = 65534;
-
-fn sum_of(text: &str, family: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(family) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
@@ -176,8 +170,8 @@ fn an_eviction_storm_leaves_nothing_in_flight() {
     let text = agent.metrics();
     println!(
         "hostile: mid-storm in flight {}, tracked {}",
-        sum_of(&text, "inferwatch_http_requests_in_flight"),
-        sum_of(&text, "inferwatch_connections_tracked")
+        sum_matching(&text, "inferwatch_http_requests_in_flight", ""),
+        sum_matching(&text, "inferwatch_connections_tracked", "")
     );
     for c in clients {
         c.abort();
@@ -185,22 +179,16 @@ fn an_eviction_storm_leaves_nothing_in_flight() {
     wait_for("in-flight and tracked back to 0", Duration::from_secs(20), || {
         let text = agent.metrics();
         let (in_flight, tracked) = (
-            sum_of(&text, "inferwatch_http_requests_in_flight"),
-            sum_of(&text, "inferwatch_connections_tracked"),
+            sum_matching(&text, "inferwatch_http_requests_in_flight", ""),
+            sum_matching(&text, "inferwatch_connections_tracked", ""),
         );
         println!("hostile: after the storm in flight {in_flight}, tracked {tracked}");
         in_flight == 0.0 && tracked == 0.0
     });
     let text = agent.metrics();
-    let evicted = sum_of(&text, "inferwatch_connections_evicted_total");
-    let by_outcome = |o: &str| {
-        text.lines()
-            .filter(|l| {
-                l.starts_with("inferwatch_http_requests_total{") && l.contains(&format!("outcome=\"{o}\""))
-            })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-    };
+    let evicted = sum_matching(&text, "inferwatch_connections_evicted_total", "");
+    let by_outcome =
+        |o: &str| sum_matching(&text, "inferwatch_http_requests_total{", &format!("outcome=\"{o}\""));
     let (ev, ab) = (by_outcome("evicted"), by_outcome("aborted"));
     println!("hostile: {evicted} connections evicted; requests evicted {ev}, aborted {ab}");
     assert!(evicted >= 200.0, "{evicted}");
@@ -270,21 +258,21 @@ fn memory_with_16384_connections_mid_request() {
     }
     println!("hostile: {CONNECTIONS} streams open in {:?}", started.elapsed());
     wait_for("every stream in flight", Duration::from_secs(60), || {
-        sum_of(&agent.metrics(), "inferwatch_http_requests_in_flight") >= CONNECTIONS as f64 - 16.0
+        sum_matching(&agent.metrics(), "inferwatch_http_requests_in_flight", "") >= CONNECTIONS as f64 - 16.0
     });
     let text = agent.metrics();
     let full = rss_kib(agent.pid());
     let per = (full.saturating_sub(idle)) as f64 * 1024.0 / CONNECTIONS as f64;
     println!(
         "hostile: agent RSS idle {idle} KiB, with {} connections tracked and {} in flight {full} KiB ({per:.0} B per connection)",
-        sum_of(&text, "inferwatch_connections_tracked"),
-        sum_of(&text, "inferwatch_http_requests_in_flight"),
+        sum_matching(&text, "inferwatch_connections_tracked", ""),
+        sum_matching(&text, "inferwatch_http_requests_in_flight", ""),
     );
     // The DaemonSet's limit is 256 MiB: well within it.
     assert!(full < 160 * 1024, "RSS {full} KiB with {CONNECTIONS} connections");
     drop(clients);
     wait_for("in flight back to 0", Duration::from_secs(60), || {
-        sum_of(&agent.metrics(), "inferwatch_http_requests_in_flight") == 0.0
+        sum_matching(&agent.metrics(), "inferwatch_http_requests_in_flight", "") == 0.0
     });
     assert!(agent.stop().success());
 }

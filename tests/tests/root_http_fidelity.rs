@@ -8,6 +8,7 @@ use inferwatch_tests::{
     client::{Client, Completion, Truth, percentile},
     require_root,
     servers::Server,
+    sum_matching,
 };
 use serde_json::Value;
 
@@ -165,16 +166,9 @@ fn several_iovecs_and_an_end_beyond_the_capture() {
         );
         assert!(e50 <= 1.0 && e99 <= 3.0, "{iovecs} iovecs: end |delta| median {e50} ms, p99 {e99} ms");
         let text = agent.metrics();
-        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", "outcome=\"aborted\""), 0.0);
+        assert_eq!(sum_matching(&text, "inferwatch_http_requests_total{", "outcome=\"aborted\""), 0.0);
         assert!(agent.stop().success());
     }
-}
-
-fn sum_of(text: &str, family: &str, needle: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(family) && l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -197,12 +191,12 @@ fn every_request_is_counted_at_concurrency_64() {
             assert_eq!((r["outcome"].as_str(), r["status"].as_u64()), (Some("complete"), Some(200)));
         }
         let text = agent.metrics();
-        let total = sum_of(&text, "inferwatch_http_requests_total{", "model=\"count-model\"");
+        let total = sum_matching(&text, "inferwatch_http_requests_total{", "model=\"count-model\"");
         assert_eq!(total, 192.0, "{}:\n{text}", server.name);
-        let in_flight = sum_of(&text, "inferwatch_http_requests_in_flight{", "model=\"count-model\"");
+        let in_flight = sum_matching(&text, "inferwatch_http_requests_in_flight{", "model=\"count-model\"");
         assert_eq!(in_flight, 0.0);
         for reason in ["ring_buffer_full", "agent_queue_full", "malformed"] {
-            assert_eq!(sum_of(&text, "inferwatch_agent_events_lost_total{", reason), 0.0);
+            assert_eq!(sum_matching(&text, "inferwatch_agent_events_lost_total{", reason), 0.0);
         }
         println!("{}: 192 of 192 requests at concurrency 64", server.name);
         assert!(agent.stop().success());
@@ -228,8 +222,8 @@ fn a_client_abort_mid_stream_is_aborted() {
         let content = r["content_events"].as_u64().unwrap();
         assert!((3..200).contains(&content), "{}: {content} content events before the abort", server.name);
         let text = agent.metrics();
-        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", "outcome=\"aborted\""), 1.0);
-        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", "outcome=\"complete\""), 0.0);
+        assert_eq!(sum_matching(&text, "inferwatch_http_requests_total{", "outcome=\"aborted\""), 1.0);
+        assert_eq!(sum_matching(&text, "inferwatch_http_requests_total{", "outcome=\"complete\""), 0.0);
         assert!(agent.stop().success());
     }
 }
@@ -284,12 +278,17 @@ fn pipelined_requests_large_bodies_and_garbage() {
         assert_eq!(rbig["content_events"], 2);
         let text = agent.metrics();
         assert_eq!(
-            sum_of(&text, "inferwatch_connections_not_http_total{", "reason=\"not_http\""),
+            sum_matching(&text, "inferwatch_connections_not_http_total{", "reason=\"not_http\""),
             1.0,
             "{}",
             server.name
         );
-        assert_eq!(sum_of(&text, "inferwatch_http_requests_total{", ""), 3.0, "{}:\n{text}", server.name);
+        assert_eq!(
+            sum_matching(&text, "inferwatch_http_requests_total{", ""),
+            3.0,
+            "{}:\n{text}",
+            server.name
+        );
         assert!(agent.stop().success());
     }
 }

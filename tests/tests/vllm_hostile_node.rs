@@ -12,7 +12,7 @@ use inferwatch_tests::{
     Agent,
     client::Client,
     fake_vllm::FakeVllm,
-    require_root, series_value,
+    require_root, series_value, sum_matching,
     vllm::{Vllm, completion, post},
 };
 use serde_json::Value;
@@ -26,13 +26,6 @@ fn instance_of(agent: &Agent, pid: u32) -> Option<Value> {
         .iter()
         .find(|i| i["processes"].as_array().unwrap().iter().any(|p| p["pid"] == pid))
         .cloned()
-}
-
-fn sum_of(text: &str, family: &str, needle: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(family) && l.contains(needle))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[test]
@@ -74,8 +67,8 @@ fn a_real_vllm_among_impersonators_and_rejected_models() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {
         let text = agent.metrics();
-        let tiny = sum_of(&text, "inferwatch_http_requests_total{", r#"model="tiny""#);
-        let rejected = sum_of(&text, "inferwatch_http_requests_total{", r#"status="404""#);
+        let tiny = sum_matching(&text, "inferwatch_http_requests_total{", r#"model="tiny""#);
+        let rejected = sum_matching(&text, "inferwatch_http_requests_total{", r#"status="404""#);
         if tiny == 3.0 && rejected == 40.0 {
             break text;
         }
@@ -84,7 +77,7 @@ fn a_real_vllm_among_impersonators_and_rejected_models() {
     };
     assert!(!text.contains("junk"), "a rejected model name became a label");
     assert_eq!(
-        sum_of(
+        sum_matching(
             &text,
             "inferwatch_http_requests_total{",
             r#"model="other",route="/v1/completions",status="404""#

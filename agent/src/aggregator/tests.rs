@@ -250,6 +250,47 @@ fn model_labels_are_bounded() {
 }
 
 #[test]
+fn without_discovery_a_model_is_a_label_once_the_server_accepted_it() {
+    let store = Arc::new(Store::new());
+    let mut agg = Aggregator::new(store.clone(), 16, 2000);
+    let request = |model: &str| {
+        let body = format!(r#"{{"model":"{model}","prompt":"x"}}"#);
+        format!("POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len())
+    };
+    let answer = |status: &str| format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n");
+    // Two requests for `m` in flight at once: both start as `other`; rejected names never label.
+    agg.kernel_event(io(1, 1, Direction::Received, request("m").as_bytes()));
+    agg.kernel_event(io(2, 1, Direction::Received, request("m").as_bytes()));
+    agg.kernel_event(io(3, 1, Direction::Received, request("junk").as_bytes()));
+    let text = store.metrics.encode().unwrap();
+    let in_flight = |text: &str, model: &str| {
+        value(
+            text,
+            &format!("inferwatch_http_requests_in_flight{{model=\"{model}\",route=\"/v1/completions\"}}"),
+        )
+    };
+    assert_eq!(in_flight(&text, "other"), Some(3.0));
+    agg.kernel_event(io(3, 2, Direction::Sent, answer("404 Not Found").as_bytes()));
+    agg.kernel_event(io(1, 2, Direction::Sent, answer("200 OK").as_bytes()));
+    agg.kernel_event(io(2, 3, Direction::Sent, answer("200 OK").as_bytes()));
+    let text = store.metrics.encode().unwrap();
+    let total = |model: &str, status: &str| {
+        value(
+            &text,
+            &format!(
+                "inferwatch_http_requests_total{{model=\"{model}\",route=\"/v1/completions\",status=\"{status}\",outcome=\"complete\"}}"
+            ),
+        )
+    };
+    // Accepted: counted under its name, both; in flight taken back where it was put.
+    assert_eq!(total("m", "200"), Some(2.0));
+    assert_eq!(total("other", "404"), Some(1.0));
+    assert!(!text.contains("junk"), "{text}");
+    assert_eq!(in_flight(&text, "other"), Some(0.0));
+    assert_eq!(in_flight(&text, "m").unwrap_or(0.0), 0.0);
+}
+
+#[test]
 fn junk_models_named_by_clients_take_no_label_and_in_flight_returns_to_zero() {
     let store = Arc::new(Store::new());
     let mut agg = Aggregator::new(store.clone(), 16, 2000);
