@@ -272,6 +272,30 @@ pub fn series_matching<'a>(text: &'a str, family: &str, needle: &str) -> Vec<&'a
     text.lines().filter(|l| l.starts_with(family) && l.contains(needle)).collect()
 }
 
+/// A web config in a fresh directory named after `tag`: TLS with a self-signed certificate for
+/// 127.0.0.1 (`agent.crt`, also the CA a client trusts) and basic auth for `prom:s3cret`.
+/// Returns the directory and the config file's path.
+pub fn tls_web_config(tag: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("inferwatch-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
+        .args(["-days", "2", "-subj", "/CN=inferwatch", "-addext", "subjectAltName=IP:127.0.0.1"])
+        .args(["-keyout", "agent.key", "-out", "agent.crt"])
+        .current_dir(&dir)
+        .output()
+        .expect("openssl");
+    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    let hash = bcrypt::hash("s3cret", 4).unwrap();
+    let config = dir.join("web.yml");
+    std::fs::write(
+        &config,
+        format!("tls_server_config:\n  cert_file: agent.crt\n  key_file: agent.key\nbasic_auth_users:\n  prom: '{hash}'\n"),
+    )
+    .unwrap();
+    (dir, config)
+}
+
 /// The sum of the series of a metric family whose lines contain `needle` (`""`: all of them).
 pub fn sum_matching(text: &str, family: &str, needle: &str) -> f64 {
     series_matching(text, family, needle)

@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use inferwatch_tests::{Agent, fake_vllm::FakeVllm, free_port, netns::Netns, require_root, series_value};
+use inferwatch_tests::{
+    Agent, fake_vllm::FakeVllm, free_port, netns::Netns, require_root, series_value, tls_web_config,
+};
 use socket2::{Domain, Socket, Type};
 
 /// A connection to `to` from the loopback address `from` (127.0.0.0/8 is all loopback: each is
@@ -182,23 +184,7 @@ fn the_api_is_for_loopback_clients_unless_opened() {
 #[test]
 fn failed_logins_are_throttled_and_silent_tls_sockets_block_no_one() {
     require_root();
-    let dir = std::env::temp_dir().join(format!("inferwatch-surfaces-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let openssl = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-        .args(["-days", "2", "-subj", "/CN=inferwatch", "-addext", "subjectAltName=IP:127.0.0.1"])
-        .args(["-keyout", "agent.key", "-out", "agent.crt"])
-        .current_dir(&dir)
-        .output()
-        .expect("openssl");
-    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
-    let hash = bcrypt::hash("s3cret", 4).unwrap();
-    let config = dir.join("web.yml");
-    std::fs::write(
-        &config,
-        format!("tls_server_config:\n  cert_file: agent.crt\n  key_file: agent.key\nbasic_auth_users:\n  prom: '{hash}'\n"),
-    )
-    .unwrap();
+    let (dir, config) = tls_web_config("surfaces-tls");
     let mut agent = Agent::spawn(&[], &["--no-discovery", "--web-config-file", config.to_str().unwrap()]);
     let port = agent.addr.port();
     let url = |path: &str| format!("https://127.0.0.1:{port}{path}");

@@ -6,6 +6,7 @@ use std::{
 
 use inferwatch_tests::{
     Agent, SockLoad, agent_binary, drain_connections, require_root, series_matching, series_value,
+    tls_web_config,
 };
 
 const SOCKLOAD: &str = env!("CARGO_BIN_EXE_sockload");
@@ -200,25 +201,7 @@ fn without_privileges_it_says_what_is_missing() {
 #[test]
 fn tls_and_basic_auth_from_a_web_config_file() {
     require_root();
-    let dir = std::env::temp_dir().join(format!("inferwatch-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let openssl = Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"])
-        .args(["-days", "2", "-subj", "/CN=inferwatch", "-addext", "subjectAltName=IP:127.0.0.1"])
-        .args(["-keyout", "agent.key", "-out", "agent.crt"])
-        .current_dir(&dir)
-        .output()
-        .expect("openssl");
-    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
-    let hash = bcrypt::hash("s3cret", 4).unwrap();
-    let config = dir.join("web.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "tls_server_config:\n  cert_file: agent.crt\n  key_file: agent.key\nbasic_auth_users:\n  prom: '{hash}'\n"
-        ),
-    )
-    .unwrap();
+    let (dir, config) = tls_web_config("tls");
     let mut agent = Agent::spawn(&[], &["--no-discovery", "--web-config-file", config.to_str().unwrap()]);
     let ca = dir.join("agent.crt");
     // (HTTP status, body) of an HTTPS GET, or None when curl could not get a response.

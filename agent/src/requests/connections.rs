@@ -252,6 +252,11 @@ mod tests {
         }
     }
 
+    /// The kernel's record of connection `conn_id` closing at `ts_ns`.
+    fn closed(conn_id: u64, ts_ns: u64) -> StateChange {
+        StateChange { ts_ns, conn_id, tgid: 9, old: 1, new: inferwatch_common::tcp::TcpState::Close as i32 }
+    }
+
     #[test]
     fn least_recently_used_connection_is_evicted_and_counted() {
         let mut t = ConnectionTable::new(2);
@@ -281,14 +286,7 @@ mod tests {
         for round in 0..1000 {
             t.on_sock(&op(2 + round % 3, Direction::Sent, 100 + round, b"x"), up);
         }
-        let closed = StateChange {
-            ts_ns: 2000,
-            conn_id: 1,
-            tgid: 9,
-            old: 1,
-            new: inferwatch_common::tcp::TcpState::Close as i32,
-        };
-        t.on_state(&closed, up);
+        t.on_state(&closed(1, 2000), up);
         assert!(t.uses.len() <= 2 * t.len() + 65, "the queue stays bounded: {}", t.uses.len());
         // 63 left: one new connection fits, the next evicts the least recently used: 5, then 6.
         for id in [65, 66, 67] {
@@ -304,13 +302,7 @@ mod tests {
     fn close_removes_and_a_new_id_starts_fresh() {
         let mut t = ConnectionTable::new(8);
         t.on_sock(&op(1, Direction::Received, 1, b"GET /health HTTP/1.1\r\n\r\n"), &mut Progress::default());
-        let st = StateChange {
-            ts_ns: 5,
-            conn_id: 1,
-            tgid: 9,
-            old: 1,
-            new: inferwatch_common::tcp::TcpState::Close as i32,
-        };
+        let st = closed(1, 5);
         let mut up = Progress::default();
         assert_eq!(t.on_state(&st, &mut up), 9);
         assert_eq!(up.finished.len(), 1);
@@ -349,14 +341,7 @@ mod tests {
         assert_eq!(kept, t.buffered(), "the running sum matches");
         // Closing everything gives every byte back.
         for id in 1..=DEFAULT_MAX_CONNECTIONS as u64 {
-            let closed = StateChange {
-                ts_ns: 1 << 40,
-                conn_id: id,
-                tgid: 9,
-                old: 1,
-                new: inferwatch_common::tcp::TcpState::Close as i32,
-            };
-            t.on_state(&closed, up);
+            t.on_state(&closed(id, 1 << 40), up);
         }
         assert_eq!((t.len(), t.buffered()), (0, 0));
     }
@@ -366,19 +351,12 @@ mod tests {
         let mut t = ConnectionTable::new(8);
         let up = &mut Progress::default();
         t.on_sock(&op(1, Direction::Received, 1, b"GET / HTTP/1.1\r\n\r\n"), up);
-        let closed = StateChange {
-            ts_ns: 5,
-            conn_id: 1,
-            tgid: 9,
-            old: 1,
-            new: inferwatch_common::tcp::TcpState::Close as i32,
-        };
-        t.on_state(&closed, up);
+        t.on_state(&closed(1, 5), up);
         t.on_sock(&op(1, Direction::Sent, 4, b"HTTP/1.1 200 OK\r\n"), up);
         assert_eq!(t.len(), 0);
         // Remembered within bounds.
         for id in 100..100 + 2 * REMEMBER_CLOSED as u64 {
-            t.on_state(&StateChange { conn_id: id, ..closed.clone() }, up);
+            t.on_state(&closed(id, 5), up);
         }
         assert_eq!((t.closed.len(), t.closed_set.len()), (REMEMBER_CLOSED, REMEMBER_CLOSED));
     }
