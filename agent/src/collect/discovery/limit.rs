@@ -75,7 +75,8 @@ pub(crate) fn rank_and_cap(
         let api = i.pids(Role::ApiServer).next();
         i.verified = api.is_some_and(&mut verified);
     }
-    instances.sort_by_key(|i| (!i.verified, start_time(i.root_pid).unwrap_or(u64::MAX), i.root_pid));
+    // Cached: the key reads /proc (a start time), once per instance rather than per comparison.
+    instances.sort_by_cached_key(|i| (!i.verified, start_time(i.root_pid).unwrap_or(u64::MAX), i.root_pid));
     let dropped = instances.len().saturating_sub(MAX_INSTANCES);
     instances.truncate(MAX_INSTANCES);
     dropped
