@@ -67,7 +67,9 @@ fn a_real_vllm_among_impersonators_and_rejected_models() {
     let deadline = Instant::now() + Duration::from_secs(15);
     let text = loop {
         let text = agent.metrics();
-        let tiny = sum_matching(&text, "inferwatch_http_requests_total{", r#"model="tiny""#);
+        // The agent's own scrapes (/metrics, /version, /v1/models) are counted under `tiny` too.
+        let tiny =
+            sum_matching(&text, "inferwatch_http_requests_total{", r#"model="tiny",route="/v1/completions""#);
         let rejected = sum_matching(&text, "inferwatch_http_requests_total{", r#"status="404""#);
         if tiny == 3.0 && rejected == 40.0 {
             break text;
