@@ -22,8 +22,8 @@ command -v nvidia-smi >/dev/null || { echo "gpu-check: no nvidia-smi: this machi
 echo "gpu-check: $(date -u +%FT%TZ) on $(nvidia-smi -L | head -1); driver $(nvidia-smi --query-gpu=driver_version --format=csv,noheader | head -1); kernel $(uname -r)"
 
 echo "== real-NVML unit test"
-"$DIR/inferwatch-unit-tests" --exact gpu::nvml::tests::real_nvml_or_a_clear_reason --nocapture 2>&1 | tail -4
-check "real-NVML unit test" "${PIPESTATUS[0]}" "gpu::nvml::tests::real_nvml_or_a_clear_reason"
+"$DIR/inferwatch-unit-tests" --exact collect::nvml::tests::real_nvml_or_a_clear_reason --nocapture 2>&1 | tail -4
+check "real-NVML unit test" "${PIPESTATUS[0]}" "collect::nvml::tests::real_nvml_or_a_clear_reason"
 
 echo "== load: PyTorch matmuls on cuda:0"
 python3 - <<'PY' &
@@ -41,6 +41,9 @@ sleep 8
 "$AGENT" --listen 127.0.0.1:$PORT --no-discovery --gpu-interval 1s --log-level info >"$DIR/agent.log" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 100); do curl -sf localhost:$PORT/healthz >/dev/null && break; sleep 0.1; done
+if ! kill -0 $AGENT_PID 2>/dev/null; then
+  check "agent starts" 1 "it exited; its log follows"; cat "$DIR/agent.log"; kill $LOAD; exit 1
+fi
 sleep 3
 M=$(curl -s localhost:$PORT/metrics)
 val() { echo "$M" | grep -E "^$1" | head -1 | awk '{print $NF}'; }
@@ -80,5 +83,6 @@ curl -s localhost:$PORT/metrics | awk '
   END {for (c in n) printf "%-32s %8d %10.4f %8.3f\n", c, n[c], s[c], (n[c]>0 ? 1000*s[c]/n[c] : 0)}' | sort -k3 -nr
 kill -TERM $AGENT_PID; wait $AGENT_PID; check "agent exits 0 on SIGTERM" "$?" "log: $DIR/agent.log"
 kill $LOAD 2>/dev/null; wait $LOAD 2>/dev/null
+[ -n "${OUT:-}" ] && cp "$DIR/agent.log" "$DIR/metrics-gpu.txt" "$OUT/" 2>/dev/null
 [ $fail = 0 ] && echo "gpu-check: all checks passed" || echo "gpu-check: FAILED"
 exit $fail

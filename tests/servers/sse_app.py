@@ -7,9 +7,25 @@ POST /v1/completions with a JSON body:
   {"model": str, "prompt": str, "max_tokens": int, "stream": bool, "delay_ms": float}
 Streams an empty first event (no content, like vLLM's first chat chunk), then `max_tokens`
 events each carrying one token `delay_ms` apart, then `data: [DONE]`.
+
+With SSE_STALL_MS="LOW,HIGH" in the environment, the event loop is blocked for LOW..HIGH ms
+at random moments (a busy API server: tokenising, serialising), so requests wait in their
+sockets, and new connections in the accept queue, before the server reads them.
 """
 import asyncio
 import json
+import os
+import random
+import time
+
+_STALL = os.environ.get("SSE_STALL_MS")
+_stalling = None
+
+
+async def _stall_forever(low, high):
+    while True:
+        await asyncio.sleep(random.uniform(0.005, 0.04))
+        time.sleep(random.uniform(low, high) / 1000.0)  # blocks the whole loop on purpose
 
 
 async def read_body(receive):
@@ -30,10 +46,14 @@ def chunk(model, text):
 
 
 async def app(scope, receive, send):
+    global _stalling
     if scope["type"] == "lifespan":
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if _STALL:
+                    low, high = (float(v) for v in _STALL.split(","))
+                    _stalling = asyncio.get_running_loop().create_task(_stall_forever(low, high))
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await send({"type": "lifespan.shutdown.complete"})

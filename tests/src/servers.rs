@@ -26,8 +26,18 @@ pub fn python() -> PathBuf {
 
 impl Server {
     pub fn uvicorn() -> Server {
+        Self::uvicorn_with(&[], "uvicorn+uvloop")
+    }
+
+    /// [`Server::uvicorn`] whose event loop blocks for 20–50 ms at random (a busy API server).
+    pub fn uvicorn_stalling() -> Server {
+        Self::uvicorn_with(&[("SSE_STALL_MS", "20,50")], "uvicorn-stalling")
+    }
+
+    fn uvicorn_with(env: &[(&str, &str)], name: &'static str) -> Server {
         let port = free_port();
         let child = Command::new(python())
+            .envs(env.iter().copied())
             .args(["-m", "uvicorn", "sse_app:app", "--loop", "uvloop", "--http", "httptools"])
             .args([
                 "--host",
@@ -45,7 +55,7 @@ impl Server {
             .unwrap_or_else(|e| {
                 panic!("starting uvicorn with {}: {e} (run `cargo xtask setup`)", python().display())
             });
-        Self::ready(child, port, "uvicorn+uvloop")
+        Self::ready(child, port, name)
     }
 
     /// `binary` is `env!("CARGO_BIN_EXE_sseserver")`, which only integration tests can name.

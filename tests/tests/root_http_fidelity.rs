@@ -65,13 +65,12 @@ fn stream(i: usize) -> Completion {
     Completion { model: "fidelity-model".into(), pad: 100 + i, max_tokens: 12, delay_ms: 3.0, stream: true }
 }
 
-/// The agent's clock runs from the server's first read of a request to its writes (README: time a
-/// request waits before the server reads it is not counted). The client's runs from its send to
-/// its reads. So the comparison is split where the two clocks meet, all on CLOCK_MONOTONIC:
-/// - the start: the server's read (`received_monotonic_ns`) can never precede the client's send;
-///   the gap is the server's own queueing (a busy event loop), reported, not counted;
-/// - the ends: the agent's first-token and end times (read + its TTFT / duration) against the
-///   client's receipt of the first content event and of the end: what the agent gets wrong
+/// The agent's clock runs from the request's arrival in the server's socket (the kernel's
+/// `sk_data_ready`), the client's from its send to its reads, all on CLOCK_MONOTONIC:
+/// - the start: the arrival (`received_monotonic_ns`) can never precede the client's send, and
+///   on loopback follows it within microseconds;
+/// - the ends: the agent's first-token and end times (arrival + its TTFT / duration) against
+///   the client's receipt of the first content event and of the end: what the agent gets wrong
 ///   there (a role chunk taken for a token, a response ended early or late) shows here.
 #[test]
 fn streamed_requests_are_timed_as_the_client_sees_them() {
@@ -81,7 +80,7 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
         // 200 requests: enough that the p99 is not simply the slowest one.
         let truths = load(&server, 4, 50, stream);
         let records = wait_for_records(&agent, truths.len());
-        let (mut ttft, mut duration, mut queued) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ttft, mut duration, mut after_send) = (Vec::new(), Vec::new(), Vec::new());
         let (mut ttft_end, mut duration_end) = (Vec::new(), Vec::new());
         for t in &truths {
             let r = records
@@ -105,7 +104,7 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
             duration.push((agent_duration - t.duration_seconds()).abs() * 1e3);
             let ms = |ns: f64| ns / 1e6;
             let read = r["received_monotonic_ns"].as_u64().unwrap() as f64;
-            queued.push(ms(read - t.sent_ns as f64));
+            after_send.push(ms(read - t.sent_ns as f64));
             let first = t.first_content_ns.unwrap() as f64;
             ttft_end.push(ms(first - (read + agent_ttft * 1e9)).abs());
             duration_end.push(ms(t.end_ns as f64 - (read + agent_duration * 1e9)).abs());
@@ -113,10 +112,10 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
         let summary = |v: &[f64]| (percentile(v, 50.0), percentile(v, 99.0));
         let ((t50, t99), (d50, d99)) = (summary(&ttft), summary(&duration));
         let ((q50, q99), (te50, te99), (de50, de99)) =
-            (summary(&queued), summary(&ttft_end), summary(&duration_end));
-        let earliest_read = queued.iter().copied().fold(f64::MAX, f64::min);
+            (summary(&after_send), summary(&ttft_end), summary(&duration_end));
+        let earliest_read = after_send.iter().copied().fold(f64::MAX, f64::min);
         println!(
-            "fidelity {}: {} requests, |agent - client| TTFT median {t50:.3} ms p99 {t99:.3} ms; duration median {d50:.3} ms p99 {d99:.3} ms; of which queued before the server's read median {q50:.3} ms p99 {q99:.3} ms; at the ends, first token median {te50:.3} ms p99 {te99:.3} ms, end median {de50:.3} ms p99 {de99:.3} ms",
+            "fidelity {}: {} requests, |agent - client| TTFT median {t50:.3} ms p99 {t99:.3} ms; duration median {d50:.3} ms p99 {d99:.3} ms; arrival after the send median {q50:.3} ms p99 {q99:.3} ms; at the ends, first token median {te50:.3} ms p99 {te99:.3} ms, end median {de50:.3} ms p99 {de99:.3} ms",
             server.name,
             truths.len()
         );
@@ -291,4 +290,101 @@ fn pipelined_requests_large_bodies_and_garbage() {
         );
         assert!(agent.stop().success());
     }
+}
+
+/// Runs `per_thread` requests from each of `threads` threads, each after a pause of 0–28 ms
+/// (clients that arrive at any moment, not just when the server has answered): on one
+/// keep-alive connection per thread, or on a fresh connection per request (`fresh`: the server
+/// accepts every one).
+fn load_paced(
+    server: &Server,
+    threads: usize,
+    per_thread: usize,
+    fresh: bool,
+    make: impl Fn(usize) -> Completion + Sync,
+) -> Vec<Truth> {
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|c| {
+                let make = &make;
+                s.spawn(move || {
+                    let mut kept = (!fresh).then(|| Client::connect(server.addr));
+                    (0..per_thread)
+                        .map(|i| {
+                            let n = c * per_thread + i;
+                            thread::sleep(Duration::from_millis((n as u64 * 37) % 29));
+                            match kept.as_mut() {
+                                Some(client) => client.request(&make(n)),
+                                None => Client::connect(server.addr).request(&make(n)),
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// An event loop that blocks for 20–50 ms at random: requests wait in their sockets (and new
+/// connections in the accept queue) before the server reads them. The agent times them from
+/// their arrival, as the client does, and reports the wait as the `queued` phase.
+#[test]
+fn a_stalling_event_loop_is_timed_from_each_requests_arrival() {
+    require_root();
+    let server = Server::uvicorn_stalling();
+    let agent = Agent::start(&[server.pid()]);
+    // Fresh connections (the accept queue) and keep-alive ones (the socket), interleaved.
+    let make = |i: usize| Completion {
+        model: "stall-model".into(),
+        pad: 100 + i,
+        max_tokens: 6,
+        delay_ms: 2.0,
+        stream: true,
+    };
+    let (fresh, kept) = thread::scope(|s| {
+        let fresh = s.spawn(|| load_paced(&server, 2, 40, true, make));
+        let kept = s.spawn(|| load_paced(&server, 2, 40, false, |i| make(1000 + i)));
+        (fresh.join().unwrap(), kept.join().unwrap())
+    });
+    let records = wait_for_records(&agent, fresh.len() + kept.len());
+    for (kind, truths) in [("fresh connections", &fresh), ("keep-alive", &kept)] {
+        let (mut ttft, mut duration, mut unexplained) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut waited, mut queued_seen) = (0, 0);
+        for t in truths {
+            let r = &records[&t.request_bytes];
+            assert_eq!((r["outcome"].as_str(), r["status"].as_u64()), (Some("complete"), Some(200)), "{r}");
+            let agent_ttft = r["time_to_first_token_seconds"].as_f64().expect("a first token");
+            let queued = r["queued_seconds"].as_f64().expect("the kernel told the arrival");
+            ttft.push((agent_ttft - t.ttft_seconds().unwrap()).abs() * 1e3);
+            duration.push((r["duration_seconds"].as_f64().unwrap() - t.duration_seconds()).abs() * 1e3);
+            // What timing from the first read would have missed, and how much of it `queued` covers.
+            let missed = (t.ttft_seconds().unwrap() - (agent_ttft - queued)) * 1e3;
+            if missed > 5.0 {
+                waited += 1;
+                queued_seen += usize::from(queued * 1e3 >= missed - 3.0);
+            }
+            unexplained.push((missed - queued * 1e3).abs());
+            let arrival = r["received_monotonic_ns"].as_u64().unwrap();
+            assert!(arrival + 50_000 >= t.sent_ns, "{kind}: arrival before the send: {r}");
+            assert!(r["first_read_monotonic_ns"].as_u64().unwrap() >= arrival);
+        }
+        let summary = |v: &[f64]| (percentile(v, 50.0), percentile(v, 99.0));
+        let ((t50, t99), (d50, d99), (u50, u99)) =
+            (summary(&ttft), summary(&duration), summary(&unexplained));
+        println!(
+            "fidelity stalling loop, {kind}: {} requests, {waited} waited > 5 ms before the first read; |agent - client| TTFT median {t50:.3} ms p99 {t99:.3} ms, duration median {d50:.3} ms p99 {d99:.3} ms; wait not covered by queued median {u50:.3} ms p99 {u99:.3} ms",
+            truths.len()
+        );
+        assert!(waited >= 5, "{kind}: the stalls made only {waited} requests wait: the test proves nothing");
+        assert_eq!(queued_seen, waited, "{kind}: every wait the client saw is in queued");
+        assert!(t50 <= 1.0 && t99 <= 3.0, "{kind}: TTFT |delta| median {t50} ms, p99 {t99} ms");
+        assert!(d50 <= 1.0 && d99 <= 3.0, "{kind}: duration |delta| median {d50} ms, p99 {d99} ms");
+    }
+    let text = agent.metrics();
+    let queued = sum_matching(&text, "inferwatch_request_phase_seconds_count{", r#"phase="queued""#);
+    assert_eq!(queued, (fresh.len() + kept.len()) as f64, "every request's queued phase observed");
+    let connections = records.values().filter(|r| r["connection_established_monotonic_ns"].is_u64()).count();
+    assert!(connections >= fresh.len(), "fresh connections' establishment reported: {connections}");
+    assert!(agent.stop().success());
 }

@@ -22,7 +22,10 @@ pub(crate) struct Sample {
     pub max_num_seqs: Option<f64>,
     /// Streamed requests whose phases matched: sums of TTFT and of the frontend phases.
     pub ttft_sum: f64,
+    /// The API server's phases: queued + frontend_in + frontend_out.
     pub frontend_sum: f64,
+    /// Of which waiting in the socket before the server read the request.
+    pub queued_sum: f64,
     pub api_runqueue_sum: f64,
     pub api_runqueue_count: f64,
     pub retransmits: f64,
@@ -118,28 +121,40 @@ pub(crate) fn diagnose(samples: &[Sample], now: f64, window: f64) -> Diagnosis {
             }),
             Some(_) => {}
         }
-        // (e) API-server bound: the frontend phases dominate TTFT and the API server waits for CPU.
+        // (e) API-server bound: the API server's phases dominate TTFT, and it either waits for
+        // CPU or leaves requests waiting in their sockets (a busy event loop).
         let ttft = delta(|x| x.ttft_sum);
         let frontend = delta(|x| x.frontend_sum);
+        let queued = delta(|x| x.queued_sum);
         let rq_count = delta(|x| x.api_runqueue_count);
         let rq_mean = if rq_count > 0.0 { delta(|x| x.api_runqueue_sum) / rq_count } else { 0.0 };
-        if ttft > 0.0 && frontend / ttft > 0.5 && rq_mean > 0.001 {
+        let cpu_starved = rq_mean > 0.001;
+        let loop_busy = ttft > 0.0 && queued / ttft > 0.25;
+        if ttft > 0.0 && frontend / ttft > 0.5 && (cpu_starved || loop_busy) {
             findings.push(Finding {
                 rule: "api_server_bound".into(),
                 severity: "warning".into(),
                 summary: format!("{instance}: the API server, not the engine, dominates time to first token"),
                 evidence: vec![
                     format!(
-                        "inferwatch_request_phase_seconds: frontend phases {:.0}% of TTFT",
+                        "inferwatch_request_phase_seconds: API-server phases (queued, frontend_in, frontend_out) {:.0}% of TTFT",
                         frontend / ttft * 100.0
+                    ),
+                    format!(
+                        "inferwatch_request_phase_seconds{{phase=\"queued\"}}: requests waited in their sockets before the server read them for {:.0}% of TTFT",
+                        queued / ttft * 100.0
                     ),
                     format!(
                         "inferwatch_sched_runqueue_delay_seconds{{role=\"api_server\"}} mean {:.2} ms",
                         rq_mean * 1e3
                     ),
                 ],
-                action: "run more API servers (--api-server-count) and give the API server more CPU cores"
-                    .into(),
+                action: if cpu_starved {
+                    "run more API servers (--api-server-count) and give the API server more CPU cores"
+                } else {
+                    "the API server's event loop is busy (requests wait unread): run more API servers (--api-server-count), and keep heavy work (large prompts' tokenisation, big responses) off it"
+                }
+                .into(),
             });
         }
         // (f) Network trouble.
@@ -242,6 +257,22 @@ mod tests {
         assert_eq!(rules(&diagnose(&make(0.6, 1.5), 10.0, 300.0)), ["api_server_bound"]);
         assert!(diagnose(&make(0.5, 1.5), 10.0, 300.0).findings.is_empty(), "half is not dominating");
         assert!(diagnose(&make(0.6, 0.9), 10.0, 300.0).findings.is_empty(), "no CPU contention");
+    }
+
+    #[test]
+    fn api_server_bound_by_requests_waiting_unread() {
+        let make = |queued_share: f64| {
+            series(3, move |i, s| {
+                s.ttft_sum = i as f64;
+                s.frontend_sum = i as f64 * 0.7;
+                s.queued_sum = i as f64 * queued_share;
+            })
+        };
+        let d = diagnose(&make(0.4), 10.0, 300.0);
+        assert_eq!(rules(&d), ["api_server_bound"], "a busy loop without CPU contention");
+        assert!(d.findings[0].evidence[1].contains("40% of TTFT"), "{:?}", d.findings[0].evidence);
+        assert!(d.findings[0].action.contains("event loop"));
+        assert!(diagnose(&make(0.2), 10.0, 300.0).findings.is_empty(), "a fifth queued is not a busy loop");
     }
 
     #[test]

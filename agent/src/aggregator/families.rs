@@ -332,7 +332,7 @@ impl Metrics {
         let request_phase: Histograms<PhaseLabels> = Family::new_with_constructor(latency_histogram);
         registry.register_with_unit(
             "inferwatch_request_phase",
-            "Where generation requests' time went: frontend_in (received → handed to the engine), engine_first (→ the output that became the first token), frontend_out (→ first token written), decode (→ end); engine for responses sent whole",
+            "Where generation requests' time went: queued (arrival in the server's socket → its first read, every generation request the kernel timed), frontend_in (first read → handed to the engine), engine_first (→ the output that became the first token), frontend_out (→ first token written), decode (→ end); engine for responses sent whole",
             Unit::Seconds,
             request_phase.clone(),
         );

@@ -117,8 +117,8 @@ pub(crate) struct Aggregator {
     /// server's overhead.
     ttft_since_scrape: HashMap<String, (f64, u64)>,
     vllm_ttft_seen: HashMap<String, (f64, f64)>,
-    /// Per instance: cumulative TTFT and frontend-phase sums of matched streamed requests.
-    phase_sums: HashMap<String, (f64, f64)>,
+    /// Per instance: cumulative phase sums of matched streamed requests.
+    phase_sums: HashMap<String, PhaseSums>,
     /// The API servers' cumulative run-queue (sum seconds, count) from the last scheduler read.
     api_runqueue: (f64, f64),
     /// `--max-num-seqs` of each instance, from its command line.
@@ -126,6 +126,15 @@ pub(crate) struct Aggregator {
     /// Instances with series: discovered ones and `--vllm-url` ones (these never go).
     known_instances: HashSet<String>,
     explicit_instances: HashSet<String>,
+}
+
+/// Cumulative sums (seconds) over an instance's streamed requests whose phases matched.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PhaseSums {
+    pub ttft: f64,
+    /// The API server's share: queued + frontend_in + frontend_out.
+    pub frontend: f64,
+    pub queued: f64,
 }
 
 impl Aggregator {

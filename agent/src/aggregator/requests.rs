@@ -125,7 +125,7 @@ impl Aggregator {
         let ipc = req.response_id.as_deref().and_then(|id| self.handoff.take(id));
         let generation = GENERATION_ROUTES.contains(&req.route) && req.status == 200;
         let (phases, unmatched) =
-            match handoff::phases(req.received_ns, req.first_token_ns, req.end_ns, ipc.as_ref()) {
+            match handoff::phases(req.first_read_ns, req.first_token_ns, req.end_ns, ipc.as_ref()) {
                 Ok(p) => (Some(p), None),
                 Err(reason) if generation => (None, Some(reason)),
                 Err(_) => (None, None),
@@ -134,12 +134,22 @@ impl Aggregator {
         if let Some(reason) = unmatched {
             m.phase_unmatched.get_or_create(&ReasonLabels { reason }).inc();
         }
+        // Arrival → first read: time in the socket (the accept queue first, for a new connection)
+        // while the server did something else. Known only where the kernel told the arrival.
+        let queued =
+            req.arrival_known.then(|| req.first_read_ns.saturating_sub(req.received_ns) as f64 / 1e9);
         if let (Some(p), Some(t), Some(instance)) = (&phases, ttft, self.instance_of_pid.get(&tgid)) {
-            let sums = self.phase_sums.entry(instance.clone()).or_insert((0.0, 0.0));
-            sums.0 += t;
-            sums.1 += p.frontend_in + p.frontend_out;
+            let sums = self.phase_sums.entry(instance.clone()).or_default();
+            sums.ttft += t;
+            sums.frontend += queued.unwrap_or(0.0) + p.frontend_in + p.frontend_out;
+            sums.queued += queued.unwrap_or(0.0);
         }
         let m = &self.store.metrics;
+        // Every generation request's wait is observed, whether or not its engine phases matched:
+        // a server that is not vLLM (a gateway, another engine) has a busy loop too.
+        if let Some(q) = queued.filter(|_| GENERATION_ROUTES.contains(&req.route)) {
+            m.request_phase.get_or_create(&PhaseLabels { phase: "queued", model: model.clone() }).observe(q);
+        }
         if let Some(p) = &phases {
             let observe = |phase: &'static str, v: Option<f64>| {
                 if let Some(v) = v {
@@ -172,6 +182,9 @@ impl Aggregator {
             time_to_first_token_seconds: ttft,
             duration_seconds: duration,
             max_chunk_gap_seconds: req.max_chunk_gap_ns.map(|g| g as f64 / 1e9),
+            queued_seconds: queued,
+            first_read_monotonic_ns: req.first_read_ns,
+            connection_established_monotonic_ns: req.established_ns,
             frontend_in_seconds: phase(|p| Some(p.frontend_in)),
             engine_first_seconds: phase(|p| p.engine_first),
             engine_seconds: phase(|p| p.engine),

@@ -104,7 +104,7 @@ impl Aggregator {
                     as f64
             })
             .sum();
-        let (ttft_sum, frontend_sum) = self.phase_sums.get(id).copied().unwrap_or_default();
+        let sums = self.phase_sums.get(id).copied().unwrap_or_default();
         let sample = diagnosis::Sample {
             t: self.store.started.elapsed().as_secs_f64(),
             instance: id.to_string(),
@@ -114,8 +114,9 @@ impl Aggregator {
             preemptions: sum("vllm:num_preemptions_total"),
             requests_succeeded: sum("vllm:request_success_total"),
             max_num_seqs: self.max_num_seqs.get(id).copied(),
-            ttft_sum,
-            frontend_sum,
+            ttft_sum: sums.ttft,
+            frontend_sum: sums.frontend,
+            queued_sum: sums.queued,
             api_runqueue_sum: self.api_runqueue.0,
             api_runqueue_count: self.api_runqueue.1,
             retransmits: m.tcp_retransmits.get_or_create(&labels).get() as f64,

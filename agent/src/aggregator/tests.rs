@@ -49,6 +49,8 @@ fn op(tgid: u32, syscall: &'static str, direction: Direction, ret: i32) -> Kerne
         family: AF_INET,
         payload: b"",
         tail: b"",
+        arrival_ns: 0,
+        established_ns: 0,
     })
 }
 
@@ -64,6 +66,8 @@ fn io(conn_id: u64, ts_ns: u64, direction: Direction, bytes: &[u8]) -> KernelEve
         family: AF_INET,
         payload: bytes,
         tail: b"",
+        arrival_ns: 0,
+        established_ns: 0,
     })
 }
 

@@ -78,6 +78,8 @@ pub fn decode(record: &[u8]) -> Result<KernelEvent<'_>, DecodeError> {
         family: raw.family,
         payload: &payload[..captured - tail],
         tail: &payload[captured - tail..captured],
+        arrival_ns: raw.arrival_ns,
+        established_ns: raw.established_ns,
     }))
 }
 
@@ -102,6 +104,8 @@ mod tests {
             ts_ns: 123_456_789,
             conn_id: 77,
             sock: 0xffff_8880_1234_5678,
+            arrival_ns: 0,
+            established_ns: 0,
             tgid: 42,
             tid: 43,
             ret: 512,
@@ -148,6 +152,8 @@ mod tests {
                 family: AF_INET,
                 payload: b"HTTP/",
                 tail: b"",
+                arrival_ns: 0,
+                established_ns: 0,
             }
         );
     }
@@ -191,7 +197,7 @@ mod tests {
         assert!(matches!(&decoded[0], Ok(KernelEvent::Sock(op)) if op.payload == b"ok"));
         assert!(matches!(&decoded[1], Ok(KernelEvent::State(_))));
         // Ends out of order or past the buffer give short records, which decode rejects.
-        let bad = RecordBatch::new(Bytes::from(send.clone()), vec![60, 10, 9_999]);
+        let bad = RecordBatch::new(Bytes::from(send.clone()), vec![100, 10, 9_999]);
         let sizes: Vec<_> = bad.records().map(<[u8]>::len).collect();
         assert_eq!(sizes, [send.len(), 0, 0]);
         assert!(bad.records().skip(1).all(|r| decode(r).is_err()));

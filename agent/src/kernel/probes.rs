@@ -31,15 +31,22 @@ const TRACEPOINTS: [&str; 9] = [
     "sched_wakeup_new",
 ];
 
+/// Tracepoints the agent runs without where the kernel lacks them: `sk_data_ready` (Linux 6.3
+/// and later) times a request's arrival in its socket; without it requests are timed from the
+/// connection's establishment (first requests) or the server's first read.
+const OPTIONAL_TRACEPOINTS: [&str; 1] = ["sk_data_ready"];
+
 /// The attached programs: dropping this detaches them.
 pub(crate) struct Programs {
     ebpf: Ebpf,
+    attached: Vec<&'static str>,
 }
 
 /// The maps that say what the programs watch; discovery keeps them in step with vLLM.
 pub(crate) struct WatchMaps {
     watched: HashMap<MapData, u32, WatchFlags>,
     sched_roles: HashMap<MapData, u32, u8>,
+    listen_ports: HashMap<MapData, u16, u32>,
 }
 
 /// The readable ends of the kernel maps, handed to their reader tasks.
@@ -68,25 +75,41 @@ pub(crate) fn load(capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs),
     let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
         .ok();
+    let mut attached = Vec::from(TRACEPOINTS);
     for name in TRACEPOINTS {
-        let program: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or(Error::Missing { what: "program", name })?
-            .try_into()
-            .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })?;
-        program.load(name, &btf).map_err(|e| Error::Program {
-            name,
-            action: "loading",
-            source: Box::new(e),
-        })?;
-        program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
+        attach(&mut ebpf, &btf, name)?;
+    }
+    for name in OPTIONAL_TRACEPOINTS {
+        match attach(&mut ebpf, &btf, name) {
+            Ok(()) => attached.push(name),
+            Err(e) => tracing::warn!(
+                "{e}: requests are timed from their connection's establishment or the server's first read, \
+                 and their queued phase is not reported (this kernel lacks the tracepoint, Linux >= 6.3)"
+            ),
+        }
     }
     let watched = HashMap::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_error)?;
     let lost = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOST)?).map_err(map_error)?;
     let sched_roles = HashMap::try_from(take_map(&mut ebpf, maps::SCHED_ROLES)?).map_err(map_error)?;
     let sched = PerCpuArray::try_from(take_map(&mut ebpf, maps::SCHED_STATS)?).map_err(map_error)?;
-    Ok((Programs { ebpf }, WatchMaps { watched, sched_roles }, Outputs { events, lost, sched, kernel_log }))
+    let listen_ports = HashMap::try_from(take_map(&mut ebpf, maps::LISTEN_PORTS)?).map_err(map_error)?;
+    Ok((
+        Programs { ebpf, attached },
+        WatchMaps { watched, sched_roles, listen_ports },
+        Outputs { events, lost, sched, kernel_log },
+    ))
+}
+
+fn attach(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), Error> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .ok_or(Error::Missing { what: "program", name })?
+        .try_into()
+        .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })?;
+    program.load(name, btf).map_err(|e| Error::Program { name, action: "loading", source: Box::new(e) })?;
+    program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
+    Ok(())
 }
 
 fn map_error(e: aya::maps::MapError) -> Error {
@@ -101,7 +124,7 @@ impl Programs {
     /// Each program's cumulative run time (ns) and run count, as the kernel keeps them while
     /// `kernel.bpf_stats_enabled=1` (zero otherwise).
     pub(crate) fn stats(&self) -> Vec<(&'static str, u64, u64)> {
-        TRACEPOINTS
+        self.attached
             .iter()
             .filter_map(|name| {
                 let info = self.ebpf.program(name)?.info().ok()?;
@@ -120,6 +143,16 @@ impl WatchMaps {
     /// Stops watching a process.
     pub(crate) fn unwatch(&mut self, tgid: u32) -> Result<(), Error> {
         self.watched.remove(&tgid).map_err(map_error)
+    }
+
+    /// Tracks the accepted connections of a TCP port a process listens on from their
+    /// establishment, or stops (`tgid` None).
+    pub(crate) fn set_listen_port(&mut self, port: u16, tgid: Option<u32>) -> Result<(), Error> {
+        match tgid {
+            Some(tgid) => self.listen_ports.insert(&port, &tgid, 0),
+            None => self.listen_ports.remove(&port),
+        }
+        .map_err(map_error)
     }
 
     /// Measures a process's scheduling under `role` (an index of `SchedStats`), or stops.

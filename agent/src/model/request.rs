@@ -28,7 +28,18 @@ pub struct RequestRecord {
     pub time_to_first_token_seconds: Option<f64>,
     pub duration_seconds: f64,
     pub max_chunk_gap_seconds: Option<f64>,
-    /// Request received → handed to the engine (parsing, templating, tokenisation).
+    /// Request received → first read by the server: waiting in the socket (and, on a new
+    /// connection, in the accept queue) while the server was busy. None where the kernel
+    /// cannot tell the arrival (then `received_*` is the first read).
+    #[serde(default)]
+    pub queued_seconds: Option<f64>,
+    /// CLOCK_MONOTONIC of the server's first read of the request.
+    #[serde(default)]
+    pub first_read_monotonic_ns: u64,
+    /// For a connection's first request: CLOCK_MONOTONIC when the connection was established.
+    #[serde(default)]
+    pub connection_established_monotonic_ns: Option<u64>,
+    /// First read → handed to the engine (parsing, templating, tokenisation).
     pub frontend_in_seconds: Option<f64>,
     /// Handed over → the engine output that became the first token (queueing + prefill).
     pub engine_first_seconds: Option<f64>,

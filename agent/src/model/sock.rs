@@ -39,22 +39,36 @@ pub struct SockOp<'a> {
     pub payload: &'a [u8],
     /// The transfer's last bytes when it was longer than the capture (else empty).
     pub tail: &'a [u8],
+    /// For a read: when its first bytes reached the socket (0: not known).
+    pub arrival_ns: u64,
+    /// For the first read of an accepted connection: when it was established (else 0).
+    pub established_ns: u64,
 }
 
 impl<'a> SockOp<'a> {
     /// The transfer as the HTTP reassembly reads it: `moved` bytes, the copied head and tail.
     pub fn transfer(&self, moved: usize) -> Transfer<'a> {
-        Transfer { head: self.payload, tail: self.tail, total: moved }
+        Transfer {
+            head: self.payload,
+            tail: self.tail,
+            total: moved,
+            arrival_ns: self.arrival_ns,
+            established_ns: self.established_ns,
+        }
     }
 }
 
 /// What the kernel saw of one transfer: `total` bytes moved, of which the first (`head`) and,
-/// when the transfer was longer than the capture, the last (`tail`) were copied.
-#[derive(Clone, Copy, Debug)]
+/// when the transfer was longer than the capture, the last (`tail`) were copied. For a read,
+/// the kernel may also tell when its first bytes reached the socket, and when the connection
+/// was established (its first read); 0 where it cannot.
+#[derive(Clone, Copy, Debug, Default)]
 pub struct Transfer<'a> {
     pub head: &'a [u8],
     pub tail: &'a [u8],
     pub total: usize,
+    pub arrival_ns: u64,
+    pub established_ns: u64,
 }
 
 impl Transfer<'_> {

@@ -249,6 +249,8 @@ mod tests {
             family: inferwatch_common::sock::AF_INET,
             payload,
             tail: b"",
+            arrival_ns: 0,
+            established_ns: 0,
         }
     }
 

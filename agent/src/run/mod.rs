@@ -242,4 +242,8 @@ impl WatchMap for WatchMaps {
     fn set_sched_role(&mut self, tgid: u32, role: Option<Role>) -> Result<(), Self::Error> {
         WatchMaps::set_sched_role(self, tgid, role.map(Role::sched_index))
     }
+
+    fn set_listen_port(&mut self, port: u16, tgid: Option<u32>) -> Result<(), Self::Error> {
+        WatchMaps::set_listen_port(self, port, tgid)
+    }
 }

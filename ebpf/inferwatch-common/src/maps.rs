@@ -23,6 +23,12 @@ pub const LOST: &str = "LOST";
 pub const TRACKED_SOCKS: &str = "TRACKED_SOCKS";
 pub const MAX_TRACKED_SOCKS: u32 = 65536;
 
+/// Hash map from a TCP port that a watched process listens on (`u16`, host order) to that
+/// process's tgid: its accepted connections are tracked from their establishment, so the time a
+/// request waits before the server accepts and reads it is seen.
+pub const LISTEN_PORTS: &str = "LISTEN_PORTS";
+pub const MAX_LISTEN_PORTS: u32 = 4096;
+
 /// Hash map from tgid to [`crate::sched::Role`] of the processes whose scheduling is measured.
 pub const SCHED_ROLES: &str = "SCHED_ROLES";
 /// Per-CPU array holding one [`crate::sched::SchedStats`], so the agent reads all of them with

@@ -25,11 +25,11 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use inferwatch_common::{
-    maps::{EVENTS_RING_BYTES, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
+    maps::{EVENTS_RING_BYTES, MAX_LISTEN_PORTS, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
     sock::{
         AF_INET, AF_INET6, LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind,
-        SKC_FAMILY_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockEvent, SockEventKind, TrackedSock,
-        WatchFlags,
+        SKC_FAMILY_OFFSET, SKC_NUM_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockEvent,
+        SockEventKind, TrackedSock, WatchFlags,
     },
     tcp::TcpState,
 };
@@ -48,15 +48,20 @@ static WATCHED_TGIDS: HashMap<u32, WatchFlags> = HashMap::with_max_entries(MAX_W
 #[map]
 static TRACKED_SOCKS: LruHashMap<u64, TrackedSock> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKS, 0);
 
+/// Ports watched processes listen on (the agent keeps it in step), to their tgid.
+#[map]
+static LISTEN_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(MAX_LISTEN_PORTS, 0);
+
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_RING_BYTES, 0);
 
 #[map]
 static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_REASONS, 0);
 
-/// Per-CPU counters behind connection ids.
+/// Per-CPU counters behind connection ids: one for system calls, one for softirq context
+/// (accepted connections), which may interrupt the first between its load and its store.
 #[map]
-static CONN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static CONN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 #[map]
 static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
@@ -88,6 +93,24 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
         Ok(()) => 0,
         Err(e) => e,
     }
+}
+
+/// `sk_data_ready(const struct sock *sk)` (Linux >= 6.3): data became readable on a socket,
+/// in softirq context for TCP. Every socket of the node passes here, so it is one lookup of the
+/// tracked sockets and nothing more for the others; the agent runs without it where the
+/// kernel lacks it (requests are then timed from the establishment or the first read).
+#[btf_tracepoint(function = "sk_data_ready")]
+pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
+    let sock: u64 = ctx.arg(0);
+    if let Some(tracked) = TRACKED_SOCKS.get_ptr_mut(&sock) {
+        // SAFETY: a map value; a racing read on another CPU at worst sees the old value.
+        unsafe {
+            if (*tracked).unread_since_ns == 0 {
+                (*tracked).unread_since_ns = bpf_ktime_get_ns();
+            }
+        }
+    }
+    0
 }
 
 /// `sched_switch`: on- and off-CPU accounting of vLLM's tasks (see sched.rs).
@@ -127,7 +150,7 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     }
     let sock: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    let conn_id = track(sock, tgid);
+    let tracked = track(sock, tgid, kind == SockEventKind::Recv && ret > 0);
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
     // SAFETY: a per-CPU slot, ours until this program returns.
     let scratch = unsafe { &mut *scratch };
@@ -151,8 +174,10 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     let captured = copied.head + copied.tail;
     scratch.event = SockEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        conn_id,
+        conn_id: tracked.conn_id,
         sock,
+        arrival_ns: tracked.unread_since_ns,
+        established_ns: tracked.established_ns,
         tgid,
         tid: pid_tgid as u32,
         ret,
@@ -242,6 +267,8 @@ fn try_net_event(ctx: &BtfTracePointContext, what: NetEventKind) -> Result<(), i
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: tracked.conn_id,
         sock,
+        arrival_ns: 0,
+        established_ns: 0,
         tgid: tracked.tgid,
         tid: 0,
         ret: what as i32,
@@ -270,11 +297,14 @@ fn emit_header(event: SockEvent) -> Result<(), i32> {
 #[inline(always)]
 fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let sock: u64 = ctx.arg(0);
-    let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
-        return Ok(());
-    };
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
+    let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
+        if old == TcpState::SynRecv as i32 && new == TcpState::Established as i32 {
+            track_accepted(sock);
+        }
+        return Ok(());
+    };
     if new == TcpState::Close as i32 {
         // The socket is done: a later socket at the same address must get a new id.
         let _ = TRACKED_SOCKS.remove(&sock);
@@ -283,6 +313,8 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: tracked.conn_id,
         sock,
+        arrival_ns: 0,
+        established_ns: 0,
         tgid: tracked.tgid,
         tid: 0,
         ret: new,
@@ -295,31 +327,74 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     })
 }
 
-/// The connection id of `sock`, assigning a fresh one the first time a watched process uses it.
+/// The tracked state of `sock`, with a fresh connection id the first time a watched process
+/// uses it. With `take_arrival` (a read that returned bytes), the arrival and establishment
+/// times are handed over and cleared, so that the next arrival starts afresh.
 #[inline(always)]
-fn track(sock: u64, tgid: u32) -> u64 {
-    if let Some(t) = unsafe { TRACKED_SOCKS.get(&sock) } {
-        return t.conn_id;
+fn track(sock: u64, tgid: u32, take_arrival: bool) -> TrackedSock {
+    if let Some(t) = TRACKED_SOCKS.get_ptr_mut(&sock) {
+        // SAFETY: a map value; `sk_data_ready` may race with the clearing, which at worst
+        // loses one arrival (that request is then timed from its first read).
+        unsafe {
+            let seen = *t;
+            if seen.tgid != tgid {
+                // Tracked from its handshake under the port's owner; the process that uses it
+                // owns it (several processes may share a listening port).
+                (*t).tgid = tgid;
+            }
+            if take_arrival && (seen.unread_since_ns != 0 || seen.established_ns != 0) {
+                (*t).unread_since_ns = 0;
+                (*t).established_ns = 0;
+                return seen;
+            }
+            return TrackedSock { unread_since_ns: 0, established_ns: 0, ..seen };
+        }
     }
     // A TCP socket already closed (a send whose record is written after a close that the
     // peer's RST caused meanwhile, a read after it): not a new connection. Tracking it would
     // leave an entry no close removes, inherited by the next socket at this address.
     let family = family_of(sock);
     if (family == AF_INET || family == AF_INET6) && state_of(sock) == TcpState::Close as u8 {
-        return 0;
+        return TrackedSock::default();
     }
-    let Some(counter) = CONN_COUNTER.get_ptr_mut(0) else {
+    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, ..TrackedSock::default() };
+    let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
+    tracked
+}
+
+/// An accepted connection to a port a watched process listens on, just established (it is in
+/// the accept queue now, and its first request may arrive before the server accepts it):
+/// tracked from here, so `sk_data_ready` sees that request arrive. One lookup per accepted
+/// connection of the node.
+#[inline(always)]
+fn track_accepted(sock: u64) {
+    // SAFETY: the helper checks the kernel address.
+    let Ok(port) = (unsafe { bpf_probe_read_kernel((sock + SKC_NUM_OFFSET as u64) as *const u16) }) else {
+        return;
+    };
+    let Some(&tgid) = (unsafe { LISTEN_PORTS.get(&port) }) else {
+        return;
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let tracked =
+        TrackedSock { conn_id: new_conn_id(1), tgid, established_ns: now, ..TrackedSock::default() };
+    let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
+}
+
+/// A connection id never used before: the CPU in the top 16 bits, which counter (`slot`: 0
+/// in system calls, 1 in softirq) in bit 47, that per-CPU counter below.
+#[inline(always)]
+fn new_conn_id(slot: u32) -> u64 {
+    let Some(counter) = CONN_COUNTER.get_ptr_mut(slot) else {
         return 0;
     };
-    // SAFETY: a per-CPU slot: no other writer.
+    // SAFETY: a per-CPU slot that only this context writes.
     let n = unsafe {
         *counter += 1;
         *counter
     };
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
-    let conn_id = (cpu << 48) | (n & 0xffff_ffff_ffff);
-    let _ = TRACKED_SOCKS.insert(&sock, &TrackedSock { conn_id, tgid, _pad: 0 }, 0);
-    conn_id
+    (cpu << 48) | ((slot as u64 & 1) << 47) | (n & 0x7fff_ffff_ffff)
 }
 
 /// The saved user registers of the current task, if it has them.

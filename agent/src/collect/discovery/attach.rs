@@ -18,13 +18,22 @@ pub(crate) trait WatchMap {
     fn unwatch(&mut self, tgid: u32) -> Result<(), Self::Error>;
     /// Measures a process's scheduling under `role`, or stops.
     fn set_sched_role(&mut self, tgid: u32, role: Option<Role>) -> Result<(), Self::Error>;
+    /// Tracks the connections accepted on a TCP port from their establishment (for `tgid`),
+    /// or stops.
+    fn set_listen_port(&mut self, port: u16, tgid: Option<u32>) -> Result<(), Self::Error>;
 }
+
+/// Ports followed at most (the kernel map's size).
+const MAX_LISTEN_PORTS: usize = inferwatch_common::maps::MAX_LISTEN_PORTS as usize;
 
 /// How a process is identified across scans: a pid and its start time (a reused pid has
 /// another), and its command name.
 pub(crate) trait ProcessTable {
     fn start_time(&self, pid: u32) -> Option<u64>;
     fn comm(&self, pid: u32) -> Option<String>;
+    /// The TCP ports a process listens on (read for `--pid` processes; discovered instances
+    /// come with theirs).
+    fn listening_ports(&self, pid: u32) -> Vec<u16>;
 }
 
 /// What is attached, and what was asked for.
@@ -36,6 +45,8 @@ pub(crate) struct Attacher {
     /// owners.
     explicit: HashMap<u32, Option<u64>>,
     roles: HashMap<u32, Role>,
+    /// Listening ports in the kernel's map, with the watched process they belong to.
+    ports: BTreeMap<u16, u32>,
 }
 
 impl Attacher {
@@ -44,6 +55,7 @@ impl Attacher {
             watched: BTreeMap::new(),
             explicit: explicit_pids.iter().map(|&p| (p, None)).collect(),
             roles: HashMap::new(),
+            ports: BTreeMap::new(),
         }
     }
 
@@ -114,6 +126,8 @@ impl Attacher {
             }
         }
 
+        self.follow_listen_ports(map, procs, instances);
+
         // Scheduler statistics follow every vLLM process, whatever its role.
         let desired_roles: HashMap<u32, Role> =
             instances.iter().flat_map(|i| i.processes.iter().map(|p| (p.pid, p.role))).collect();
@@ -134,6 +148,50 @@ impl Attacher {
         }
         (reports, left_out)
     }
+
+    /// The ports watched processes listen on, so that their connections are tracked from the
+    /// handshake: a request that waits in the accept queue is timed from its arrival. Keyed by
+    /// port alone (the kernel side reads no namespace): a port shared across network namespaces
+    /// tracks the other namespaces' connections too, until they close, at no other cost.
+    fn follow_listen_ports(
+        &mut self,
+        map: &mut impl WatchMap,
+        procs: &impl ProcessTable,
+        instances: &[Instance],
+    ) {
+        let mut desired: BTreeMap<u16, u32> = BTreeMap::new();
+        for instance in instances {
+            let Some(pid) = instance.pids(Role::ApiServer).find(|p| self.watched.contains_key(p)) else {
+                continue;
+            };
+            for addr in &instance.listen {
+                desired.entry(addr.port()).or_insert(pid);
+            }
+        }
+        for &pid in self.explicit.keys().filter(|p| self.watched.contains_key(p)) {
+            for port in procs.listening_ports(pid) {
+                desired.entry(port).or_insert(pid);
+            }
+        }
+        let stale: Vec<u16> = self.ports.keys().filter(|p| !desired.contains_key(p)).copied().collect();
+        for port in stale {
+            let _ = map.set_listen_port(port, None);
+            self.ports.remove(&port);
+        }
+        for (port, pid) in desired {
+            if self.ports.get(&port) == Some(&pid)
+                || (self.ports.len() >= MAX_LISTEN_PORTS && !self.ports.contains_key(&port))
+            {
+                continue;
+            }
+            match map.set_listen_port(port, Some(pid)) {
+                Ok(()) => {
+                    self.ports.insert(port, pid);
+                }
+                Err(e) => tracing::warn!("following port {port} of {pid}: {e}"),
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -145,6 +203,7 @@ mod tests {
     struct FakeMap {
         watched: Vec<u32>,
         roles: HashMap<u32, Role>,
+        ports: BTreeMap<u16, u32>,
     }
 
     impl WatchMap for FakeMap {
@@ -164,6 +223,13 @@ mod tests {
             };
             Ok(())
         }
+        fn set_listen_port(&mut self, port: u16, tgid: Option<u32>) -> Result<(), Self::Error> {
+            match tgid {
+                Some(t) => self.ports.insert(port, t),
+                None => self.ports.remove(&port),
+            };
+            Ok(())
+        }
     }
 
     /// pid → start time.
@@ -175,6 +241,9 @@ mod tests {
         }
         fn comm(&self, pid: u32) -> Option<String> {
             self.0.contains_key(&pid).then(|| format!("p{pid}"))
+        }
+        fn listening_ports(&self, pid: u32) -> Vec<u16> {
+            if self.0.contains_key(&pid) { vec![9000 + pid as u16] } else { vec![] }
         }
     }
 
@@ -190,6 +259,20 @@ mod tests {
             pod_uid: None,
             verified: false,
         }
+    }
+
+    #[test]
+    fn the_listening_ports_of_watched_processes_are_followed() {
+        let mut map = FakeMap::default();
+        let mut attacher = Attacher::new(&[42]);
+        let procs = Procs(HashMap::from([(10, 100), (11, 101), (42, 1)]));
+        let mut vllm = instance(10, 11);
+        vllm.listen = vec!["0.0.0.0:8000".parse().unwrap(), "[::]:8000".parse().unwrap()];
+        attacher.reconcile(&mut map, &procs, &[vllm.clone()]);
+        // The instance's port, and the --pid process's own (9042 in this fake /proc).
+        assert_eq!(map.ports, BTreeMap::from([(8000, 10), (9042, 42)]));
+        attacher.reconcile(&mut map, &procs, &[]);
+        assert_eq!(map.ports, BTreeMap::from([(9042, 42)]), "an instance gone takes its port along");
     }
 
     #[test]

@@ -61,6 +61,10 @@ impl ProcessTable for HostProcs {
     fn comm(&self, pid: u32) -> Option<String> {
         procfs::comm(pid).ok()
     }
+    fn listening_ports(&self, pid: u32) -> Vec<u16> {
+        let addresses = procfs::net::listening_addresses_of(&Path::new("/proc").join(pid.to_string()));
+        addresses.iter().map(|a| a.port()).collect()
+    }
 }
 
 /// The discovery loop. Owns the kernel's watch maps; `first_scan_done` fires once the first

@@ -19,12 +19,37 @@ const KEEP_BODY: usize = 1024;
 /// the connection is no longer followed until it starts a request afresh.
 const MAX_PENDING: usize = 64;
 
+/// When a request's first byte reached the server, as far as the kernel tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Arrival {
+    /// When its first byte reached the socket; the first read where the kernel cannot tell.
+    pub(super) at: u64,
+    /// The read that returned it.
+    pub(super) read: u64,
+    /// Whether `at` comes from the kernel (else it is the read).
+    pub(super) known: bool,
+    /// For a connection's first request: when the connection was established.
+    pub(super) established: Option<u64>,
+}
+
+impl Arrival {
+    /// The arrival of the bytes of `t`, read at `ts`. Times after the read are ignored; with no
+    /// arrival, an accepted connection's first bytes came at its establishment at the earliest,
+    /// and clients send right after it (kernels without `sk_data_ready`).
+    fn of(ts: u64, t: &Transfer<'_>) -> Self {
+        let valid = |v: u64| Some(v).filter(|&v| v != 0 && v <= ts);
+        let established = valid(t.established_ns);
+        let at = valid(t.arrival_ns).or(established);
+        Self { at: at.unwrap_or(ts), read: ts, known: at.is_some(), established }
+    }
+}
+
 #[derive(Debug)]
 enum Inbound {
-    /// Reading a request head; `started` is the time of its first byte.
+    /// Reading a request head; `started` is the arrival of its first byte.
     Head {
         buf: Vec<u8>,
-        started: Option<u64>,
+        started: Option<Arrival>,
     },
     /// Request body of known remaining length.
     Sized {
@@ -116,7 +141,7 @@ impl Connection {
 
     /// Bytes the server received: `total` of them, the first `known.len()` seen.
     pub fn receive_into(&mut self, ts: u64, known: &[u8], total: usize, up: &mut Progress) {
-        self.receive_transfer(ts, Transfer { head: known, tail: &[], total }, up);
+        self.receive_transfer(ts, Transfer { head: known, total, ..Transfer::default() }, up);
     }
 
     /// Bytes the server received, with the transfer's last bytes when it was longer than the
@@ -128,30 +153,38 @@ impl Connection {
         if matches!(self.inbound, Inbound::Lost) && request_line_start(t.head) {
             self.inbound = Inbound::Head { buf: Vec::new(), started: None };
         }
-        self.receive_part(ts, t.head, t.gap(), t.total, up);
+        let arrival = Arrival::of(ts, &t);
+        self.receive_part(arrival, t.head, t.gap(), t.total, up);
         if !t.tail.is_empty() {
-            self.receive_part(ts, t.tail, 0, t.total, up);
+            self.receive_part(arrival, t.tail, 0, t.total, up);
         }
     }
 
     /// `data` then `gap` unseen bytes of a transfer of `total`.
-    fn receive_part(&mut self, ts: u64, mut data: &[u8], mut gap: usize, total: usize, up: &mut Progress) {
+    fn receive_part(
+        &mut self,
+        arrival: Arrival,
+        mut data: &[u8],
+        mut gap: usize,
+        total: usize,
+        up: &mut Progress,
+    ) {
         while !data.is_empty() || gap > 0 {
             match &mut self.inbound {
                 Inbound::Lost | Inbound::NotHttp => break,
                 Inbound::Head { buf, started } => {
                     if data.is_empty() {
                         // The rest of this head is beyond the capture.
-                        let (buf, started) = (std::mem::take(buf), started.unwrap_or(ts));
+                        let (buf, started) = (std::mem::take(buf), started.unwrap_or(arrival));
                         self.head_cut(&buf, started, total as u64, up);
                         break;
                     }
-                    started.get_or_insert(ts);
+                    started.get_or_insert(arrival);
                     match read_head(buf, data) {
                         Some((head, used)) => {
                             data = &data[used..];
-                            let started = started.unwrap_or(ts);
-                            if let Err(reason) = self.request_head(&head, started, ts, up) {
+                            let started = started.unwrap_or(arrival);
+                            if let Err(reason) = self.request_head(&head, started, up) {
                                 self.not_http(reason, up);
                                 break;
                             }
@@ -161,7 +194,7 @@ impl Connection {
                             break;
                         }
                         None if buf.len() >= MAX_HEAD => {
-                            let (buf, started) = (std::mem::take(buf), started.unwrap_or(ts));
+                            let (buf, started) = (std::mem::take(buf), started.unwrap_or(arrival));
                             self.head_cut(&buf, started, total as u64, up);
                             break;
                         }
@@ -213,7 +246,7 @@ impl Connection {
 
     /// A request head cut short by the capture: keep what its request line says, and pick the
     /// inbound stream up again at the next request line.
-    fn head_cut(&mut self, buf: &[u8], started: u64, bytes: u64, up: &mut Progress) {
+    fn head_cut(&mut self, buf: &[u8], started: Arrival, bytes: u64, up: &mut Progress) {
         self.inbound = Inbound::Lost;
         if buf.is_empty() {
             // Unseen bytes between requests: nothing to report, resume at the next request line.
@@ -235,13 +268,7 @@ impl Connection {
         self.pending.push_back(req);
     }
 
-    fn request_head(
-        &mut self,
-        head: &[u8],
-        started: u64,
-        _ts: u64,
-        up: &mut Progress,
-    ) -> Result<(), &'static str> {
+    fn request_head(&mut self, head: &[u8], started: Arrival, up: &mut Progress) -> Result<(), &'static str> {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(head) {
@@ -303,7 +330,7 @@ impl Connection {
     /// Bytes the server sent: `total` of them, the first `known.len()` seen. What they reveal
     /// is added to `up` (the caller reuses one, so a request allocates no update of its own).
     pub fn send_into(&mut self, ts: u64, known: &[u8], total: usize, up: &mut Progress) {
-        self.send_transfer(ts, Transfer { head: known, tail: &[], total }, up);
+        self.send_transfer(ts, Transfer { head: known, total, ..Transfer::default() }, up);
     }
 
     /// Bytes the server sent, with the transfer's last bytes when it was longer than the

@@ -1,7 +1,7 @@
 //! One request/response exchange: what is known while it is in flight, and what is reported
 //! when it is over.
 
-use super::{Needle, find, needle};
+use super::{Needle, connection::Arrival, find, needle};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -38,8 +38,15 @@ pub struct FinishedRequest {
     pub stream: bool,
     pub request_bytes: u64,
     pub response_bytes: u64,
-    /// First byte of the request received.
+    /// First byte of the request received: when it reached the server's socket where the
+    /// kernel tells, else when the server first read it.
     pub received_ns: u64,
+    /// When the server first read the request (`received_ns` → here: queued in the socket).
+    pub first_read_ns: u64,
+    /// Whether `received_ns` is the kernel's arrival time (so the queued time is known).
+    pub arrival_known: bool,
+    /// For a connection's first request: when the connection was established.
+    pub established_ns: Option<u64>,
     pub headers_ns: Option<u64>,
     pub first_token_ns: Option<u64>,
     pub end_ns: u64,
@@ -89,7 +96,7 @@ pub(super) struct Pending {
     pub(super) model: Option<String>,
     pub(super) body: Vec<u8>,
     pub(super) started: bool,
-    pub(super) received_ns: u64,
+    pub(super) arrival: Arrival,
     pub(super) request_bytes: u64,
     // Response side.
     pub(super) status: u16,
@@ -125,7 +132,7 @@ pub(super) fn response_id(body: &[u8]) -> Option<String> {
 pub(super) fn new_pending(
     method: &'static str,
     route: &'static str,
-    received_ns: u64,
+    arrival: Arrival,
     request_bytes: u64,
 ) -> Pending {
     Pending {
@@ -134,7 +141,7 @@ pub(super) fn new_pending(
         model: None,
         body: Vec::new(),
         started: false,
-        received_ns,
+        arrival,
         request_bytes,
         status: 0,
         stream: false,
@@ -161,7 +168,10 @@ pub(super) fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedR
         stream: req.stream,
         request_bytes: req.request_bytes,
         response_bytes: req.response_bytes,
-        received_ns: req.received_ns,
+        received_ns: req.arrival.at,
+        first_read_ns: req.arrival.read,
+        arrival_known: req.arrival.known,
+        established_ns: req.arrival.established,
         headers_ns: req.headers_ns,
         first_token_ns: req.first_token_ns,
         end_ns,

@@ -356,7 +356,7 @@ fn sent_with_tail(
     let head = &w[..w.len().min(capture)];
     let tail = if w.len() > head.len() { &w[w.len() - tail.min(w.len() - head.len())..] } else { &[][..] };
     let mut up = super::Progress::default();
-    c.send_transfer(ts, super::Transfer { head, tail, total: w.len() }, &mut up);
+    c.send_transfer(ts, super::Transfer { head, tail, total: w.len(), ..Default::default() }, &mut up);
     up.finished
 }
 
