@@ -33,8 +33,9 @@ fn recorded() -> Snapshot {
                 outcome: "complete".into(),
                 content_events: 4,
                 headers_ms: Some(2.2),
+                queued_ms: Some(1.2),
                 frontend_in_ms: Some(2.7),
-                engine_first_ms: Some(6.8),
+                engine_first_ms: Some(5.6),
                 ttft_ms: Some(9.7),
                 duration_ms: 15.7,
             },
@@ -95,8 +96,10 @@ fn waterfall_is_to_scale() {
     let lines = waterfall_lines(&recorded().requests[0], 60);
     let bar = |i: usize| lines[i].to_string().chars().filter(|c| *c == '█').count();
     assert_eq!(bar(0), 0);
-    assert!(bar(4) > bar(2), "first token after the hand-off");
-    assert_eq!(bar(5), 10, "the end fills the bar (its minimum width at 60 columns)");
+    assert!(bar(1) > 0 && lines[1].to_string().contains("queued 1.2"), "the wait before the read");
+    assert!(bar(3) > bar(1), "handed to the engine after the read");
+    assert!(bar(5) > bar(3), "first token after the hand-off");
+    assert_eq!(bar(6), 10, "the end fills the bar (its minimum width at 60 columns)");
     let wide = waterfall_lines(&recorded().requests[0], 120);
-    assert_eq!(wide[5].to_string().chars().filter(|c| *c == '█').count(), 120 - 12 - 9 - 2 - 28);
+    assert_eq!(wide[6].to_string().chars().filter(|c| *c == '█').count(), 120 - 12 - 9 - 2 - 28);
 }

@@ -43,6 +43,7 @@ pub(crate) struct Percentiles {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub(crate) struct PhaseMeans {
+    pub queued: Option<f64>,
     pub frontend_in: Option<f64>,
     pub engine_first: Option<f64>,
     pub frontend_out: Option<f64>,
@@ -121,6 +122,7 @@ async fn record(agent: &str, duration: Duration) -> Result<Baseline> {
         ttft_ms: pcts(|r| r.time_to_first_token_seconds),
         duration_ms: pcts(|r| Some(r.duration_seconds)),
         phases_ms: PhaseMeans {
+            queued: mean_phase(|r| r.queued_seconds),
             frontend_in: mean_phase(|r| r.frontend_in_seconds),
             engine_first: mean_phase(|r| r.engine_first_seconds),
             frontend_out: mean_phase(|r| r.frontend_out_seconds),
@@ -139,13 +141,14 @@ type Figure = fn(&Baseline) -> Option<f64>;
 /// Prints the deltas; returns how many metrics regressed beyond `threshold` percent.
 pub(crate) fn compare(a: &Baseline, b: &Baseline, threshold: f64) -> usize {
     // (name, the figure, higher is better)
-    let metrics: [(&str, Figure, bool); 8] = [
+    let metrics: [(&str, Figure, bool); 9] = [
         ("requests/s", |b| b.requests_per_second, true),
         ("output tokens/s", |b| b.output_tokens_per_second, true),
         ("TTFT p50 (ms)", |b| b.ttft_ms.as_ref()?.p50, false),
         ("TTFT p99 (ms)", |b| b.ttft_ms.as_ref()?.p99, false),
         ("duration p50 (ms)", |b| b.duration_ms.as_ref()?.p50, false),
         ("duration p99 (ms)", |b| b.duration_ms.as_ref()?.p99, false),
+        ("queued mean (ms)", |b| b.phases_ms.queued, false),
         ("frontend_in mean (ms)", |b| b.phases_ms.frontend_in, false),
         ("engine_first mean (ms)", |b| b.phases_ms.engine_first, false),
     ];

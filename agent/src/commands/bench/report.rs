@@ -170,7 +170,8 @@ pub(super) async fn server_side(agent: &str, outcomes: &[Outcome], start_unix: f
     };
     show("Mean TTFT (ms):", client(|o| o.ttft), mean(|r| r.time_to_first_token_seconds));
     show("Mean E2E (ms):", client(|o| Some(o.e2el)), mean(|r| Some(r.duration_seconds)));
-    let phases: [(&str, Field); 5] = [
+    let phases: [(&str, Field); 6] = [
+        ("  queued, before the first read (ms):", |r| r.queued_seconds),
         ("  frontend_in (ms):", |r| r.frontend_in_seconds),
         ("  engine_first (ms):", |r| r.engine_first_seconds),
         ("  engine (whole responses) (ms):", |r| r.engine_seconds),

@@ -131,6 +131,7 @@ impl Fetcher {
                 outcome: r.outcome.to_string(),
                 content_events: r.content_events.into(),
                 headers_ms: ms(r.response_headers_seconds),
+                queued_ms: ms(r.queued_seconds),
                 frontend_in_ms: ms(r.frontend_in_seconds),
                 engine_first_ms: ms(r.engine_first_seconds),
                 ttft_ms: ms(r.time_to_first_token_seconds),

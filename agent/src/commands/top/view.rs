@@ -46,6 +46,8 @@ pub struct RequestRow {
     pub outcome: String,
     pub content_events: u64,
     pub headers_ms: Option<f64>,
+    /// Arrival → the server's first read (waiting in the socket).
+    pub queued_ms: Option<f64>,
     pub frontend_in_ms: Option<f64>,
     pub engine_first_ms: Option<f64>,
     pub ttft_ms: Option<f64>,
@@ -130,7 +132,7 @@ pub fn render(frame: &mut Frame, s: &Snapshot, v: &ViewState) {
         Constraint::Length(s.instances.len().max(1) as u16 + 3),
         Constraint::Length(gpu_rows + 2),
         Constraint::Min(4),
-        Constraint::Length(8),
+        Constraint::Length(9),
     ])
     .areas(area);
 
@@ -234,12 +236,20 @@ pub fn render(frame: &mut Frame, s: &Snapshot, v: &ViewState) {
     frame.render_widget(Paragraph::new(wf).block(block("waterfall of the selected request")), waterfall);
 }
 
-/// The selected request drawn to scale: one line per milestone, bars from receipt.
+/// The selected request drawn to scale: one line per milestone, bars from its arrival.
 pub fn waterfall_lines(r: &RequestRow, width: u16) -> Vec<Line<'static>> {
-    let handed = r.frontend_in_ms;
+    let read = r.queued_ms.unwrap_or(0.0);
+    let handed = r.frontend_in_ms.map(|v| read + v);
     let first_output = handed.zip(r.engine_first_ms).map(|(a, b)| a + b);
-    let marks: [(&str, Option<f64>, String); 6] = [
-        ("received", Some(0.0), String::new()),
+    let marks: [(&str, Option<f64>, String); 7] = [
+        ("arrived", Some(0.0), String::new()),
+        (
+            "read",
+            r.queued_ms,
+            r.queued_ms.map_or("arrival unknown (timed from the read)".to_string(), |v| {
+                format!("queued {}", ms(Some(v)))
+            }),
+        ),
         ("headers", r.headers_ms, String::new()),
         (
             "to engine",
