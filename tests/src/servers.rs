@@ -1,5 +1,6 @@
-//! The HTTP servers the fidelity tests watch: uvicorn + uvloop (vLLM's stack, `read`/`write`)
-//! and a Rust std server (`recv`/`send`/`writev`).
+//! The HTTP servers the fidelity tests watch: uvicorn + uvloop (vLLM's stack, `read`/`write`),
+//! a Rust std server (`recv`/`send`/`writev`), Node.js's `http` module (`writev` of several
+//! iovecs) and Go's `net/http` (a `write` per flush), each speaking the same small protocol.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -22,6 +23,11 @@ pub fn python() -> PathBuf {
     std::env::var_os("INFERWATCH_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python"))
+}
+
+/// tests/servers: the servers' own sources.
+fn servers_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("servers")
 }
 
 impl Server {
@@ -49,7 +55,7 @@ impl Server {
                 "--no-access-log",
             ])
             .arg("--app-dir")
-            .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("servers"))
+            .arg(servers_dir())
             .stdout(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
@@ -76,6 +82,45 @@ impl Server {
             .spawn()
             .expect("sseserver");
         Self::ready(child, port, "rust-writev")
+    }
+
+    /// Node.js's `http` module (tests/servers/sse_node.js; Debian's `nodejs`, which `cargo xtask
+    /// setup` installs).
+    pub fn node() -> Server {
+        let port = free_port();
+        let child = Command::new("node")
+            .arg(servers_dir().join("sse_node.js"))
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting node: {e} (run `cargo xtask setup`)"));
+        Self::ready(child, port, "node-http")
+    }
+
+    /// Go's `net/http` (tests/servers/sse_go.go, built once per test process with Debian's
+    /// `golang-go`, which `cargo xtask setup` installs; standard library only).
+    pub fn go() -> Server {
+        static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        let binary = BUILT.get_or_init(|| {
+            let target = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/test-servers");
+            std::fs::create_dir_all(&target).unwrap();
+            let out = target.join("sse_go");
+            let status = Command::new("go")
+                .args(["build", "-o"])
+                .arg(&out)
+                .arg(servers_dir().join("sse_go.go"))
+                .env("GOCACHE", target.join("go-cache"))
+                .env("GOPATH", target.join("go-path"))
+                .env("GO111MODULE", "off")
+                .env("GOFLAGS", "")
+                .status()
+                .unwrap_or_else(|e| panic!("go build: {e} (run `cargo xtask setup`)"));
+            assert!(status.success(), "go build tests/servers/sse_go.go failed");
+            out
+        });
+        let port = free_port();
+        let child = Command::new(binary).arg(port.to_string()).stdout(Stdio::null()).spawn().expect("sse_go");
+        Self::ready(child, port, "go-net/http")
     }
 
     fn ready(mut child: Child, port: u16, name: &'static str) -> Server {

@@ -388,3 +388,68 @@ fn a_stalling_event_loop_is_timed_from_each_requests_arrival() {
     assert!(connections >= fresh.len(), "fresh connections' establishment reported: {connections}");
     assert!(agent.stop().success());
 }
+
+/// Servers nobody here wrote the write pattern of: uvicorn (vLLM's stack), a Rust std server,
+/// Node.js's `http` (a chunk per `write`, the end one `writev` of 5 iovecs) and Go's `net/http` (a
+/// `write` per flush, the terminator with the last event). Each on keep-alive and on fresh
+/// connections, clients arriving at any moment, and a few streams abandoned on purpose: exact
+/// counts of `complete` and `aborted`, and the agent's TTFT and duration against the client's.
+#[test]
+fn a_matrix_of_servers_as_they_really_write() {
+    require_root();
+    let make = |i: usize| Completion {
+        model: "matrix-model".into(),
+        pad: 100 + i,
+        max_tokens: 8,
+        delay_ms: 2.0,
+        stream: true,
+    };
+    for server in [Server::uvicorn(), Server::rust(SSESERVER), Server::node(), Server::go()] {
+        let agent = Agent::start(&[server.pid()]);
+        let kept = load_paced(&server, 2, 20, false, make);
+        let fresh = load_paced(&server, 2, 20, true, |i| make(500 + i));
+        // Abandoned after 2 content events: the server's next writes meet a closed socket.
+        for i in 0..3 {
+            let mut client = Client::connect(server.addr);
+            client.send_raw(&make(900 + i).bytes());
+            assert_eq!(client.read_response(Some(2)).content_events, 2);
+            client.abort();
+        }
+        let finished = kept.len() + fresh.len();
+        let records = wait_for_records(&agent, finished + 3);
+        let (mut ttft, mut duration) = (Vec::new(), Vec::new());
+        for t in kept.iter().chain(&fresh) {
+            let r = &records[&t.request_bytes];
+            let what = format!("{}: {r}", server.name);
+            assert_eq!(
+                (r["outcome"].as_str(), r["status"].as_u64()),
+                (Some("complete"), Some(200)),
+                "{what}"
+            );
+            assert_eq!(r["content_events"].as_u64(), Some(t.content_events as u64), "{what}");
+            ttft.push(
+                (r["time_to_first_token_seconds"].as_f64().unwrap() - t.ttft_seconds().unwrap()).abs() * 1e3,
+            );
+            duration.push((r["duration_seconds"].as_f64().unwrap() - t.duration_seconds()).abs() * 1e3);
+        }
+        let text = agent.metrics();
+        let count = |outcome: &str| {
+            sum_matching(
+                &text,
+                "inferwatch_http_requests_total{",
+                &format!(r#"model="matrix-model",route="/v1/completions",status="200",outcome="{outcome}""#),
+            )
+        };
+        let (complete, aborted) = (count("complete"), count("aborted"));
+        let summary = |v: &[f64]| (percentile(v, 50.0), percentile(v, 99.0));
+        let ((t50, t99), (d50, d99)) = (summary(&ttft), summary(&duration));
+        println!(
+            "fidelity matrix {}: {complete} complete, {aborted} aborted; |agent - client| TTFT median {t50:.3} ms p99 {t99:.3} ms, duration median {d50:.3} ms p99 {d99:.3} ms",
+            server.name
+        );
+        assert_eq!((complete, aborted), (finished as f64, 3.0), "{}:\n{text}", server.name);
+        assert!(t50 <= 1.0 && t99 <= 3.0, "{}: TTFT |delta| median {t50} ms, p99 {t99} ms", server.name);
+        assert!(d50 <= 1.0 && d99 <= 3.0, "{}: duration |delta| median {d50} ms, p99 {d99} ms", server.name);
+        assert!(agent.stop().success());
+    }
+}

@@ -78,6 +78,9 @@ pub fn ensure() -> Result {
     // The TLS test makes its certificate with openssl and checks the agent with curl.
     ensure_debian_tool("openssl", "openssl")?;
     ensure_debian_tool("curl", "curl")?;
+    // The fidelity tests' servers written the way Node.js and Go servers write.
+    ensure_debian_tool("node", "nodejs")?;
+    ensure_debian_tool("go", "golang-go")?;
     Ok(())
 }
 
@@ -107,13 +110,15 @@ fn build_tools_present() -> bool {
 
 /// Quick check used by every other task: true when nothing needs installing.
 pub fn is_complete() -> bool {
-    build_tools_present() && python_env_present() && tool_present("tmux") && tool_present("promtool")
+    build_tools_present()
+        && python_env_present()
+        && ["tmux", "promtool", "openssl", "curl", "node", "go"].iter().all(|t| tool_present(t))
 }
 
 fn tool_present(binary: &str) -> bool {
     let flag = match binary {
         "tmux" => "-V",
-        "openssl" => "version",
+        "openssl" | "go" => "version",
         _ => "--version",
     };
     output(command(binary).arg(flag)).is_some()
