@@ -84,6 +84,14 @@ impl Server {
         Self::ready(child, port, "rust-writev")
     }
 
+    /// axum on hyper (`binary` is `env!("CARGO_BIN_EXE_axumserver")`).
+    pub fn axum(binary: &str) -> Server {
+        let port = free_port();
+        let child =
+            Command::new(binary).arg(port.to_string()).stdout(Stdio::null()).spawn().expect("axumserver");
+        Self::ready(child, port, "axum-hyper")
+    }
+
     /// Node.js's `http` module (tests/servers/sse_node.js; Debian's `nodejs`, which `cargo xtask
     /// setup` installs).
     pub fn node() -> Server {

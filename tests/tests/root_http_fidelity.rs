@@ -13,6 +13,7 @@ use inferwatch_tests::{
 use serde_json::Value;
 
 const SSESERVER: &str = env!("CARGO_BIN_EXE_sseserver");
+const AXUMSERVER: &str = env!("CARGO_BIN_EXE_axumserver");
 
 fn servers() -> Vec<Server> {
     vec![Server::uvicorn(), Server::rust(SSESERVER)]
@@ -390,7 +391,7 @@ fn a_stalling_event_loop_is_timed_from_each_requests_arrival() {
 }
 
 /// Servers nobody here wrote the write pattern of: uvicorn (vLLM's stack), a Rust std server,
-/// Node.js's `http` (a chunk per `write`, the end one `writev` of 5 iovecs) and Go's `net/http` (a
+/// axum on hyper (several buffers per `writev`), Node.js's `http` (a chunk per `write`, the end one `writev` of 5 iovecs) and Go's `net/http` (a
 /// `write` per flush, the terminator with the last event). Each on keep-alive and on fresh
 /// connections, clients arriving at any moment, and a few streams abandoned on purpose: exact
 /// counts of `complete` and `aborted`, and the agent's TTFT and duration against the client's.
@@ -404,7 +405,9 @@ fn a_matrix_of_servers_as_they_really_write() {
         delay_ms: 2.0,
         stream: true,
     };
-    for server in [Server::uvicorn(), Server::rust(SSESERVER), Server::node(), Server::go()] {
+    for server in
+        [Server::uvicorn(), Server::rust(SSESERVER), Server::axum(AXUMSERVER), Server::node(), Server::go()]
+    {
         let agent = Agent::start(&[server.pid()]);
         let kept = load_paced(&server, 2, 20, false, make);
         let fresh = load_paced(&server, 2, 20, true, |i| make(500 + i));
