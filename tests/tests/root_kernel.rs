@@ -133,6 +133,7 @@ fn starts_serves_and_detaches_everything_on_sigterm() {
             "sched_switch",
             "sched_wakeup",
             "sched_wakeup_ne",
+            "sk_data_ready",
             "sock_recv_lengt",
             "sock_send_lengt",
             "tcp_receive_res",

@@ -87,21 +87,28 @@ pub const MAX_IOVECS: usize = 8;
 /// whatever the transfer's size.
 pub const TAIL_BYTES: usize = 64;
 
-/// Identity of a socket while the kernel programs follow it, and when its unread data arrived.
+/// Identity of a socket while the kernel programs follow it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackedSock {
     /// Unique for the socket's life (CPU in the top 16 bits, a per-CPU counter below): the
     /// same address reused by a new socket gets a new id, so connections never merge.
     pub conn_id: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// When a tracked socket's unread data arrived: socket-local storage, attached to the sockets
+/// we track only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockArrival {
     /// When data became readable while none was waiting (`sk_data_ready`), cleared by the
     /// next read that returns bytes: the arrival of what that read gets. 0: nothing waiting.
     pub unread_since_ns: u64,
     /// When an accepted connection to a watched listening port became established (before
     /// the server accepted it); cleared by its first read.
     pub established_ns: u64,
-    pub tgid: u32,
-    pub _pad: u32,
 }
 
 /// Header of one ring-buffer record: a socket operation or state change of a watched
@@ -116,7 +123,7 @@ pub struct SockEvent {
     /// Kernel address of the `struct sock`: an identity, never dereferenced by userspace.
     pub sock: u64,
     /// For a read: when the first of the data it returned reached the socket (see
-    /// [`TrackedSock::unread_since_ns`]); 0 where the kernel cannot tell.
+    /// [`SockArrival::unread_since_ns`]); 0 where the kernel cannot tell.
     pub arrival_ns: u64,
     /// For the first read of an accepted connection: when it was established; else 0.
     pub established_ns: u64,
@@ -155,7 +162,7 @@ pub const SKC_NUM_OFFSET: usize = 14;
 pub const SOCK_EVENT_SIZE: usize = 64;
 const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);
 const _: () = assert!(core::mem::size_of::<WatchFlags>() == 4);
-const _: () = assert!(core::mem::size_of::<TrackedSock>() == 32);
+const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
 const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 
 /// Per-CPU scratch where a record is assembled before it is copied to the ring buffer at its

@@ -10,6 +10,7 @@
 #![no_std]
 #![no_main]
 
+mod arrival;
 mod capture;
 mod sched;
 
@@ -28,8 +29,8 @@ use inferwatch_common::{
     maps::{EVENTS_RING_BYTES, MAX_LISTEN_PORTS, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
     sock::{
         AF_INET, AF_INET6, LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind,
-        SKC_FAMILY_OFFSET, SKC_NUM_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockEvent,
-        SockEventKind, TrackedSock, WatchFlags,
+        SKC_FAMILY_OFFSET, SKC_NUM_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockArrival,
+        SockEvent, SockEventKind, TrackedSock, WatchFlags,
     },
     tcp::TcpState,
 };
@@ -95,24 +96,6 @@ pub fn inet_sock_set_state(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
-/// `sk_data_ready(const struct sock *sk)` (Linux >= 6.3): data became readable on a socket,
-/// in softirq context for TCP. Every socket of the node passes here, so it is one lookup of the
-/// tracked sockets and nothing more for the others; the agent runs without it where the
-/// kernel lacks it (requests are then timed from the establishment or the first read).
-#[btf_tracepoint(function = "sk_data_ready")]
-pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
-    let sock: u64 = ctx.arg(0);
-    if let Some(tracked) = TRACKED_SOCKS.get_ptr_mut(&sock) {
-        // SAFETY: a map value; a racing read on another CPU at worst sees the old value.
-        unsafe {
-            if (*tracked).unread_since_ns == 0 {
-                (*tracked).unread_since_ns = bpf_ktime_get_ns();
-            }
-        }
-    }
-    0
-}
-
 /// `sched_switch`: on- and off-CPU accounting of vLLM's tasks (see sched.rs).
 #[btf_tracepoint(function = "sched_switch")]
 pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
@@ -150,7 +133,9 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
     }
     let sock: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    let tracked = track(sock, tgid, kind == SockEventKind::Recv && ret > 0);
+    let tracked = track(sock, tgid);
+    let arrival =
+        if kind == SockEventKind::Recv && ret > 0 { arrival::take(sock) } else { SockArrival::default() };
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
     // SAFETY: a per-CPU slot, ours until this program returns.
     let scratch = unsafe { &mut *scratch };
@@ -176,8 +161,8 @@ fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i3
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: tracked.conn_id,
         sock,
-        arrival_ns: tracked.unread_since_ns,
-        established_ns: tracked.established_ns,
+        arrival_ns: arrival.unread_since_ns,
+        established_ns: arrival.established_ns,
         tgid,
         tid: pid_tgid as u32,
         ret,
@@ -328,26 +313,18 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 }
 
 /// The tracked state of `sock`, with a fresh connection id the first time a watched process
-/// uses it. With `take_arrival` (a read that returned bytes), the arrival and establishment
-/// times are handed over and cleared, so that the next arrival starts afresh.
+/// uses it (and arrivals stamped on it from then on).
 #[inline(always)]
-fn track(sock: u64, tgid: u32, take_arrival: bool) -> TrackedSock {
+fn track(sock: u64, tgid: u32) -> TrackedSock {
     if let Some(t) = TRACKED_SOCKS.get_ptr_mut(&sock) {
-        // SAFETY: a map value; `sk_data_ready` may race with the clearing, which at worst
-        // loses one arrival (that request is then timed from its first read).
+        // SAFETY: a map value, written here only by the process using the socket.
         unsafe {
-            let seen = *t;
-            if seen.tgid != tgid {
+            if (*t).tgid != tgid {
                 // Tracked from its handshake under the port's owner; the process that uses it
                 // owns it (several processes may share a listening port).
                 (*t).tgid = tgid;
             }
-            if take_arrival && (seen.unread_since_ns != 0 || seen.established_ns != 0) {
-                (*t).unread_since_ns = 0;
-                (*t).established_ns = 0;
-                return seen;
-            }
-            return TrackedSock { unread_since_ns: 0, established_ns: 0, ..seen };
+            return *t;
         }
     }
     // A TCP socket already closed (a send whose record is written after a close that the
@@ -357,8 +334,9 @@ fn track(sock: u64, tgid: u32, take_arrival: bool) -> TrackedSock {
     if (family == AF_INET || family == AF_INET6) && state_of(sock) == TcpState::Close as u8 {
         return TrackedSock::default();
     }
-    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, ..TrackedSock::default() };
+    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, _pad: 0 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
+    arrival::follow(sock, 0);
     tracked
 }
 
@@ -375,10 +353,9 @@ fn track_accepted(sock: u64) {
     let Some(&tgid) = (unsafe { LISTEN_PORTS.get(&port) }) else {
         return;
     };
-    let now = unsafe { bpf_ktime_get_ns() };
-    let tracked =
-        TrackedSock { conn_id: new_conn_id(1), tgid, established_ns: now, ..TrackedSock::default() };
+    let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, _pad: 0 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
+    arrival::follow(sock, unsafe { bpf_ktime_get_ns() });
 }
 
 /// A connection id never used before: the CPU in the top 16 bits, which counter (`slot`: 0

@@ -133,7 +133,7 @@ fn programs_measured(writeloop: &Path, iterations: u64) -> Result<String> {
     );
     let _ = writeln!(md, "| program | process | runs | ns per run |");
     let _ = writeln!(md, "|---|---|---|---|");
-    for program in ["sock_send_length", "sock_recv_length", "sched_switch", "sched_wakeup"] {
+    for program in ["sock_send_length", "sock_recv_length", "sk_data_ready", "sched_switch", "sched_wakeup"] {
         for (phase, a, b) in [("unwatched", &s0, &s1), ("watched", &s1, &s2)] {
             let (runs, ns) = per_run(a, b, program);
             let _ = writeln!(md, "| `{program}` | {phase} | {runs:.0} | {ns:.0} |");
