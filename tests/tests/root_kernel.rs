@@ -156,7 +156,7 @@ fn starts_serves_and_detaches_everything_on_sigterm() {
 
     let agent = Agent::start(&[]);
     let ids = program_ids_held_by(agent.pid());
-    assert_eq!(loaded_program_names(&ids).len(), 9);
+    assert_eq!(loaded_program_names(&ids).len(), 10);
     // SAFETY: signalling a child we own.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGINT) };
     assert_programs_freed(&ids, "SIGINT");
