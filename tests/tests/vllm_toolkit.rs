@@ -89,6 +89,29 @@ fn diagnose_sees_queueing_and_stays_quiet_when_idle() {
     assert!(agent.stop().success());
 }
 
+/// Waits until discovery has seen vLLM listen on `port`: from then on its connections are
+/// tracked from their handshake, so even a connection's first request is timed from its arrival
+/// (before, it is timed from its first read: README, "The clock starts when the request arrives").
+fn wait_listening(agent: &Agent, port: u16) {
+    let suffix = format!(":{port}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let all = agent.json("/api/v1/instances");
+        let listening = all.as_array().into_iter().flatten().any(|i| {
+            i["listen"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|a| a.as_str().is_some_and(|a| a.ends_with(&suffix)))
+        });
+        if listening {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the agent did not see vLLM listen on {port}:\n{all}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Runs `bench` in the background while a baseline is recorded from the agent.
 fn baseline_under_load(agent: &Agent, url: &str, out: &std::path::Path) {
     let load = {
@@ -122,6 +145,7 @@ fn bench_agrees_with_vllm_and_baseline_flags_a_smaller_batch() {
     vllm.wait_ready(READY);
     let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
     let url = format!("http://{addr}");
+    wait_listening(&agent, vllm.port);
     // bench's numbers against vLLM's own counters and histograms for the same run.
     let before = vllm_totals(addr);
     let json = dir.join("bench.json");
@@ -143,6 +167,38 @@ fn bench_agrees_with_vllm_and_baseline_flags_a_smaller_batch() {
     assert!(
         bench_e2e_ms - vllm_e2e_ms < 5.0_f64.max(0.3 * vllm_e2e_ms),
         "agree within the API server's overhead"
+    );
+    // The same 40 requests as the agent timed them: from their arrival in vLLM's socket, with the
+    // wait before the API server read them as `queued`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records: Vec<Value> = loop {
+        let (status, body) = agent.try_get("/api/v1/requests?limit=2048").unwrap();
+        assert_eq!(status, 200);
+        let records: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let n = records.iter().filter(|r| r["route"] == "/v1/completions" && r["status"] == 200).count();
+        if n >= 40 || Instant::now() > deadline {
+            break records;
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let ours: Vec<&Value> =
+        records.iter().filter(|r| r["route"] == "/v1/completions" && r["status"] == 200).collect();
+    assert_eq!(ours.len(), 40, "every bench request recorded");
+    let unknown: Vec<&&Value> = ours.iter().filter(|r| !r["queued_seconds"].is_f64()).collect();
+    assert!(unknown.is_empty(), "queued, from the kernel, for every request: {unknown:#?}\n{}", agent.log());
+    let queued: Vec<f64> = ours.iter().map(|r| r["queued_seconds"].as_f64().unwrap()).collect();
+    let ttft = |r: &&Value| r["time_to_first_token_seconds"].as_f64().unwrap() * 1e3;
+    let agent_ttft = ours.iter().map(ttft).sum::<f64>() / 40.0;
+    let from_read = agent_ttft - queued.iter().sum::<f64>() / 40.0 * 1e3;
+    let client_ttft = doc["mean_ttft_ms"].as_f64().unwrap();
+    let max_queued = queued.iter().copied().fold(0.0, f64::max) * 1e3;
+    println!(
+        "e2e: mean TTFT, bench {client_ttft:.2} ms, agent from arrival {agent_ttft:.2} ms, from the first read {from_read:.2} ms; queued max {max_queued:.2} ms"
+    );
+    assert!(max_queued > 0.0, "requests waited before the API server read them");
+    assert!(
+        (client_ttft - agent_ttft).abs() <= (client_ttft - from_read).abs(),
+        "timing from the arrival is closer to the client than timing from the read"
     );
     for field in [
         "mean_ttft_ms",

@@ -242,11 +242,11 @@ pub fn waterfall_lines(r: &RequestRow, width: u16) -> Vec<Line<'static>> {
     let handed = r.frontend_in_ms.map(|v| read + v);
     let first_output = handed.zip(r.engine_first_ms).map(|(a, b)| a + b);
     let marks: [(&str, Option<f64>, String); 7] = [
-        ("arrived", Some(0.0), String::new()),
+        (if r.queued_ms.is_some() { "arrived" } else { "received" }, Some(0.0), String::new()),
         (
             "read",
             r.queued_ms,
-            r.queued_ms.map_or("arrival unknown (timed from the read)".to_string(), |v| {
+            r.queued_ms.map_or("arrival not seen: from here".to_string(), |v| {
                 format!("queued {}", ms(Some(v)))
             }),
         ),
@@ -285,7 +285,10 @@ pub fn waterfall_lines(r: &RequestRow, width: u16) -> Vec<Line<'static>> {
                 let bar: String = "█".repeat(filled.min(bar_w)) + &" ".repeat(bar_w - filled.min(bar_w));
                 Line::from(format!("{name:<label_w$}{:>8} |{bar}| {note}", ms(Some(*t))))
             }
-            None => Line::from(format!("{name:<label_w$}{:>8} |{}| not seen", "-", " ".repeat(bar_w))),
+            None => {
+                let note = if note.is_empty() { "not seen" } else { note.as_str() };
+                Line::from(format!("{name:<label_w$}{:>8} |{}| {note}", "-", " ".repeat(bar_w)))
+            }
         })
         .collect()
 }
