@@ -145,7 +145,7 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
 #[test]
 fn several_iovecs_and_an_end_beyond_the_capture() {
     require_root();
-    for (iovecs, last_pad) in [(5, 0), (8, 0), (1, 6000), (1, 20000)] {
+    for (iovecs, last_pad) in [(5, 0), (8, 0), (16, 0), (16, 6000), (1, 6000), (1, 20000)] {
         let server = Server::rust_vectored(SSESERVER, iovecs, last_pad);
         let agent = Agent::start(&[server.pid()]);
         let truths = load(&server, 2, 10, stream);

@@ -82,10 +82,16 @@ pub const DEFAULT_CAPTURE: usize = 4096;
 /// (over 1M instructions), and the `bpf_loop` walk of every iovec (which verifies in 74k) is
 /// refused at load with EFAULT through aya 0.13 — see issue #21's note.
 pub const MAX_IOVECS: usize = 8;
-/// Last bytes of a transfer sent along when it is longer than the capture (single-buffer calls:
-/// `write`, `send`, `read`, `recv`): where a chunked body's terminator (`\r\n0\r\n\r\n`) is,
-/// whatever the transfer's size.
+/// Last bytes of a transfer sent along when it is longer than the capture (any call that names
+/// its buffers: `write`, `send`, `read`, `recv`, and the vectored ones, whatever their iovec
+/// count): where a chunked body's terminator (`\r\n0\r\n\r\n`) is, whatever the transfer's size.
 pub const TAIL_BYTES: usize = 64;
+/// Most iovecs a vectored call's last bytes are gathered from (backwards from the one holding
+/// its last byte): the terminator and its CRLFs fit in far fewer.
+pub const TAIL_IOVECS: usize = 8;
+/// The kernel's limit on iovecs per call: the walk that finds a vectored call's end is bounded
+/// by it.
+pub const UIO_MAXIOV: usize = 1024;
 
 /// Identity of a socket while the kernel programs follow it.
 #[repr(C)]
@@ -164,6 +170,7 @@ const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);
 const _: () = assert!(core::mem::size_of::<WatchFlags>() == 4);
 const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
 const _: () = assert!(MAX_CAPTURE.is_power_of_two());
+const _: () = assert!(TAIL_IOVECS.is_power_of_two());
 
 /// Per-CPU scratch where a record is assembled before it is copied to the ring buffer at its
 /// real size. Twice [`MAX_CAPTURE`] of payload room (and a tail's), so the verifier can see

@@ -5,13 +5,17 @@
 //! `readv`/`writev`, a `msghdr` for `sendmsg`/`recvmsg`. Other calls (`sendfile`, `splice`,
 //! io_uring, …) are counted without bytes.
 
-use aya_ebpf::{bindings::pt_regs, helpers::generated::bpf_probe_read_user};
-use inferwatch_common::sock::{MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES};
+use aya_ebpf::{bindings::pt_regs, helpers::generated::bpf_probe_read_user, macros::map, maps::PerCpuArray};
+use inferwatch_common::sock::{MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES, TAIL_IOVECS, UIO_MAXIOV};
 
 use crate::{
     CAPTURE_BYTES,
     nr::{READ, READV, RECVFROM, RECVMSG, SENDMSG, SENDTO, WRITE, WRITEV},
 };
+
+/// Scratch for the vectored-call walk (see `copy_iovecs`).
+#[map]
+static WALK: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -49,9 +53,9 @@ pub fn payload(regs: &pt_regs, nr: i32, moved: usize, out: &mut Out) -> Copied {
     // SAFETY: a plain read of a constant the loader may have rewritten.
     let limit = unsafe { core::ptr::read_volatile(&CAPTURE_BYTES) } as usize;
     let want = min(min(moved, limit), MAX_CAPTURE);
-    match nr {
-        READ | WRITE | SENDTO | RECVFROM => copy_buffer(out, regs.rsi, moved, want),
-        READV | WRITEV => copy_iovecs(out, regs.rsi, regs.rdx, moved, want),
+    let (iov, count) = match nr {
+        READ | WRITE | SENDTO | RECVFROM => return copy_buffer(out, regs.rsi, moved, want),
+        READV | WRITEV => (regs.rsi, regs.rdx),
         SENDMSG | RECVMSG => {
             let mut msg = core::mem::MaybeUninit::<MsgHdr>::uninit();
             // SAFETY: reading user memory through the helper, which tolerates bad pointers.
@@ -63,10 +67,12 @@ pub fn payload(regs: &pt_regs, nr: i32, moved: usize, out: &mut Out) -> Copied {
             }
             // SAFETY: the helper filled it.
             let msg = unsafe { msg.assume_init() };
-            copy_iovecs(out, msg.iov, msg.iovlen, moved, want)
+            (msg.iov, msg.iovlen)
         }
-        _ => Copied::default(),
-    }
+        _ => return Copied::default(),
+    };
+    // One call site: the iovec walk is verified once.
+    copy_iovecs(out, iov, count, moved, want)
 }
 
 #[inline(always)]
@@ -79,29 +85,124 @@ fn copy_buffer(out: &mut Out, base: u64, moved: usize, want: usize) -> Copied {
     Copied { head, tail: copy_tail(out, head, base + (moved - tail) as u64, tail) }
 }
 
-/// Follows the iovecs of the call (up to `MAX_IOVECS`) for the first bytes. Past them, what
-/// the call moved is counted without bytes (and the reassembly treats it as unseen).
+/// Follows the iovecs of the call (up to `MAX_IOVECS`) for the first bytes. When the call moved
+/// more than that, its last bytes are found too, whatever the iovec count (a chunked body's
+/// terminator is often in the last of many: Node.js ends a stream with a `writev` of 5, hyper
+/// queues several chunks per call). The bytes between are counted, unseen.
 #[inline(always)]
-fn copy_iovecs(out: &mut Out, iov: u64, count: u64, _moved: usize, want: usize) -> Copied {
+fn copy_iovecs(out: &mut Out, iov: u64, count: u64, moved: usize, want: usize) -> Copied {
     let mut done = 0usize;
     for i in 0..MAX_IOVECS {
         if i as u64 >= count || done >= want {
             break;
         }
-        let mut v = core::mem::MaybeUninit::<Iovec>::uninit();
-        let at = iov + (i * size_of::<Iovec>()) as u64;
-        // SAFETY: as above.
-        let r =
-            unsafe { bpf_probe_read_user(v.as_mut_ptr().cast(), size_of::<Iovec>() as u32, at as *const _) };
-        if r != 0 {
+        let Some(v) = read_iovec(iov, i as u64) else {
             break;
-        }
-        // SAFETY: the helper filled it.
-        let v = unsafe { v.assume_init() };
+        };
         let n = min(v.len as usize, want - done);
         done += copy(out, done, v.base, n);
     }
-    Copied { head: done, tail: 0 }
+    // Past the head (the capture's limit, or the iovecs it follows): the last bytes too.
+    if moved <= done {
+        return Copied { head: done, tail: 0 };
+    }
+    // Through a map slot and back: the verifier forgets what it knew of these values, so every
+    // path from the head loop above reaches the walk below in the same state and it verifies the
+    // walk once, not once per path (which exceeds its 1M-instruction budget).
+    let Some(slot) = WALK.get_ptr_mut(0) else {
+        return Copied { head: done, tail: 0 };
+    };
+    // SAFETY: a per-CPU slot, ours until this program returns.
+    let (iov, count, moved, done) = unsafe {
+        *slot = [iov, count, moved as u64, done as u64];
+        let v = core::ptr::read_volatile(slot);
+        (v[0], v[1], v[2] as usize, v[3] as usize)
+    };
+    if done > MAX_CAPTURE || moved <= done {
+        return Copied { head: done, tail: 0 };
+    }
+    Copied { head: done, tail: copy_iovec_tail(out, done, iov, count, moved, min(TAIL_BYTES, moved - done)) }
+}
+
+/// The `i`th iovec of the array at `iov`.
+#[inline(always)]
+fn read_iovec(iov: u64, i: u64) -> Option<Iovec> {
+    let mut v = core::mem::MaybeUninit::<Iovec>::uninit();
+    let at = iov + i * size_of::<Iovec>() as u64;
+    // SAFETY: reading user memory through the helper, which tolerates bad pointers.
+    let r = unsafe { bpf_probe_read_user(v.as_mut_ptr().cast(), size_of::<Iovec>() as u32, at as *const _) };
+    // SAFETY: the helper filled it.
+    (r == 0).then(|| unsafe { v.assume_init() })
+}
+
+/// The iovec holding the last of `moved` bytes (at most `UIO_MAXIOV` walked) and how many of
+/// its bytes were moved, as `index << 32 | used`; `u64::MAX` if not found. A global function:
+/// the verifier checks it once, on its own, instead of once per path that reaches it.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn iovec_end(iov: u64, count: u64, moved: u64) -> u64 {
+    let count = if count > UIO_MAXIOV as u64 { UIO_MAXIOV as u64 } else { count };
+    let mut seen = 0u64;
+    for i in 0..UIO_MAXIOV as u64 {
+        if i >= count {
+            break;
+        }
+        let Some(v) = read_iovec(iov, i) else {
+            return u64::MAX;
+        };
+        if seen + v.len >= moved {
+            return (i << 32) | ((moved - seen) & 0xffff_ffff);
+        }
+        seen += v.len;
+    }
+    u64::MAX
+}
+
+/// Copies the last `len` of the `moved` bytes of an iovec array to `out[offset..]`: finds the
+/// iovec holding the last byte moved (a walk over the lengths, at most `UIO_MAXIOV`), then
+/// copies backwards from it across at most `TAIL_IOVECS` iovecs. Returns the bytes copied (fewer
+/// than `len` when the last bytes are spread over more iovecs than that).
+#[inline(always)]
+fn copy_iovec_tail(out: &mut Out, offset: usize, iov: u64, count: u64, moved: usize, len: usize) -> usize {
+    let end = iovec_end(iov, count, moved as u64);
+    if end == u64::MAX {
+        return 0;
+    }
+    let (last, used) = (end >> 32, end & 0xffff_ffff);
+    // Backwards from the end, twice: how many of the last `len` bytes the last `TAIL_IOVECS`
+    // iovecs hold, then each piece copied where it belongs, so that what was found is contiguous
+    // from `offset` and ends at the transfer's end. (No array of pieces: zeroing one costs the
+    // verifier a loop per path.)
+    let piece = |k: u64, want: u64| -> Option<(u64, u64)> {
+        let v = read_iovec(iov, last - k)?;
+        let avail = if k == 0 { used } else { v.len };
+        let take = if avail < want { avail } else { want };
+        Some((v.base + avail - take, take))
+    };
+    let mut found = 0u64;
+    for k in 0..TAIL_IOVECS as u64 {
+        if found >= len as u64 || k > last {
+            break;
+        }
+        let Some((_, take)) = piece(k, len as u64 - found) else {
+            break;
+        };
+        found += take;
+    }
+    let mut placed = 0u64;
+    for k in 0..TAIL_IOVECS as u64 {
+        if placed >= found || k > last {
+            break;
+        }
+        let Some((src, take)) = piece(k, found - placed) else {
+            return 0;
+        };
+        placed += take;
+        if take > 0 && copy_tail(out, offset + (found - placed) as usize, src, take as usize) == 0 {
+            return 0;
+        }
+    }
+    found as usize
 }
 
 /// Copies `len` user bytes from `src` to `out[offset..]`; returns the bytes copied.

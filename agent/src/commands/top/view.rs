@@ -246,9 +246,8 @@ pub fn waterfall_lines(r: &RequestRow, width: u16) -> Vec<Line<'static>> {
         (
             "read",
             r.queued_ms,
-            r.queued_ms.map_or("arrival not seen: from here".to_string(), |v| {
-                format!("queued {}", ms(Some(v)))
-            }),
+            r.queued_ms
+                .map_or("arrival not seen: from here".to_string(), |v| format!("queued {}", ms(Some(v)))),
         ),
         ("headers", r.headers_ms, String::new()),
         (

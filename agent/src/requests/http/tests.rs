@@ -398,3 +398,26 @@ fn a_tail_after_a_gap_inside_a_chunk_keeps_the_framing() {
     assert_eq!(done.len(), 1);
     assert_eq!((done[0].outcome, done[0].end_ns, done[0].content_events), (Outcome::Complete, 3000, 1));
 }
+
+#[test]
+fn chunks_each_with_an_unseen_middle_keep_their_count() {
+    // A vectored call per chunk whose middle iovecs are beyond the kernel's first ones: each
+    // transfer is its first bytes, a gap, and its last bytes.
+    let req = request("/v1/completions", STREAM_BODY);
+    let head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n";
+    let mut c = Connection::default();
+    c.received(1000, &req, req.len());
+    c.sent(2000, head, head.len());
+    let mut done = Vec::new();
+    for i in 0..12 {
+        let event = format!(
+            "data: {{\"id\":\"cmpl-1\",\"choices\":[{{\"text\":\" t{i}\",\"finish_reason\":null}}]}}\n\n"
+        );
+        let chunk = [format!("{:x}\r\n", event.len()).as_bytes(), event.as_bytes(), b"\r\n"].concat();
+        done.extend(sent_with_tail(&mut c, 3000 + i, &chunk, 40, 30));
+    }
+    let end = [b"f\r\ndata: [DONE]\n\n\r\n".as_slice(), b"0\r\n\r\n"].concat();
+    done.extend(sent_with_tail(&mut c, 4000, &end, 4096, 64));
+    assert_eq!(done.len(), 1);
+    assert_eq!((done[0].outcome, done[0].content_events), (Outcome::Complete, 12));
+}
