@@ -77,11 +77,6 @@ pub const MAX_CAPTURE: usize = 4096;
 /// vLLM's batched engine outputs at a concurrency of 32 (at 1024 bytes, most of those lose the
 /// ids the phase breakdown needs).
 pub const DEFAULT_CAPTURE: usize = 4096;
-/// iovecs followed per vectored call (`writev`, `sendmsg`, …) for the first bytes: Node.js ends
-/// a chunked stream with one `writev` of 5. An unrolled loop: at 16 the verifier gives up
-/// (over 1M instructions), and the `bpf_loop` walk of every iovec (which verifies in 74k) is
-/// refused at load with EFAULT through aya 0.13 — see issue #21's note.
-pub const MAX_IOVECS: usize = 8;
 /// Last bytes of a transfer sent along when it is longer than the capture (any call that names
 /// its buffers: `write`, `send`, `read`, `recv`, and the vectored ones, whatever their iovec
 /// count): where a chunked body's terminator (`\r\n0\r\n\r\n`) is, whatever the transfer's size.

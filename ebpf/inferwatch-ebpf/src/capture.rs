@@ -5,8 +5,13 @@
 //! `readv`/`writev`, a `msghdr` for `sendmsg`/`recvmsg`. Other calls (`sendfile`, `splice`,
 //! io_uring, …) are counted without bytes.
 
-use aya_ebpf::{bindings::pt_regs, helpers::generated::bpf_probe_read_user, macros::map, maps::PerCpuArray};
-use inferwatch_common::sock::{MAX_CAPTURE, MAX_IOVECS, TAIL_BYTES, TAIL_IOVECS, UIO_MAXIOV};
+use aya_ebpf::{
+    bindings::pt_regs,
+    helpers::generated::{bpf_loop, bpf_probe_read_user},
+    macros::map,
+    maps::PerCpuArray,
+};
+use inferwatch_common::sock::{MAX_CAPTURE, TAIL_BYTES, TAIL_IOVECS, UIO_MAXIOV};
 
 use crate::{
     CAPTURE_BYTES,
@@ -85,23 +90,13 @@ fn copy_buffer(out: &mut Out, base: u64, moved: usize, want: usize) -> Copied {
     Copied { head, tail: copy_tail(out, head, base + (moved - tail) as u64, tail) }
 }
 
-/// Follows the iovecs of the call (up to `MAX_IOVECS`) for the first bytes. When the call moved
+/// Follows the iovecs of the call for the first bytes, as many as the capture takes. When the call moved
 /// more than that, its last bytes are found too, whatever the iovec count (a chunked body's
 /// terminator is often in the last of many: Node.js ends a stream with a `writev` of 5, hyper
 /// queues several chunks per call). The bytes between are counted, unseen.
 #[inline(always)]
 fn copy_iovecs(out: &mut Out, iov: u64, count: u64, moved: usize, want: usize) -> Copied {
-    let mut done = 0usize;
-    for i in 0..MAX_IOVECS {
-        if i as u64 >= count || done >= want {
-            break;
-        }
-        let Some(v) = read_iovec(iov, i as u64) else {
-            break;
-        };
-        let n = min(v.len as usize, want - done);
-        done += copy(out, done, v.base, n);
-    }
+    let done = copy_iovec_head(out, iov, count, want as u64) as usize;
     // Past the head (the capture's limit, or the iovecs it follows): the last bytes too.
     if moved <= done {
         return Copied { head: done, tail: 0 };
@@ -122,6 +117,57 @@ fn copy_iovecs(out: &mut Out, iov: u64, count: u64, moved: usize, want: usize) -
         return Copied { head: done, tail: 0 };
     }
     Copied { head: done, tail: copy_iovec_tail(out, done, iov, count, moved, min(TAIL_BYTES, moved - done)) }
+}
+
+/// The state of [`copy_iovec_head`]'s walk, on the caller's stack.
+#[repr(C)]
+struct HeadWalk {
+    out: *mut Out,
+    iov: u64,
+    count: u64,
+    want: u64,
+    done: u64,
+}
+
+/// Copies the first `want` bytes an iovec array names (following as many iovecs as that takes, at
+/// most `UIO_MAXIOV`) to the start of `out`; returns the bytes copied. `bpf_loop` (Linux 5.17+):
+/// the verifier checks one step, not 1024 unrolled ones.
+#[inline(always)]
+fn copy_iovec_head(out: &mut Out, iov: u64, count: u64, want: u64) -> u64 {
+    let mut walk = HeadWalk { out, iov, count, want, done: 0 };
+    let count = if count > UIO_MAXIOV as u64 { UIO_MAXIOV as u32 } else { count as u32 };
+    // SAFETY: the callback and its context live for the call; the helper runs it `count` times
+    // at most.
+    unsafe {
+        bpf_loop(count, head_step as *mut _, (&mut walk as *mut HeadWalk).cast(), 0);
+    }
+    walk.done
+}
+
+/// One iovec of [`copy_iovec_head`]'s walk; 1 stops the loop.
+extern "C" fn head_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `HeadWalk` on the caller's stack, for this call only.
+    let w = unsafe { &mut *ctx.cast::<HeadWalk>() };
+    if i >= w.count || w.done >= w.want || w.want > MAX_CAPTURE as u64 {
+        return 1;
+    }
+    let Some(v) = read_iovec(w.iov, i) else {
+        return 1;
+    };
+    // SAFETY: the scratch record's payload area, as in `payload`.
+    let Some(out) = (unsafe { w.out.as_mut() }) else {
+        return 1;
+    };
+    let rest = w.want - w.done;
+    if v.len >= rest {
+        w.done += copy(out, w.done as usize, v.base, rest as usize) as u64;
+        return 1;
+    }
+    if v.len > 0 && copy(out, w.done as usize, v.base, v.len as usize) == 0 {
+        return 1;
+    }
+    w.done += v.len;
+    0
 }
 
 /// The `i`th iovec of the array at `iov`.
