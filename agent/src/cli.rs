@@ -13,6 +13,7 @@ pub(crate) struct Cli {
 }
 
 #[derive(Subcommand, Debug)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at startup; `run`'s flags are most of it")]
 pub(crate) enum Command {
     /// Watch processes from the kernel and serve metrics (the default).
     Run(RunArgs),
@@ -143,25 +144,7 @@ pub(crate) struct DiscoverArgs {
     pub json: bool,
 }
 
-/// `500ms`, `5s`, `2m`, or plain seconds (`1.5`).
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (number, scale) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let value: f64 =
-        number.trim().parse().map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 5s, 2m)"))?;
-    if !(value.is_finite() && value > 0.0) {
-        return Err(format!("{s:?}: a duration must be positive"));
-    }
-    Ok(Duration::from_secs_f64(value * scale))
-}
+pub(crate) use crate::model::duration::parse_duration;
 
 fn parse_drain_interval(s: &str) -> Result<Duration, String> {
     let d = parse_duration(s)?;
@@ -249,6 +232,8 @@ pub(crate) struct RunArgs {
     /// for this long.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub health_stale_after: Duration,
+    #[command(flatten)]
+    pub otlp: crate::export::otlp::OtlpArgs,
 }
 
 impl Cli {

@@ -45,6 +45,7 @@ use crate::{
         gpu::{GpuSnapshot, Owner},
         scrape::ScrapeResult,
         sock::{Direction, KernelEvent},
+        trace::SpanSink,
     },
     requests::{connections::ConnectionTable, handoff::HandoffTracker, http::Progress},
 };
@@ -126,6 +127,8 @@ pub(crate) struct Aggregator {
     /// Instances with series: discovered ones and `--vllm-url` ones (these never go).
     known_instances: HashSet<String>,
     explicit_instances: HashSet<String>,
+    /// Where finished requests go as trace spans, when OTLP export is on.
+    spans: Option<SpanSink>,
 }
 
 /// Cumulative sums (seconds) over an instance's streamed requests whose phases matched.
@@ -162,7 +165,14 @@ impl Aggregator {
             max_num_seqs: HashMap::new(),
             known_instances: HashSet::new(),
             explicit_instances: HashSet::new(),
+            spans: None,
         }
+    }
+
+    /// Offers every finished request to `sink` as a trace span.
+    pub(crate) fn with_spans(mut self, sink: Option<SpanSink>) -> Self {
+        self.spans = sink;
+        self
     }
 
     pub(crate) async fn run(mut self, mut inputs: mpsc::Receiver<Input>) {

@@ -7,7 +7,10 @@ use super::{
     store::RECENT_REQUESTS,
 };
 use crate::{
-    model::request::{GENERATION_ROUTES, RequestRecord},
+    model::{
+        request::{GENERATION_ROUTES, RequestRecord},
+        trace::RequestSpan,
+    },
     requests::{
         handoff::{self, Phases},
         http::{FinishedRequest, Progress},
@@ -163,6 +166,9 @@ impl Aggregator {
             observe("decode", p.decode);
         }
         let phase = |f: fn(&Phases) -> Option<f64>| phases.as_ref().and_then(f);
+        if let Some(sink) = &self.spans {
+            sink.offer(self.request_span(&req, tgid, &model, queued, phases.as_ref(), ttft));
+        }
 
         let record = RequestRecord {
             pid: tgid,
@@ -197,5 +203,58 @@ impl Aggregator {
             recent.pop_front();
         }
         recent.push_back(record);
+    }
+
+    /// The request as a trace span: its arrival to its end, and its phases laid end to end from
+    /// the first read (each phase's exact kernel time), in Unix time.
+    fn request_span(
+        &self,
+        req: &FinishedRequest,
+        tgid: u32,
+        model: &str,
+        queued: Option<f64>,
+        phases: Option<&Phases>,
+        ttft: Option<f64>,
+    ) -> RequestSpan {
+        let unix = |mono: u64| (mono as i128 + self.store.realtime_offset_ns).max(0) as u64;
+        let mut spans = Vec::new();
+        if queued.is_some() {
+            spans.push(("queued", unix(req.received_ns), unix(req.first_read_ns)));
+        }
+        if let Some(p) = phases {
+            let mut at = req.first_read_ns;
+            let parts = [
+                ("frontend_in", Some(p.frontend_in)),
+                ("engine_first", p.engine_first),
+                ("engine", p.engine),
+                ("frontend_out", Some(p.frontend_out)),
+                ("decode", p.decode),
+            ];
+            for (name, seconds) in parts {
+                if let Some(s) = seconds {
+                    let end = at + (s * 1e9).round() as u64;
+                    spans.push((name, unix(at), unix(end)));
+                    at = end;
+                }
+            }
+        }
+        RequestSpan {
+            trace: req.trace.clone(),
+            pid: tgid,
+            method: req.method,
+            route: req.route,
+            model: model.to_string(),
+            status: req.status,
+            outcome: req.outcome.as_str(),
+            stream: req.stream,
+            response_id: req.response_id.clone(),
+            start_unix_ns: unix(req.received_ns),
+            end_unix_ns: unix(req.end_ns),
+            time_to_first_token_seconds: ttft,
+            request_bytes: req.request_bytes,
+            response_bytes: req.response_bytes,
+            content_events: req.content_events,
+            phases: spans,
+        }
     }
 }

@@ -53,6 +53,8 @@ pub(crate) struct Store {
     pub sched: Arc<Locked<Vec<Family>>>,
     /// GPU families from the collector's latest round, joined to vLLM's processes.
     pub gpu: Arc<Locked<Vec<Family>>>,
+    /// The OTLP exporter's counters (none while it is off).
+    pub otlp: Arc<Locked<Vec<Family>>>,
     /// One diagnosis sample per instance and scrape, for the last hour.
     pub diagnosis_samples: Locked<VecDeque<Sample>>,
     pub started: Instant,
@@ -75,12 +77,14 @@ impl Store {
     pub(crate) fn new() -> Self {
         let sched = Arc::new(Locked::default());
         let gpu = Arc::new(Locked::default());
+        let otlp = Arc::new(Locked::default());
         Self {
-            metrics: Metrics::new(&[sched.clone(), gpu.clone()]),
+            metrics: Metrics::new(&[sched.clone(), gpu.clone(), otlp.clone()]),
             vllm: Locked::default(),
             instances: Locked::default(),
             sched,
             gpu,
+            otlp,
             diagnosis_samples: Locked::default(),
             started: Instant::now(),
             recent: Locked::default(),

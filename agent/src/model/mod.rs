@@ -3,6 +3,7 @@
 //! nothing else of the agent, so every stage may use it.
 
 pub(crate) mod diagnosis;
+pub(crate) mod duration;
 pub(crate) mod family;
 pub(crate) mod gpu;
 pub(crate) mod health;
@@ -10,3 +11,4 @@ pub(crate) mod instance;
 pub(crate) mod request;
 pub(crate) mod scrape;
 pub mod sock;
+pub(crate) mod trace;

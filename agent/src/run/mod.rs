@@ -30,6 +30,7 @@ use crate::{
     },
     export::{
         listener::{self, Limits},
+        otlp::{self, OtlpConfig},
         server::{self, ApiAccess, AppState},
         stats::ServerStats,
         webconfig::{self, AuthState, WebConfig},
@@ -60,6 +61,7 @@ pub struct Prepared {
     programs: Programs,
     watch_maps: WatchMaps,
     outputs: Outputs,
+    otlp: Option<OtlpConfig>,
 }
 
 /// Checks, binds, loads and attaches, starts the network-namespace helper, then drops the
@@ -80,6 +82,8 @@ pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
             .with_context(|| format!("--pid {pid}: process {pid} is not running"))?;
     }
     let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
+    // A bad OTLP setting is a startup error, not a silent lack of traces.
+    let otlp = OtlpConfig::from_args(&args.otlp).map_err(|e| anyhow::anyhow!("OTLP: {e}"))?;
     let (programs, watch_maps, outputs) = kernel::probes::load(args.capture_bytes)?;
     // Scraping a vLLM that listens on loopback only inside its pod needs setns(), hence
     // CAP_SYS_ADMIN: a helper process keeps it, the agent does not. Without the capability
@@ -97,11 +101,11 @@ pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
         netns_helper = ?netns::helper_pid(),
         "programs attached; dropped every other capability"
     );
-    Ok(Prepared { args, listener, web, explicit_urls, programs, watch_maps, outputs })
+    Ok(Prepared { args, listener, web, explicit_urls, programs, watch_maps, outputs, otlp })
 }
 
 pub(crate) async fn run(prepared: Prepared) -> Result<()> {
-    let Prepared { args, listener, web, explicit_urls, programs, watch_maps, outputs } = prepared;
+    let Prepared { args, listener, web, explicit_urls, programs, watch_maps, outputs, otlp } = prepared;
     let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
@@ -111,7 +115,9 @@ pub(crate) async fn run(prepared: Prepared) -> Result<()> {
     let (tx, rx) = mpsc::channel::<Input>(EVENT_QUEUE);
     let mut tasks = Supervisor::from_env();
     ring::spawn_kernel_log(outputs.kernel_log);
-    let aggregator = Aggregator::new(store.clone(), args.max_connections, args.max_series_per_family);
+    let spans = otlp::start(otlp, store.otlp.clone()).map_err(|e| anyhow::anyhow!("OTLP: {e}"))?;
+    let aggregator =
+        Aggregator::new(store.clone(), args.max_connections, args.max_series_per_family).with_spans(spans);
     tasks.spawn("aggregator", async move {
         aggregator.run(rx).await;
         Err("its input channel closed".to_string())

@@ -13,6 +13,7 @@ use super::{
     routes::{model_from_body, route_of},
     sse::{EventClass, SseParser},
 };
+use crate::model::trace::TraceContext;
 /// Request body bytes kept to find the `"model"`.
 const KEEP_BODY: usize = 1024;
 /// Requests queued on one connection (pipelined, their responses not begun) at most; beyond,
@@ -280,18 +281,26 @@ impl Connection {
         let route = route_of(req.path.unwrap_or(""));
         let mut content_length = None;
         let mut chunked = false;
+        let (mut traceparent, mut tracestate) = (None, None);
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 content_length = decimal(h.value);
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 chunked = names(h.value, b"chunked");
+            } else if h.name.eq_ignore_ascii_case("traceparent") {
+                traceparent = Some(h.value);
+            } else if h.name.eq_ignore_ascii_case("tracestate") {
+                tracestate = Some(h.value);
             }
         }
+        let trace = traceparent.and_then(|t| TraceContext::parse(t, tracestate));
         self.seen_request = true;
         if self.pending.len() >= MAX_PENDING {
             return Err("too_many_pipelined");
         }
-        self.pending.push_back(new_pending(method, route, started, head.len() as u64));
+        let mut pending = new_pending(method, route, started, head.len() as u64);
+        pending.trace = trace;
+        self.pending.push_back(pending);
         if chunked {
             self.inbound = Inbound::Chunked(Dechunker::default());
         } else if let Some(n) = content_length.filter(|n| *n > 0) {

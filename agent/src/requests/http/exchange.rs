@@ -2,6 +2,7 @@
 //! when it is over.
 
 use super::{Needle, connection::Arrival, find, needle};
+use crate::model::trace::TraceContext;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -55,8 +56,11 @@ pub struct FinishedRequest {
     /// The longest gap between consecutive content events (each gap is reported as it happens,
     /// in [`Progress::gaps`]).
     pub max_chunk_gap_ns: Option<u64>,
-    /// The response's own `"id"` (`cmpl-…`), to join with the engine IPC. Never exported.
+    /// The response's own `"id"` (`cmpl-…`), to join with the engine IPC (and, as vLLM's
+    /// request id, a span attribute).
     pub response_id: Option<String>,
+    /// The client's W3C trace context, when its request carried one.
+    pub trace: Option<TraceContext>,
 }
 
 /// What one transfer on a connection moved forward: requests whose heads are now known,
@@ -111,6 +115,7 @@ pub(super) struct Pending {
     /// The first body bytes of the response, until its `"id"` is found.
     pub(super) id_scan: Vec<u8>,
     pub(super) response_id: Option<String>,
+    pub(super) trace: Option<TraceContext>,
 }
 
 /// Response body bytes searched for the response's `"id"`.
@@ -154,6 +159,7 @@ pub(super) fn new_pending(
         max_chunk_gap_ns: None,
         id_scan: Vec::new(),
         response_id: None,
+        trace: None,
     }
 }
 
@@ -179,5 +185,6 @@ pub(super) fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedR
         content_events: req.content_events,
         max_chunk_gap_ns: req.max_chunk_gap_ns,
         response_id: req.response_id,
+        trace: req.trace,
     }
 }
