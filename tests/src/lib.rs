@@ -6,6 +6,7 @@
 pub mod client;
 pub mod fake_vllm;
 pub mod netns;
+pub mod otlp;
 pub mod prometheus;
 pub mod servers;
 pub mod vllm;
