@@ -70,6 +70,33 @@ impl Agent {
         Self::start_with(&[], extra)
     }
 
+    /// Waits until discovery has seen vLLM listen on `port`: from then on its connections are
+    /// tracked from their handshake, so even a connection's first request is timed from its
+    /// arrival (before, it is timed from its first read: README, "The clock starts when the
+    /// request arrives").
+    pub fn wait_listening(&self, port: u16) {
+        let suffix = format!(":{port}");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let all = self.json("/api/v1/instances");
+            let listening = all.as_array().into_iter().flatten().any(|i| {
+                i["listen"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a.as_str().is_some_and(|a| a.ends_with(&suffix)))
+            });
+            if listening {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the agent did not see vLLM listen on {port}:\n{all}"
+            );
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// GETs a JSON document from the agent's API.
     pub fn json(&self, path: &str) -> serde_json::Value {
         let (status, body) = self.try_get(path).unwrap_or_else(|e| panic!("GET {path}: {e}"));

@@ -26,18 +26,23 @@ pub struct Vllm {
 impl Vllm {
     /// Starts `python -m vllm.entrypoints.openai.api_server` serving the tiny model as `tiny`.
     pub fn start(name: &str, extra: &[&str]) -> Vllm {
+        Self::start_with_env(name, extra, &[])
+    }
+
+    /// [`Vllm::start`] with `env` added to vLLM's environment.
+    pub fn start_with_env(name: &str, extra: &[&str], env: &[(&str, &str)]) -> Vllm {
         let model = required_env("INFERWATCH_TINY_MODEL");
-        Self::spawn(name, &["-m", "vllm.entrypoints.openai.api_server", "--model", &model], extra)
+        Self::spawn(name, &["-m", "vllm.entrypoints.openai.api_server", "--model", &model], extra, env)
     }
 
     /// Starts `vllm serve` (through tests/e2e/vllm_serve.py, see there why) with the tiny model.
     pub fn serve(name: &str, extra: &[&str]) -> Vllm {
         let model = required_env("INFERWATCH_TINY_MODEL");
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("e2e/vllm_serve.py");
-        Self::spawn(name, &[script.to_str().unwrap(), &model], extra)
+        Self::spawn(name, &[script.to_str().unwrap(), &model], extra, &[])
     }
 
-    fn spawn(name: &str, launch: &[&str], extra: &[&str]) -> Vllm {
+    fn spawn(name: &str, launch: &[&str], extra: &[&str], env: &[(&str, &str)]) -> Vllm {
         use std::os::unix::process::CommandExt;
         let python = required_env("INFERWATCH_VLLM_PYTHON");
         let port = free_port();
@@ -54,6 +59,7 @@ impl Vllm {
             .env("HF_HUB_OFFLINE", "1")
             .env("VLLM_NO_USAGE_STATS", "1")
             .env("DO_NOT_TRACK", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)

@@ -89,29 +89,6 @@ fn diagnose_sees_queueing_and_stays_quiet_when_idle() {
     assert!(agent.stop().success());
 }
 
-/// Waits until discovery has seen vLLM listen on `port`: from then on its connections are
-/// tracked from their handshake, so even a connection's first request is timed from its arrival
-/// (before, it is timed from its first read: README, "The clock starts when the request arrives").
-fn wait_listening(agent: &Agent, port: u16) {
-    let suffix = format!(":{port}");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let all = agent.json("/api/v1/instances");
-        let listening = all.as_array().into_iter().flatten().any(|i| {
-            i["listen"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|a| a.as_str().is_some_and(|a| a.ends_with(&suffix)))
-        });
-        if listening {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the agent did not see vLLM listen on {port}:\n{all}");
-        thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// Runs `bench` in the background while a baseline is recorded from the agent.
 fn baseline_under_load(agent: &Agent, url: &str, out: &std::path::Path) {
     let load = {
@@ -145,7 +122,7 @@ fn bench_agrees_with_vllm_and_baseline_flags_a_smaller_batch() {
     vllm.wait_ready(READY);
     let addr: SocketAddr = format!("127.0.0.1:{}", vllm.port).parse().unwrap();
     let url = format!("http://{addr}");
-    wait_listening(&agent, vllm.port);
+    agent.wait_listening(vllm.port);
     // bench's numbers against vLLM's own counters and histograms for the same run.
     let before = vllm_totals(addr);
     let json = dir.join("bench.json");
