@@ -38,6 +38,7 @@ fn recorded() -> Snapshot {
                 engine_first_ms: Some(5.6),
                 ttft_ms: Some(9.7),
                 duration_ms: 15.7,
+                trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
             },
             RequestRow {
                 age_s: 3.0,

@@ -108,6 +108,21 @@ fn each_request_is_a_span_in_its_clients_trace() {
         }
     }
     assert_eq!(roots, 5);
+    // /api/v1/requests (and so `top`) names each request's trace: the exported one.
+    let records = agent.json("/api/v1/requests?limit=100");
+    let recorded: std::collections::BTreeSet<String> = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["route"] == "/v1/completions")
+        .map(|r| r["trace_id"].as_str().expect("a trace id").to_string())
+        .collect();
+    let exported: std::collections::BTreeSet<String> = spans
+        .iter()
+        .filter(|s| s.span.kind == SpanKind::Server as i32)
+        .map(|s| hex(&s.span.trace_id))
+        .collect();
+    assert_eq!(recorded, exported);
     let raw = String::from_utf8_lossy(&receiver.raw()).into_owned();
     assert!(!raw.contains(SECRET), "no prompt text in any span");
     assert!(!raw.contains("localhost"), "no header values but the trace context");

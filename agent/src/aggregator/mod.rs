@@ -45,7 +45,7 @@ use crate::{
         gpu::{GpuSnapshot, Owner},
         scrape::ScrapeResult,
         sock::{Direction, KernelEvent},
-        trace::SpanSink,
+        trace::{Ids, SpanSink},
     },
     requests::{connections::ConnectionTable, handoff::HandoffTracker, http::Progress},
 };
@@ -127,8 +127,10 @@ pub(crate) struct Aggregator {
     /// Instances with series: discovered ones and `--vllm-url` ones (these never go).
     known_instances: HashSet<String>,
     explicit_instances: HashSet<String>,
-    /// Where finished requests go as trace spans, when OTLP export is on.
+    /// Where finished requests go as trace spans, when OTLP export is on; and the ids of the
+    /// traces it starts for requests that came without one.
     spans: Option<SpanSink>,
+    trace_ids: Ids,
 }
 
 /// Cumulative sums (seconds) over an instance's streamed requests whose phases matched.
@@ -166,6 +168,7 @@ impl Aggregator {
             known_instances: HashSet::new(),
             explicit_instances: HashSet::new(),
             spans: None,
+            trace_ids: Ids::new(),
         }
     }
 

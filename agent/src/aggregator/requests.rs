@@ -9,7 +9,7 @@ use super::{
 use crate::{
     model::{
         request::{GENERATION_ROUTES, RequestRecord},
-        trace::RequestSpan,
+        trace::{RequestSpan, to_hex},
     },
     requests::{
         handoff::{self, Phases},
@@ -166,8 +166,13 @@ impl Aggregator {
             observe("decode", p.decode);
         }
         let phase = |f: fn(&Phases) -> Option<f64>| phases.as_ref().and_then(f);
-        if let Some(sink) = &self.spans {
-            sink.offer(self.request_span(&req, tgid, &model, queued, phases.as_ref(), ttft));
+        // The request's trace: the client's, or (spans being exported) a new one.
+        let trace_id = match &req.trace {
+            Some(t) => Some(t.trace_id),
+            None => self.spans.is_some().then(|| self.trace_ids.trace_id()),
+        };
+        if let (Some(sink), Some(trace_id)) = (&self.spans, trace_id) {
+            sink.offer(self.request_span(&req, trace_id, tgid, &model, queued, phases.as_ref(), ttft));
         }
 
         let record = RequestRecord {
@@ -189,6 +194,7 @@ impl Aggregator {
             duration_seconds: duration,
             max_chunk_gap_seconds: req.max_chunk_gap_ns.map(|g| g as f64 / 1e9),
             queued_seconds: queued,
+            trace_id: trace_id.map(|t| to_hex(&t)),
             first_read_monotonic_ns: req.first_read_ns,
             connection_established_monotonic_ns: req.established_ns,
             frontend_in_seconds: phase(|p| Some(p.frontend_in)),
@@ -207,9 +213,11 @@ impl Aggregator {
 
     /// The request as a trace span: its arrival to its end, and its phases laid end to end from
     /// the first read (each phase's exact kernel time), in Unix time.
+    #[expect(clippy::too_many_arguments, reason = "one request's parts, computed once by the caller")]
     fn request_span(
         &self,
         req: &FinishedRequest,
+        trace_id: [u8; 16],
         tgid: u32,
         model: &str,
         queued: Option<f64>,
@@ -240,6 +248,7 @@ impl Aggregator {
         }
         RequestSpan {
             trace: req.trace.clone(),
+            trace_id,
             pid: tgid,
             method: req.method,
             route: req.route,

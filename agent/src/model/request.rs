@@ -33,6 +33,10 @@ pub struct RequestRecord {
     /// cannot tell the arrival (then `received_*` is the first read).
     #[serde(default)]
     pub queued_seconds: Option<f64>,
+    /// The request's trace: the client's (`traceparent`) or, while spans are exported, the one
+    /// the agent started (exported if sampled).
+    #[serde(default)]
+    pub trace_id: Option<String>,
     /// CLOCK_MONOTONIC of the server's first read of the request.
     #[serde(default)]
     pub first_read_monotonic_ns: u64,

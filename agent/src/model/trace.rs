@@ -18,6 +18,8 @@ pub struct TraceContext {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestSpan {
     pub trace: Option<TraceContext>,
+    /// The trace it belongs to: the client's, or a new one.
+    pub trace_id: [u8; 16],
     pub pid: u32,
     pub method: &'static str,
     pub route: &'static str,
@@ -64,6 +66,46 @@ impl SpanSink {
     }
 }
 
+/// Random ids: xorshift64* seeded from the kernel's entropy once (trace and span ids need to be
+/// unique, not secret).
+pub struct Ids(u64);
+
+impl Ids {
+    pub fn new() -> Self {
+        let mut seed = [0u8; 8];
+        let _ = std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Self(u64::from_le_bytes(seed) ^ nanos.as_nanos() as u64 | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d).max(1)
+    }
+
+    pub fn span_id(&mut self) -> [u8; 8] {
+        self.next().to_be_bytes()
+    }
+
+    pub fn trace_id(&mut self) -> [u8; 16] {
+        let mut t = [0u8; 16];
+        t[..8].copy_from_slice(&self.next().to_be_bytes());
+        t[8..].copy_from_slice(&self.next().to_be_bytes());
+        t
+    }
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The W3C limit on `tracestate`: 32 list members of at most 256 bytes is far more than anyone
 /// sends; 512 bytes bounds what a hostile client can make the agent hold per request.
 pub const MAX_TRACESTATE: usize = 512;
@@ -96,6 +138,11 @@ impl TraceContext {
             .filter(|s| !s.is_empty());
         Some(Self { trace_id, parent_span_id, sampled: flags & 1 == 1, tracestate })
     }
+}
+
+/// Lowercase hex, as trace ids are written.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Exactly `2 * N` lowercase hex digits (uppercase is invalid in `traceparent`).

@@ -136,6 +136,7 @@ impl Fetcher {
                 engine_first_ms: ms(r.engine_first_seconds),
                 ttft_ms: ms(r.time_to_first_token_seconds),
                 duration_ms: r.duration_seconds * 1e3,
+                trace_id: r.trace_id.clone(),
             })
             .collect();
         snapshot

@@ -52,6 +52,8 @@ pub struct RequestRow {
     pub engine_first_ms: Option<f64>,
     pub ttft_ms: Option<f64>,
     pub duration_ms: f64,
+    /// Its trace (the client's, or the one the agent exported it in).
+    pub trace_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -233,7 +235,11 @@ pub fn render(frame: &mut Frame, s: &Snapshot, v: &ViewState) {
         || vec![Line::from("no request yet")],
         |r| waterfall_lines(r, waterfall.width.saturating_sub(2)),
     );
-    frame.render_widget(Paragraph::new(wf).block(block("waterfall of the selected request")), waterfall);
+    let title = match list.get(selected).and_then(|r| r.trace_id.as_deref()) {
+        Some(trace) => format!("waterfall of the selected request, trace {trace}"),
+        None => "waterfall of the selected request".to_string(),
+    };
+    frame.render_widget(Paragraph::new(wf).block(block(&title)), waterfall);
 }
 
 /// The selected request drawn to scale: one line per milestone, bars from its arrival.

@@ -9,47 +9,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::{ResourceSpans, ScopeSpans, Span, Status, span::SpanKind, status::StatusCode},
 };
 
-use crate::model::trace::RequestSpan;
-
-/// Random ids: xorshift64* seeded from the kernel's entropy once (trace and span ids need to be
-/// unique, not secret).
-pub struct Ids(u64);
-
-impl Ids {
-    pub fn new() -> Self {
-        let mut seed = [0u8; 8];
-        let _ = std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed));
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        Self(u64::from_le_bytes(seed) ^ nanos.as_nanos() as u64 | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d).max(1)
-    }
-
-    pub fn span_id(&mut self) -> [u8; 8] {
-        self.next().to_be_bytes()
-    }
-
-    pub fn trace_id(&mut self) -> [u8; 16] {
-        let mut t = [0u8; 16];
-        t[..8].copy_from_slice(&self.next().to_be_bytes());
-        t[8..].copy_from_slice(&self.next().to_be_bytes());
-        t
-    }
-}
-
-impl Default for Ids {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+use crate::model::trace::{Ids, RequestSpan};
 
 fn kv(key: &str, value: Value) -> KeyValue {
     KeyValue { key: key.to_string(), value: Some(AnyValue { value: Some(value) }), ..Default::default() }
@@ -174,6 +134,7 @@ mod tests {
     fn request() -> RequestSpan {
         RequestSpan {
             trace: TraceContext::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+            trace_id: [0x4b; 16],
             pid: 42,
             method: "POST",
             route: "/v1/completions",

@@ -29,7 +29,7 @@ use crate::{
     aggregator::store::Locked,
     model::{
         family::{Family, family, sample},
-        trace::{RequestSpan, SpanSink},
+        trace::{Ids, RequestSpan, SpanSink},
     },
 };
 
@@ -85,7 +85,7 @@ async fn run(
     queue_full: Arc<AtomicU64>,
     families: Arc<Locked<Vec<Family>>>,
 ) {
-    let mut ids = encode::Ids::new();
+    let mut ids = Ids::new();
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
     let mut counters = Counters::default();
     let mut warned = false;
@@ -101,7 +101,7 @@ async fn run(
         let mut spans = Vec::new();
         let mut requests = 0u64;
         for r in &batch {
-            let trace_id = r.trace.as_ref().map_or_else(|| ids.trace_id(), |t| t.trace_id);
+            let trace_id = r.trace_id;
             let slow =
                 r.end_unix_ns.saturating_sub(r.start_unix_ns) > config.keep_slower_than.as_nanos() as u64;
             let keep = r.outcome != "complete"
