@@ -55,7 +55,9 @@ fn each_request_is_a_span_in_its_clients_trace() {
     for i in 0..15 {
         let parent = (i < 10)
             .then(|| (format!("{:032x}", 0xabc0_0000_u128 + i as u128), format!("{:016x}", 0x5150 + i)));
-        let tp = parent.as_ref().map(|(t, s)| format!("00-{t}-{s}-01"));
+        // The client did not sample request 9's trace: the parent-based sampler leaves it out.
+        let flags = if i == 9 { "00" } else { "01" };
+        let tp = parent.as_ref().map(|(t, s)| format!("00-{t}-{s}-{flags}"));
         let bytes = request(i, tp.as_deref());
         if i % 2 == 0 {
             client.send_raw(&bytes);
@@ -65,15 +67,15 @@ fn each_request_is_a_span_in_its_clients_trace() {
             fresh.send_raw(&bytes);
             assert_eq!(fresh.read_response(None).status, 200);
         }
-        if let Some(p) = parent {
+        if let Some(p) = parent.filter(|_| i != 9) {
             traced.insert(p.0, (p.1, bytes.len()));
         }
     }
     let servers = |spans: &[inferwatch_tests::otlp::Received]| {
         spans.iter().filter(|s| s.span.kind == SpanKind::Server as i32).count()
     };
-    let spans = receiver.wait_for(Duration::from_secs(20), |s| servers(s) >= 15);
-    assert_eq!(servers(&spans), 15, "one server span per request:\n{}", agent.log());
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| servers(s) >= 14);
+    assert_eq!(servers(&spans), 14, "one server span per sampled request:\n{}", agent.log());
     assert!(spans.iter().all(|s| s.service == "inferwatch-test"));
     let by_id: HashMap<Vec<u8>, &_> = spans.iter().map(|s| (s.span.span_id.clone(), &s.span)).collect();
     let mut roots = 0;
@@ -122,12 +124,28 @@ fn each_request_is_a_span_in_its_clients_trace() {
         .filter(|s| s.span.kind == SpanKind::Server as i32)
         .map(|s| hex(&s.span.trace_id))
         .collect();
-    assert_eq!(recorded, exported);
+    assert_eq!(recorded.len(), 15, "every request names its trace");
+    assert!(exported.is_subset(&recorded) && !exported.contains(&format!("{:032x}", 0xabc0_0009_u128)));
+    // Exemplars: the latency buckets name a recent exported trace (OpenMetrics).
+    let text = agent.metrics();
+    let exemplars: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("inferwatch_http_time_to_first_token_seconds_bucket{")
+                && l.contains(" # {trace_id=\"")
+        })
+        .collect();
+    assert!(!exemplars.is_empty(), "TTFT buckets carry exemplars:\n{text}");
+    for line in exemplars {
+        let id = line.split("trace_id=\"").nth(1).unwrap().split('"').next().unwrap();
+        assert!(exported.contains(id), "an exemplar names an exported trace: {line}");
+    }
     let raw = String::from_utf8_lossy(&receiver.raw()).into_owned();
     assert!(!raw.contains(SECRET), "no prompt text in any span");
     assert!(!raw.contains("localhost"), "no header values but the trace context");
     let text = agent.metrics();
-    assert_eq!(series_value(&text, "inferwatch_otlp_requests_exported_total"), Some(15.0), "{text}");
+    assert_eq!(series_value(&text, "inferwatch_otlp_requests_exported_total"), Some(14.0), "{text}");
+    assert_eq!(series_value(&text, "inferwatch_otlp_requests_not_sampled_total"), Some(1.0));
     assert_eq!(
         sum_matching(&text, "inferwatch_otlp_requests_dropped_total{", ""),
         0.0,

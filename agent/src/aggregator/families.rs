@@ -7,12 +7,15 @@ use std::sync::{Arc, atomic::AtomicU64};
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _, NoLabelSet},
-    metrics::{MetricType, counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram, info::Info},
     registry::{Registry, Unit},
 };
 
-use super::store::Locked;
+use super::{
+    route_series::{TracedHistograms, traced_latency_histogram},
+    store::Locked,
+};
 use crate::{
     collect::procfs,
     kernel::{LOST_AGENT_QUEUE_FULL, LOST_MALFORMED, LOST_RING_BUFFER_FULL},
@@ -102,8 +105,8 @@ pub(crate) struct Metrics {
     pub discovery_left_out: Family<WhatLabels, Gauge>,
     pub http_requests: Family<RequestLabels, Counter>,
     pub response_headers: Histograms<ModelRoute>,
-    pub time_to_first_token: Histograms<ModelRoute>,
-    pub request_duration: Histograms<ModelRoute>,
+    pub time_to_first_token: TracedHistograms<ModelRoute>,
+    pub request_duration: TracedHistograms<ModelRoute>,
     pub chunk_gap: Histograms<ModelRoute>,
     pub stream_events: Family<StreamEventLabels, Counter>,
     pub in_flight: Family<ModelRoute, Gauge>,
@@ -237,12 +240,17 @@ impl Metrics {
             "inferwatch_http_response_headers",
             "From the first request byte received to the response head written",
         );
-        let time_to_first_token = histograms(
+        let traced = |registry: &mut Registry, name: &str, help: &str| {
+            let family: TracedHistograms<ModelRoute> = Family::new_with_constructor(traced_latency_histogram);
+            registry.register_with_unit(name, help, Unit::Seconds, family.clone());
+            family
+        };
+        let time_to_first_token = traced(
             &mut registry,
             "inferwatch_http_time_to_first_token",
             "From the first request byte received to the first SSE event carrying content written",
         );
-        let request_duration = histograms(
+        let request_duration = traced(
             &mut registry,
             "inferwatch_http_request_duration",
             "From the first request byte received to the end of the response (or the abort)",
@@ -386,7 +394,7 @@ impl Metrics {
             bpf_runs.clone(),
         );
         for families in snapshots {
-            registry.register_collector(Box::new(Snapshots(families.clone())));
+            registry.register_collector(Box::new(super::snapshots::Snapshots(families.clone())));
         }
         registry.register_collector(Box::new(OwnUsage));
         Self {
@@ -436,107 +444,6 @@ impl Metrics {
 
 /// The text of `families` as the registry's collector encodes them (for tests of the
 /// families' builders).
-#[cfg(test)]
-pub(crate) fn encode_snapshots(families: Vec<Snapshot>) -> String {
-    let mut registry = Registry::default();
-    registry.register_collector(Box::new(Snapshots(Arc::new(Locked::new(families)))));
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding to a String");
-    out
-}
-
-/// Families the aggregator rebuilds from a snapshot, encoded at each scrape.
-#[derive(Debug)]
-struct Snapshots(Arc<Locked<Vec<Snapshot>>>);
-
-impl Collector for Snapshots {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        for family in self.0.read().iter() {
-            encode_family(&mut encoder, family)?;
-        }
-        Ok(())
-    }
-}
-
-/// One snapshot family: gauges and counters sample by sample, histograms from their
-/// cumulative `_bucket`, `_sum` and `_count` samples, grouped by their other labels.
-fn encode_family(encoder: &mut DescriptorEncoder, f: &Snapshot) -> Result<(), std::fmt::Error> {
-    let labels = |s: &'_ crate::model::family::Sample| -> Vec<(String, String)> {
-        s.labels.iter().filter(|(k, _)| k != "le").cloned().collect()
-    };
-    match f.kind.as_str() {
-        "counter" => {
-            let mut metric = encoder.encode_descriptor(&f.name, &f.help, None, MetricType::Counter)?;
-            for s in &f.samples {
-                metric.encode_family(&labels(s))?.encode_counter::<NoLabelSet, f64, f64>(&s.value, None)?;
-            }
-        }
-        "histogram" => {
-            let mut metric = encoder.encode_descriptor(&f.name, &f.help, None, MetricType::Histogram)?;
-            // In first-seen order of their labels.
-            let mut series: Vec<HistogramSeries> = Vec::new();
-            for s in &f.samples {
-                let key = labels(s);
-                let at = match series.iter().position(|h| h.labels == key) {
-                    Some(i) => i,
-                    None => {
-                        series.push(HistogramSeries { labels: key, ..Default::default() });
-                        series.len() - 1
-                    }
-                };
-                let entry = &mut series[at];
-                match s.name.strip_prefix(f.name.as_str()) {
-                    Some("_bucket") => {
-                        let le = s.label("le").unwrap_or("+Inf");
-                        let le =
-                            if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
-                        entry.cumulative.push((le, s.value));
-                    }
-                    Some("_sum") => entry.sum = s.value,
-                    Some("_count") => entry.count = s.value,
-                    _ => {}
-                }
-            }
-            for HistogramSeries { labels: key, cumulative, sum, count } in series {
-                // The encoder takes each bucket's own count and accumulates them itself.
-                let mut previous = 0.0;
-                let buckets: Vec<(f64, u64)> = cumulative
-                    .into_iter()
-                    .map(|(le, c)| {
-                        let own = (c - previous).max(0.0) as u64;
-                        previous = c;
-                        (le, own)
-                    })
-                    .collect();
-                metric.encode_family(&key)?.encode_histogram::<NoLabelSet>(
-                    sum,
-                    count as u64,
-                    &buckets,
-                    None,
-                )?;
-            }
-        }
-        kind => {
-            let kind = if kind == "gauge" { MetricType::Gauge } else { MetricType::Unknown };
-            let mut metric = encoder.encode_descriptor(&f.name, &f.help, None, kind)?;
-            for s in &f.samples {
-                metric.encode_family(&labels(s))?.encode_gauge(&s.value)?;
-            }
-        }
-    }
-    Ok(())
-}
-
-/// One labelled histogram of a snapshot family.
-#[derive(Default)]
-struct HistogramSeries {
-    labels: Vec<(String, String)>,
-    /// (upper bound, cumulative count), in the family's order.
-    cumulative: Vec<(f64, f64)>,
-    sum: f64,
-    count: f64,
-}
-
 /// The agent's own CPU time and memory, read when scraped.
 #[derive(Debug)]
 struct OwnUsage;

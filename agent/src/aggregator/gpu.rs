@@ -242,7 +242,7 @@ fn bool_value(b: bool) -> f64 {
 mod tests {
     use super::*;
     use crate::{
-        aggregator::families::encode_snapshots,
+        aggregator::snapshots::encode_snapshots,
         model::gpu::{DeviceSample, ProcessSample},
     };
 

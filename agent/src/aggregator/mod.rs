@@ -18,6 +18,7 @@ mod requests;
 mod route_series;
 pub(crate) mod sched;
 mod scrapes;
+pub(crate) mod snapshots;
 pub(crate) mod store;
 #[cfg(test)]
 mod tests;

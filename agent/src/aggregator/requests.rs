@@ -4,6 +4,7 @@
 use super::{
     Aggregator,
     families::{PhaseLabels, ReasonLabels},
+    route_series::TraceExemplar,
     store::RECENT_REQUESTS,
 };
 use crate::{
@@ -13,7 +14,7 @@ use crate::{
     },
     requests::{
         handoff::{self, Phases},
-        http::{FinishedRequest, Progress},
+        http::{FinishedRequest, Outcome, Progress},
     },
 };
 
@@ -99,6 +100,24 @@ impl Aggregator {
                 self.route_series.get(&model, req.route).in_flight(m).dec();
             }
         }
+        // The request's trace: the client's, or (spans being exported) a new one; whether its
+        // spans are exported (sampled), and then its trace id as the exemplar of its latencies.
+        let trace_id = match &req.trace {
+            Some(t) => Some(t.trace_id),
+            None => self.spans.is_some().then(|| self.trace_ids.trace_id()),
+        };
+        let exported = match (&self.spans, trace_id) {
+            (Some(sink), Some(id)) => sink.samples(
+                &id,
+                req.trace.as_ref().map(|t| t.sampled),
+                req.outcome == Outcome::Complete,
+                req.end_ns.saturating_sub(req.received_ns),
+            ),
+            _ => false,
+        };
+        let exemplar =
+            || exported.then(|| TraceExemplar { trace_id: trace_id.map(|t| to_hex(&t)).unwrap_or_default() });
+        let m = &self.store.metrics;
         let series = self.route_series.get(&model, req.route);
         let outcome = req.outcome.as_str();
         series.count_request(m, &mut self.budget, req.status, outcome);
@@ -115,9 +134,9 @@ impl Aggregator {
             series.response_headers(m).observe(h);
         }
         if let Some(t) = ttft {
-            series.time_to_first_token(m).observe(t);
+            series.time_to_first_token(m).observe(t, exemplar(), None);
         }
-        series.request_duration(m).observe(duration);
+        series.request_duration(m).observe(duration, exemplar(), None);
         if req.events > 0 {
             series.stream_events(m, true).inc_by(req.content_events as u64);
             series.stream_events(m, false).inc_by((req.events - req.content_events) as u64);
@@ -166,12 +185,7 @@ impl Aggregator {
             observe("decode", p.decode);
         }
         let phase = |f: fn(&Phases) -> Option<f64>| phases.as_ref().and_then(f);
-        // The request's trace: the client's, or (spans being exported) a new one.
-        let trace_id = match &req.trace {
-            Some(t) => Some(t.trace_id),
-            None => self.spans.is_some().then(|| self.trace_ids.trace_id()),
-        };
-        if let (Some(sink), Some(trace_id)) = (&self.spans, trace_id) {
+        if let (Some(sink), Some(trace_id), true) = (&self.spans, trace_id, exported) {
             sink.offer(self.request_span(&req, trace_id, tgid, &model, queued, phases.as_ref(), ttft));
         }
 

@@ -4,12 +4,32 @@
 
 use std::cell::OnceCell;
 
-use prometheus_client::metrics::{counter::Counter, gauge::Gauge, histogram::Histogram};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{
+        counter::Counter, exemplar::HistogramWithExemplars, family::Family, gauge::Gauge,
+        histogram::Histogram,
+    },
+};
 
 use super::{
     cardinality::SeriesBudget,
-    families::{FamilyLabels, Metrics, ModelRoute, RequestLabels, StreamEventLabels},
+    families::{FamilyLabels, LATENCY_BUCKETS, Metrics, ModelRoute, RequestLabels, StreamEventLabels},
 };
+
+/// The trace of a recent request in a latency bucket (an OpenMetrics exemplar), so that a
+/// dashboard can jump from a latency to that request's trace.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TraceExemplar {
+    pub trace_id: String,
+}
+
+pub(crate) type TracedHistogram = HistogramWithExemplars<TraceExemplar>;
+pub(crate) type TracedHistograms<L> = Family<L, TracedHistogram, fn() -> TracedHistogram>;
+
+pub(crate) fn traced_latency_histogram() -> TracedHistogram {
+    HistogramWithExemplars::new(LATENCY_BUCKETS.into_iter())
+}
 
 /// The family of `inferwatch_http_requests_total`, capped by the series budget.
 pub(crate) const HTTP_REQUESTS: &str = "inferwatch_http_requests";
@@ -39,8 +59,8 @@ pub(crate) struct RouteSeries {
     labels: ModelRoute,
     in_flight: OnceCell<Gauge>,
     response_headers: OnceCell<Histogram>,
-    time_to_first_token: OnceCell<Histogram>,
-    request_duration: OnceCell<Histogram>,
+    time_to_first_token: OnceCell<TracedHistogram>,
+    request_duration: OnceCell<TracedHistogram>,
     chunk_gap: OnceCell<Histogram>,
     content_events: OnceCell<Counter>,
     other_events: OnceCell<Counter>,
@@ -75,11 +95,11 @@ impl RouteSeries {
         self.response_headers.get_or_init(|| m.response_headers.get_or_create(&self.labels).clone())
     }
 
-    pub fn time_to_first_token(&self, m: &Metrics) -> &Histogram {
+    pub fn time_to_first_token(&self, m: &Metrics) -> &TracedHistogram {
         self.time_to_first_token.get_or_init(|| m.time_to_first_token.get_or_create(&self.labels).clone())
     }
 
-    pub fn request_duration(&self, m: &Metrics) -> &Histogram {
+    pub fn request_duration(&self, m: &Metrics) -> &TracedHistogram {
         self.request_duration.get_or_init(|| m.request_duration.get_or_create(&self.labels).clone())
     }
 

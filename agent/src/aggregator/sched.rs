@@ -103,7 +103,7 @@ pub(crate) fn update(families: &mut Vec<Family>, slots: &[u64]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregator::families::encode_snapshots;
+    use crate::aggregator::snapshots::encode_snapshots;
     use inferwatch_common::sched::{ROLE_COUNT, SLOTS};
 
     #[test]

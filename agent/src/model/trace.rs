@@ -1,6 +1,11 @@
 //! W3C trace context (`traceparent`, `tracestate`) as a client sent it with a request: the
 //! only header values the agent keeps, so that a request's span joins the client's trace.
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
 /// A `traceparent` (version 00) and its `tracestate`, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TraceContext {
@@ -41,27 +46,84 @@ pub struct RequestSpan {
     pub phases: Vec<(&'static str, u64, u64)>,
 }
 
-/// Where the aggregator hands finished requests to the OTLP exporter: a bounded queue that
-/// never blocks it; what does not fit is counted and dropped.
+/// Where the aggregator hands finished requests to the OTLP exporter: it samples them here, and
+/// offers the kept ones to a bounded queue that never blocks it; what does not fit is counted
+/// and dropped.
 #[derive(Clone, Debug)]
 pub struct SpanSink {
     tx: tokio::sync::mpsc::Sender<RequestSpan>,
-    dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    sampler: Sampler,
+    keep_slower_than_ns: u64,
+    pub counts: Arc<SinkCounts>,
+}
+
+/// What the aggregator's side of the sink counted.
+#[derive(Debug, Default)]
+pub struct SinkCounts {
+    pub queue_full: AtomicU64,
+    pub not_sampled: AtomicU64,
 }
 
 impl SpanSink {
-    /// A sink with room for `capacity` requests, its receiving end, and its drop counter.
+    /// A sink with room for `capacity` requests, and its receiving end.
     pub fn new(
         capacity: usize,
-    ) -> (Self, tokio::sync::mpsc::Receiver<RequestSpan>, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        sampler: Sampler,
+        keep_slower_than: std::time::Duration,
+    ) -> (Self, tokio::sync::mpsc::Receiver<RequestSpan>) {
         let (tx, rx) = tokio::sync::mpsc::channel(capacity);
-        let dropped = std::sync::Arc::default();
-        (Self { tx, dropped: std::sync::Arc::clone(&dropped) }, rx, dropped)
+        let keep_slower_than_ns = keep_slower_than.as_nanos().min(u64::MAX as u128) as u64;
+        (Self { tx, sampler, keep_slower_than_ns, counts: Arc::default() }, rx)
+    }
+
+    /// Whether a request's spans are exported: aborted and slow requests always, the others as
+    /// the sampler says (counted when not).
+    pub fn samples(
+        &self,
+        trace_id: &[u8; 16],
+        parent_sampled: Option<bool>,
+        complete: bool,
+        duration_ns: u64,
+    ) -> bool {
+        let keep = !complete
+            || duration_ns > self.keep_slower_than_ns
+            || self.sampler.keeps(trace_id, parent_sampled);
+        if !keep {
+            self.counts.not_sampled.fetch_add(1, Ordering::Relaxed);
+        }
+        keep
     }
 
     pub fn offer(&self, span: RequestSpan) {
         if self.tx.try_send(span).is_err() {
-            self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.counts.queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How a request's span is chosen for export.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sampler {
+    AlwaysOn,
+    AlwaysOff,
+    /// Keep a trace if the low 8 bytes of its id, read as a number, fall under `ratio` of their
+    /// range (the SDKs' `TraceIdRatioBased`, so every service keeps the same traces).
+    Ratio(f64),
+    /// The client's sampled flag when it sent a `traceparent`, else the inner sampler.
+    ParentBased(&'static Sampler),
+}
+
+impl Sampler {
+    /// Whether the span of a request in trace `trace_id` is kept.
+    pub fn keeps(&self, trace_id: &[u8; 16], parent_sampled: Option<bool>) -> bool {
+        match self {
+            Sampler::AlwaysOn => true,
+            Sampler::AlwaysOff => false,
+            Sampler::Ratio(r) => {
+                let low = u64::from_be_bytes(trace_id[8..].try_into().unwrap_or_default());
+                (low as f64) < r * (u64::MAX as f64)
+            }
+            Sampler::ParentBased(inner) => parent_sampled.unwrap_or_else(|| inner.keeps(trace_id, None)),
         }
     }
 }

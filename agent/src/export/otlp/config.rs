@@ -3,6 +3,8 @@
 
 use std::{path::PathBuf, time::Duration};
 
+pub use crate::model::trace::Sampler;
+
 /// What `run` was given (flags, or the environment variables clap reads for them).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct OtlpArgs {
@@ -36,33 +38,6 @@ pub struct OtlpArgs {
     /// Aborted requests and requests longer than this are exported whatever the sampler says.
     #[arg(long, default_value = "10s", value_parser = crate::model::duration::parse_duration)]
     pub otlp_keep_slower_than: Duration,
-}
-
-/// How a request's span is chosen for export.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Sampler {
-    AlwaysOn,
-    AlwaysOff,
-    /// Keep a trace if the low 8 bytes of its id, read as a number, fall under `ratio` of their
-    /// range (the SDKs' `TraceIdRatioBased`, so every service keeps the same traces).
-    Ratio(f64),
-    /// The client's sampled flag when it sent a `traceparent`, else the inner sampler.
-    ParentBased(&'static Sampler),
-}
-
-impl Sampler {
-    /// Whether the span of a request in trace `trace_id` is kept.
-    pub fn keeps(&self, trace_id: &[u8; 16], parent_sampled: Option<bool>) -> bool {
-        match self {
-            Sampler::AlwaysOn => true,
-            Sampler::AlwaysOff => false,
-            Sampler::Ratio(r) => {
-                let low = u64::from_be_bytes(trace_id[8..].try_into().unwrap_or_default());
-                (low as f64) < r * (u64::MAX as f64)
-            }
-            Sampler::ParentBased(inner) => parent_sampled.unwrap_or_else(|| inner.keeps(trace_id, None)),
-        }
-    }
 }
 
 /// The checked configuration.

@@ -13,10 +13,7 @@ mod send;
 
 use std::{
     collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -29,7 +26,7 @@ use crate::{
     aggregator::store::Locked,
     model::{
         family::{Family, family, sample},
-        trace::{Ids, RequestSpan, SpanSink},
+        trace::{Ids, RequestSpan, SinkCounts, SpanSink},
     },
 };
 
@@ -51,7 +48,6 @@ const REASONS: [&str; 3] = ["queue_full", "export_failed", "rejected"];
 #[derive(Default)]
 struct Counters {
     exported: u64,
-    not_sampled: u64,
     dropped: BTreeMap<&'static str, u64>,
 }
 
@@ -62,7 +58,8 @@ pub(crate) fn start(
 ) -> Result<Option<SpanSink>, String> {
     let Some(config) = config else { return Ok(None) };
     let tls = send::tls_config(&config)?;
-    let (sink, rx, queue_full) = SpanSink::new(QUEUE);
+    let (sink, rx) = SpanSink::new(QUEUE, config.sampler, config.keep_slower_than);
+    let counts = sink.counts.clone();
     tracing::info!(
         endpoint = format!(
             "{}://{}:{}{}",
@@ -73,8 +70,8 @@ pub(crate) fn start(
         ),
         "exporting request spans over OTLP/HTTP"
     );
-    publish(&families, &Counters::default(), 0);
-    tokio::spawn(run(config, tls, rx, queue_full, families));
+    publish(&families, &Counters::default(), &counts);
+    tokio::spawn(run(config, tls, rx, counts, families));
     Ok(Some(sink))
 }
 
@@ -82,7 +79,7 @@ async fn run(
     config: OtlpConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     mut rx: mpsc::Receiver<RequestSpan>,
-    queue_full: Arc<AtomicU64>,
+    counts: Arc<SinkCounts>,
     families: Arc<Locked<Vec<Family>>>,
 ) {
     let mut ids = Ids::new();
@@ -98,22 +95,10 @@ async fn run(
                 _ => break,
             }
         }
-        let mut spans = Vec::new();
-        let mut requests = 0u64;
-        for r in &batch {
-            let trace_id = r.trace_id;
-            let slow =
-                r.end_unix_ns.saturating_sub(r.start_unix_ns) > config.keep_slower_than.as_nanos() as u64;
-            let keep = r.outcome != "complete"
-                || slow
-                || config.sampler.keeps(&trace_id, r.trace.as_ref().map(|t| t.sampled));
-            if !keep {
-                counters.not_sampled += 1;
-                continue;
-            }
-            spans.extend(encode::request_spans(r, trace_id, &mut ids));
-            requests += 1;
-        }
+        // Sampled by the aggregator already (it labels its latencies with the kept traces).
+        let requests = batch.len() as u64;
+        let spans: Vec<_> =
+            batch.iter().flat_map(|r| encode::request_spans(r, r.trace_id, &mut ids)).collect();
         drop(batch);
         if requests > 0 {
             let body =
@@ -134,7 +119,7 @@ async fn run(
                 }
             }
         }
-        publish(&families, &counters, queue_full.load(Ordering::Relaxed));
+        publish(&families, &counters, &counts);
     }
 }
 
@@ -161,7 +146,8 @@ async fn export(
     Err(("export_failed", "no attempt".into()))
 }
 
-fn publish(families: &Arc<Locked<Vec<Family>>>, c: &Counters, queue_full: u64) {
+fn publish(families: &Arc<Locked<Vec<Family>>>, c: &Counters, counts: &SinkCounts) {
+    let queue_full = counts.queue_full.load(Ordering::Relaxed);
     let dropped = REASONS
         .iter()
         .map(|&reason| {
@@ -181,7 +167,11 @@ fn publish(families: &Arc<Locked<Vec<Family>>>, c: &Counters, queue_full: u64) {
             "inferwatch_otlp_requests_not_sampled",
             "Requests the trace sampler left out",
             "counter",
-            vec![sample("inferwatch_otlp_requests_not_sampled_total", &[], c.not_sampled as f64)],
+            vec![sample(
+                "inferwatch_otlp_requests_not_sampled_total",
+                &[],
+                counts.not_sampled.load(Ordering::Relaxed) as f64,
+            )],
         ),
         family(
             "inferwatch_otlp_requests_dropped",
