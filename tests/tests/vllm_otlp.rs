@@ -84,6 +84,12 @@ fn the_agents_spans_and_vllms_share_the_clients_trace() {
             server.name, vllm_span.span.name, vllm_span.service
         );
         assert_eq!(attribute(server, "gen_ai.request.model").as_deref(), Some("tiny"));
+        // Token counts from the stream's usage chunk (the request asked for it).
+        let output: u32 =
+            attribute(server, "gen_ai.usage.output_tokens").expect("output tokens").parse().unwrap();
+        let input: u32 =
+            attribute(server, "gen_ai.usage.input_tokens").expect("input tokens").parse().unwrap();
+        assert!((1..=8).contains(&output) && input > 0, "{input} in, {output} out");
         let id = attribute(server, "gen_ai.response.id").expect("vLLM's request id");
         assert!(id.starts_with("cmpl-"), "{id}");
         // The phases cover the request end to end: arrival to end within 1 ms.

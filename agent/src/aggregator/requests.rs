@@ -277,6 +277,7 @@ impl Aggregator {
             request_bytes: req.request_bytes,
             response_bytes: req.response_bytes,
             content_events: req.content_events,
+            usage: req.usage,
             phases: spans,
         }
     }

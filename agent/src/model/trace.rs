@@ -42,6 +42,8 @@ pub struct RequestSpan {
     pub request_bytes: u64,
     pub response_bytes: u64,
     pub content_events: u32,
+    /// Prompt and generated tokens (the stream's usage chunk).
+    pub usage: Option<(u32, u32)>,
     /// Child spans: (phase, start, end) in Unix nanoseconds, in order.
     pub phases: Vec<(&'static str, u64, u64)>,
 }

@@ -53,6 +53,10 @@ pub fn request_spans(r: &RequestSpan, trace_id: [u8; 16], ids: &mut Ids) -> Vec<
     if let Some(id) = &r.response_id {
         attributes.push(text("gen_ai.response.id", id.clone()));
     }
+    if let Some((input, output)) = r.usage {
+        attributes.push(int("gen_ai.usage.input_tokens", input as i64));
+        attributes.push(int("gen_ai.usage.output_tokens", output as i64));
+    }
     if let Some(t) = r.time_to_first_token_seconds {
         attributes.push(kv("gen_ai.server.time_to_first_token", Value::DoubleValue(t)));
     }
@@ -149,6 +153,7 @@ mod tests {
             request_bytes: 120,
             response_bytes: 900,
             content_events: 3,
+            usage: Some((5, 8)),
             phases: vec![("queued", 1_000, 1_500), ("frontend_in", 1_500, 3_000), ("decode", 5_000, 9_000)],
         }
     }

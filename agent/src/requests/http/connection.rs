@@ -537,6 +537,9 @@ impl Connection {
     fn sse_event(&mut self, class: EventClass, ts: u64, up: &mut Progress) {
         let Some(req) = self.pending.front_mut() else { return };
         req.events += 1;
+        if let EventClass::Usage { input, output } = class {
+            req.usage = Some((input, output));
+        }
         if class == EventClass::Content {
             req.content_events += 1;
             if req.first_token_ns.is_none() {

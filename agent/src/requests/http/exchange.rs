@@ -61,6 +61,8 @@ pub struct FinishedRequest {
     pub response_id: Option<String>,
     /// The client's W3C trace context, when its request carried one.
     pub trace: Option<TraceContext>,
+    /// Prompt and generated tokens, from the stream's usage chunk when it was seen.
+    pub usage: Option<(u32, u32)>,
 }
 
 /// What one transfer on a connection moved forward: requests whose heads are now known,
@@ -116,6 +118,7 @@ pub(super) struct Pending {
     pub(super) id_scan: Vec<u8>,
     pub(super) response_id: Option<String>,
     pub(super) trace: Option<TraceContext>,
+    pub(super) usage: Option<(u32, u32)>,
 }
 
 /// Response body bytes searched for the response's `"id"`.
@@ -160,6 +163,7 @@ pub(super) fn new_pending(
         id_scan: Vec::new(),
         response_id: None,
         trace: None,
+        usage: None,
     }
 }
 
@@ -186,5 +190,6 @@ pub(super) fn finished(req: Pending, end_ns: u64, outcome: Outcome) -> FinishedR
         max_chunk_gap_ns: req.max_chunk_gap_ns,
         response_id: req.response_id,
         trace: req.trace,
+        usage: req.usage,
     }
 }

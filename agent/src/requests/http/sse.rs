@@ -7,8 +7,11 @@ use super::{Needle, find, needle};
 pub enum EventClass {
     /// Carries generated content (a token): counts for time to first token and chunk gaps.
     Content,
-    /// An event without content: a chat role chunk, a usage chunk, a keep-alive.
+    /// An event without content: a chat role chunk, a keep-alive.
     Other,
+    /// The stream's usage chunk (`"choices":[]` with `"usage"`): its token counts, when both
+    /// were seen.
+    Usage { input: u32, output: u32 },
     /// `data: [DONE]`.
     Done,
 }
@@ -93,6 +96,9 @@ impl SseParser {
 }
 
 static CHOICES: Needle = needle!(b"\"choices\"");
+static USAGE: Needle = needle!(b"\"usage\"");
+static PROMPT_TOKENS: Needle = needle!(b"\"prompt_tokens\"");
+static COMPLETION_TOKENS: Needle = needle!(b"\"completion_tokens\"");
 static TOOL_CALLS: Needle = needle!(b"\"tool_calls\"");
 static TEXT: Needle = needle!(b"\"text\"");
 static CONTENT: Needle = needle!(b"\"content\"");
@@ -118,7 +124,12 @@ pub fn classify(data: &[u8], truncated: bool) -> EventClass {
         && let Some(inside) = v.strip_prefix(b"[")
         && inside.trim_ascii_start().starts_with(b"]")
     {
-        return EventClass::Other;
+        return match value_after(text, &USAGE)
+            .map(|u| (count(u, &PROMPT_TOKENS), count(u, &COMPLETION_TOKENS)))
+        {
+            Some((Some(input), Some(output))) => EventClass::Usage { input, output },
+            _ => EventClass::Other,
+        };
     }
     if find(text, &TOOL_CALLS).is_some() {
         return EventClass::Content;
@@ -147,6 +158,16 @@ fn value_after<'a>(json: &'a [u8], quoted_key: &Needle) -> Option<&'a [u8]> {
     None
 }
 
+/// For `"key": <integer>` in `json`: the integer, if it fits a `u32`.
+fn count(json: &[u8], quoted_key: &Needle) -> Option<u32> {
+    let v = value_after(json, quoted_key)?;
+    let digits = v.iter().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits > 9 {
+        return None;
+    }
+    std::str::from_utf8(&v[..digits]).ok()?.parse().ok()
+}
+
 /// For `"key": "<string>"`: whether that string is empty. None if the key is absent, null, or
 /// cut off before its value.
 fn string_value_is_empty(json: &[u8], quoted_key: &Needle) -> Option<bool> {
@@ -171,9 +192,10 @@ mod tests {
         let s = b"data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"text\":\" at\"}]}\n\n\
 data: {\"id\":\"cmpl-1\",\"choices\":[{\"index\":0,\"text\":\"\"}]}\n\n\
 data: {\"id\":\"cmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":2}}\n\n\
+data: {\"id\":\"cmpl-1\",\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"total_tokens\":9,\"completion_tokens\": 7}}\n\n\
 data: [DONE]\n\n";
         use EventClass::*;
-        assert_eq!(events(s), vec![Content, Other, Other, Done]);
+        assert_eq!(events(s), vec![Content, Other, Other, Usage { input: 2, output: 7 }, Done]);
     }
 
     #[test]
