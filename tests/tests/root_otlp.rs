@@ -204,3 +204,114 @@ fn a_bad_otlp_setting_is_a_startup_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("OTLP: sampler \"sometimes\""), "{stderr}");
 }
+
+/// A CA and a certificate for 127.0.0.1 it signed (webpki refuses a self-signed CA as a server's
+/// own certificate), in a fresh folder.
+fn ca_and_leaf(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("inferwatch-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let steps: [Vec<&str>; 3] = [
+        [
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "2", "-subj", "/CN=test CA", "-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat(),
+        [&["req"][..], &ec, &["-subj", "/CN=collector", "-keyout", "leaf.key", "-out", "leaf.csr"]].concat(),
+        vec![
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.cnf",
+            "-out",
+            "leaf.pem",
+        ],
+    ];
+    std::fs::write(dir.join("san.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n").unwrap();
+    for args in steps {
+        let out =
+            std::process::Command::new("openssl").args(&args).current_dir(&dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    dir
+}
+
+#[test]
+fn spans_reach_a_collector_over_tls() {
+    require_root();
+    let receiver = Receiver::start(0);
+    let dir = ca_and_leaf("otlp-tls");
+    let port = inferwatch_tests::free_port();
+    let mut front = std::process::Command::new(inferwatch_tests::servers::python())
+        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("servers/tls_forward.py"))
+        .arg(port.to_string())
+        .arg(dir.join("leaf.pem"))
+        .arg(dir.join("leaf.key"))
+        .arg(receiver.endpoint())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(front.stdout.take().unwrap()), &mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "listening");
+    let server = Server::uvicorn();
+    let endpoint = format!("https://127.0.0.1:{port}/v1/traces");
+    let ca = dir.join("ca.pem");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OsStr::new(&endpoint)),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_os_str()),
+    ];
+    let agent = Agent::start_with_env(&[server.pid()], &[], &env);
+    let mut client = Client::connect(server.addr);
+    for i in 0..3 {
+        let t = client.request(&Completion {
+            model: "tls-model".into(),
+            pad: 100 + i,
+            max_tokens: 2,
+            delay_ms: 1.0,
+            stream: true,
+        });
+        assert_eq!(t.status, 200);
+    }
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter().filter(|r| r.span.kind == SpanKind::Server as i32).count() >= 3
+    });
+    assert_eq!(spans.iter().filter(|r| r.span.kind == SpanKind::Server as i32).count(), 3, "{}", agent.log());
+    assert!(agent.stop().success());
+
+    // The same collector with a CA that did not sign its certificate: refused, counted.
+    let other = ca_and_leaf("otlp-tls-other");
+    let wrong = other.join("ca.pem");
+    let env = [
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OsStr::new(&endpoint)),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", wrong.as_os_str()),
+    ];
+    let agent = Agent::start_with_env(&[server.pid()], &[], &env);
+    let t = client.request(&Completion {
+        model: "tls-model".into(),
+        pad: 200,
+        max_tokens: 2,
+        delay_ms: 1.0,
+        stream: true,
+    });
+    assert_eq!(t.status, 200);
+    let text = agent.wait_for_metrics(Duration::from_secs(20), |t| {
+        sum_matching(t, "inferwatch_otlp_requests_dropped_total{", "export_failed") >= 1.0
+    });
+    assert_eq!(sum_matching(&text, "inferwatch_otlp_requests_dropped_total{", "export_failed"), 1.0);
+    assert!(agent.log().contains("TLS with 127.0.0.1"), "{}", agent.log());
+    assert!(agent.stop().success());
+    let _ = front.kill();
+    let _ = front.wait();
+}
