@@ -111,7 +111,7 @@ impl Aggregator {
                 &id,
                 req.trace.as_ref().map(|t| t.sampled),
                 req.outcome == Outcome::Complete,
-                req.end_ns.saturating_sub(req.received_ns),
+                req.first_token_ns.unwrap_or(req.end_ns).saturating_sub(req.received_ns),
             ),
             _ => false,
         };

@@ -78,22 +78,28 @@ impl SpanSink {
         (Self { tx, sampler, keep_slower_than_ns, counts: Arc::default() }, rx)
     }
 
-    /// Whether a request's spans are exported: aborted and slow requests always, the others as
-    /// the sampler says (counted when not).
+    /// Whether a request's spans are exported: aborted and slow ones (`slow_ns`: its time to
+    /// first token, or its duration when sent whole) always, the others as the sampler says;
+    /// and only while the queue has room (the aggregator is its one producer, so the offer that
+    /// follows fits), so that an exemplar never names a trace that was not sent.
     pub fn samples(
         &self,
         trace_id: &[u8; 16],
         parent_sampled: Option<bool>,
         complete: bool,
-        duration_ns: u64,
+        slow_ns: u64,
     ) -> bool {
-        let keep = !complete
-            || duration_ns > self.keep_slower_than_ns
-            || self.sampler.keeps(trace_id, parent_sampled);
+        let keep =
+            !complete || slow_ns > self.keep_slower_than_ns || self.sampler.keeps(trace_id, parent_sampled);
         if !keep {
             self.counts.not_sampled.fetch_add(1, Ordering::Relaxed);
+            return false;
         }
-        keep
+        if self.tx.capacity() == 0 {
+            self.counts.queue_full.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
     }
 
     pub fn offer(&self, span: RequestSpan) {
@@ -196,7 +202,10 @@ impl TraceContext {
             return None;
         }
         let tracestate = tracestate
-            .filter(|s| s.len() <= MAX_TRACESTATE && s.iter().all(|b| b.is_ascii_graphic() || *b == b' '))
+            .filter(|s| {
+                s.len() <= MAX_TRACESTATE
+                    && s.iter().all(|b| b.is_ascii_graphic() || *b == b' ' || *b == b'\t')
+            })
             .and_then(|s| std::str::from_utf8(s).ok())
             .map(|s| s.trim().to_string())
             .filter(|s| !s.is_empty());

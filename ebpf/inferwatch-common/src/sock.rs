@@ -96,7 +96,10 @@ pub struct TrackedSock {
     /// same address reused by a new socket gets a new id, so connections never merge.
     pub conn_id: u64,
     pub tgid: u32,
-    pub _pad: u32,
+    /// 1 once a watched process did I/O on it; 0 for a connection tracked from its handshake on
+    /// a watched port only (it may be another namespace's, or another process's): its TCP
+    /// events are not reported until then.
+    pub confirmed: u32,
 }
 
 /// When a tracked socket's unread data arrived: socket-local storage, attached to the sockets

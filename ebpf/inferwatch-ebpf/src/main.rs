@@ -245,7 +245,7 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
 #[inline(always)]
 fn try_net_event(ctx: &BtfTracePointContext, what: NetEventKind) -> Result<(), i32> {
     let sock: u64 = ctx.arg(0);
-    let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
+    let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied().filter(|t| t.confirmed != 0) else {
         return Ok(());
     };
     emit_header(SockEvent {
@@ -294,6 +294,10 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
         // The socket is done: a later socket at the same address must get a new id.
         let _ = TRACKED_SOCKS.remove(&sock);
     }
+    if tracked.confirmed == 0 {
+        // No watched process has used it (yet): not ours to report.
+        return Ok(());
+    }
     emit_header(SockEvent {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: tracked.conn_id,
@@ -319,10 +323,11 @@ fn track(sock: u64, tgid: u32) -> TrackedSock {
     if let Some(t) = TRACKED_SOCKS.get_ptr_mut(&sock) {
         // SAFETY: a map value, written here only by the process using the socket.
         unsafe {
-            if (*t).tgid != tgid {
+            if (*t).confirmed == 0 || (*t).tgid != tgid {
                 // Tracked from its handshake under the port's owner; the process that uses it
-                // owns it (several processes may share a listening port).
+                // owns it (several processes may share a listening port), and it is ours now.
                 (*t).tgid = tgid;
+                (*t).confirmed = 1;
             }
             return *t;
         }
@@ -334,7 +339,7 @@ fn track(sock: u64, tgid: u32) -> TrackedSock {
     if (family == AF_INET || family == AF_INET6) && state_of(sock) == TcpState::Close as u8 {
         return TrackedSock::default();
     }
-    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, _pad: 0 };
+    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, confirmed: 1 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
     arrival::follow(sock, 0);
     tracked
@@ -353,7 +358,7 @@ fn track_accepted(sock: u64) {
     let Some(&tgid) = (unsafe { LISTEN_PORTS.get(&port) }) else {
         return;
     };
-    let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, _pad: 0 };
+    let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, confirmed: 0 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
     arrival::follow(sock, unsafe { bpf_ktime_get_ns() });
 }

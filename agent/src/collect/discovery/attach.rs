@@ -47,6 +47,8 @@ pub(crate) struct Attacher {
     roles: HashMap<u32, Role>,
     /// Listening ports in the kernel's map, with the watched process they belong to.
     ports: BTreeMap<u16, u32>,
+    /// The ports of each `--pid` process (with its start time), once it listens.
+    explicit_ports: HashMap<u32, (u64, Vec<u16>)>,
 }
 
 impl Attacher {
@@ -56,6 +58,7 @@ impl Attacher {
             explicit: explicit_pids.iter().map(|&p| (p, None)).collect(),
             roles: HashMap::new(),
             ports: BTreeMap::new(),
+            explicit_ports: HashMap::new(),
         }
     }
 
@@ -168,8 +171,15 @@ impl Attacher {
                 desired.entry(addr.port()).or_insert(pid);
             }
         }
-        for &pid in self.explicit.keys().filter(|p| self.watched.contains_key(p)) {
-            for port in procs.listening_ports(pid) {
+        // A `--pid` process's ports, read until it listens, then kept while it lives (a server's
+        // port does not change; reading /proc/PID/net/tcp is costly with many connections).
+        self.explicit_ports.retain(|pid, (started, _)| self.watched.get(pid) == Some(started));
+        for (&pid, &started) in self.watched.iter().filter(|(p, _)| self.explicit.contains_key(p)) {
+            let known = self.explicit_ports.entry(pid).or_insert((started, Vec::new()));
+            if known.1.is_empty() {
+                known.1 = procs.listening_ports(pid);
+            }
+            for &port in &known.1 {
                 desired.entry(port).or_insert(pid);
             }
         }

@@ -35,8 +35,9 @@ pub struct OtlpArgs {
     /// The ratio of `*traceidratio` samplers (0 to 1).
     #[arg(long, value_name = "RATIO", env = "OTEL_TRACES_SAMPLER_ARG")]
     pub otlp_sampler_arg: Option<String>,
-    /// Aborted requests and requests longer than this are exported whatever the sampler says.
-    #[arg(long, default_value = "10s", value_parser = crate::model::duration::parse_duration)]
+    /// Aborted requests, and requests whose time to first token (or duration, for responses sent
+    /// whole) is longer than this, are exported whatever the sampler says.
+    #[arg(long, default_value = "5s", value_parser = crate::model::duration::parse_duration)]
     pub otlp_keep_slower_than: Duration,
 }
 
@@ -145,8 +146,17 @@ pub fn parse_headers(list: &str) -> Result<Vec<(String, String)>, String> {
         let (k, v) = item.split_once('=').ok_or_else(|| format!("OTLP header {item:?}: not key=value"))?;
         let (k, v) = (k.trim(), percent_decode(v.trim()));
         let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
-        if k.is_empty() || !k.chars().all(token) || v.chars().any(|c| c.is_control()) {
+        // Visible ASCII, spaces and tabs: what an HTTP/1.1 head carries (checked here, so that a
+        // bad value stops the start instead of every export).
+        let value = |c: char| c == ' ' || c == '\t' || c.is_ascii_graphic();
+        if k.is_empty() || !k.chars().all(token) || !v.chars().all(value) {
             return Err(format!("OTLP header {k:?}: not a valid HTTP header"));
+        }
+        // The exporter sets these itself: a second copy would break the request.
+        const OWN: [&str; 6] =
+            ["host", "content-length", "content-type", "transfer-encoding", "connection", "user-agent"];
+        if OWN.iter().any(|own| k.eq_ignore_ascii_case(own)) {
+            return Err(format!("OTLP header {k:?}: set by the exporter itself"));
         }
         out.push((k.to_string(), v));
     }
@@ -218,6 +228,8 @@ mod tests {
         );
         assert!(parse_headers("bad header=x").is_err());
         assert!(parse_headers("k=a%0d%0aInjected: yes").is_err(), "no CRLF into the HTTP head");
+        assert!(parse_headers("k=caf%C3%A9").is_err(), "no bytes an HTTP head cannot carry");
+        assert!(parse_headers("Host=evil").is_err() && parse_headers("content-length=1").is_err());
         let id = |low: u64| {
             let mut t = [0u8; 16];
             t[8..].copy_from_slice(&low.to_be_bytes());

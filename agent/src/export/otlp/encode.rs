@@ -28,8 +28,12 @@ fn int(key: &str, v: i64) -> KeyValue {
 pub fn request_spans(r: &RequestSpan, trace_id: [u8; 16], ids: &mut Ids) -> Vec<Span> {
     let span_id = ids.span_id();
     let (parent, trace_state, flags) = match &r.trace {
-        Some(t) => (t.parent_span_id.to_vec(), t.tracestate.clone().unwrap_or_default(), 0x100 | 0x200),
-        None => (Vec::new(), String::new(), 0x100),
+        // Low byte: the W3C trace flags (sampled: only sampled spans are exported); 0x100: the
+        // parent's remoteness is known, 0x200: it is remote.
+        Some(t) => {
+            (t.parent_span_id.to_vec(), t.tracestate.clone().unwrap_or_default(), 0x01 | 0x100 | 0x200)
+        }
+        None => (Vec::new(), String::new(), 0x01 | 0x100),
     };
     let mut attributes = vec![
         text("http.request.method", r.method),
@@ -91,7 +95,7 @@ pub fn request_spans(r: &RequestSpan, trace_id: [u8; 16], ids: &mut Ids) -> Vec<
             span_id: ids.span_id().to_vec(),
             trace_state: trace_state.clone(),
             parent_span_id: span_id.to_vec(),
-            flags: 0x100,
+            flags: 0x01 | 0x100,
             name: phase.to_string(),
             kind: SpanKind::Internal as i32,
             start_time_unix_nano: start,

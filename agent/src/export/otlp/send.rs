@@ -143,8 +143,9 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            // Read (at most a little of) the body so the connection ends cleanly.
-            let _ = tokio::time::timeout(Duration::from_secs(1), response.into_body().collect()).await;
+            // Read (at most 64 KiB of) the body so the connection ends cleanly.
+            let body = http_body_util::Limited::new(response.into_body(), 64 << 10);
+            let _ = tokio::time::timeout(Duration::from_secs(1), body.collect()).await;
             Ok((status, after))
         }
         Err(e) => Err(e),

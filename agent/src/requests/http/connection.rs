@@ -34,14 +34,13 @@ pub(super) struct Arrival {
 }
 
 impl Arrival {
-    /// The arrival of the bytes of `t`, read at `ts`. Times after the read are ignored; with no
-    /// arrival, an accepted connection's first bytes came at its establishment at the earliest,
-    /// and clients send right after it (kernels without `sk_data_ready`).
+    /// The arrival of the bytes of `t`, read at `ts`: the kernel's stamp when it has one (times
+    /// after the read are ignored), else the read itself. The establishment is reported beside
+    /// it, never used as the start: a client may open a connection long before it sends.
     fn of(ts: u64, t: &Transfer<'_>) -> Self {
         let valid = |v: u64| Some(v).filter(|&v| v != 0 && v <= ts);
-        let established = valid(t.established_ns);
-        let at = valid(t.arrival_ns).or(established);
-        Self { at: at.unwrap_or(ts), read: ts, known: at.is_some(), established }
+        let at = valid(t.arrival_ns);
+        Self { at: at.unwrap_or(ts), read: ts, known: at.is_some(), established: valid(t.established_ns) }
     }
 }
 
@@ -281,7 +280,7 @@ impl Connection {
         let route = route_of(req.path.unwrap_or(""));
         let mut content_length = None;
         let mut chunked = false;
-        let (mut traceparent, mut tracestate) = (None, None);
+        let (mut traceparent, mut tracestate) = (None, Vec::new());
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 content_length = decimal(h.value);
@@ -290,9 +289,16 @@ impl Connection {
             } else if h.name.eq_ignore_ascii_case("traceparent") {
                 traceparent = Some(h.value);
             } else if h.name.eq_ignore_ascii_case("tracestate") {
-                tracestate = Some(h.value);
+                // Several `tracestate` headers are one list (W3C), joined here up to the limit.
+                if !tracestate.is_empty() {
+                    tracestate.push(b',');
+                }
+                // One byte past the limit at most: enough for the check to refuse it.
+                let room = (crate::model::trace::MAX_TRACESTATE + 1).saturating_sub(tracestate.len());
+                tracestate.extend_from_slice(&h.value[..h.value.len().min(room)]);
             }
         }
+        let tracestate = (!tracestate.is_empty()).then_some(tracestate.as_slice());
         let trace = traceparent.and_then(|t| TraceContext::parse(t, tracestate));
         self.seen_request = true;
         if self.pending.len() >= MAX_PENDING {
