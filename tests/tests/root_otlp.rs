@@ -154,6 +154,18 @@ fn each_request_is_a_span_in_its_clients_trace() {
     assert!(agent.stop().success());
 }
 
+/// `n` short streamed completions of `model` on one kept-alive connection, each answered 200;
+/// the connection, for more.
+fn streams(server: &Server, model: &str, n: usize) -> Client {
+    let mut client = Client::connect(server.addr);
+    for i in 0..n {
+        let stream =
+            Completion { model: model.into(), pad: 100 + i, max_tokens: 2, delay_ms: 1.0, stream: true };
+        assert_eq!(client.request(&stream).status, 200);
+    }
+    client
+}
+
 #[test]
 fn a_dead_collector_costs_counted_drops_only() {
     require_root();
@@ -163,17 +175,7 @@ fn a_dead_collector_costs_counted_drops_only() {
     let endpoint = format!("http://{dead}/v1/traces");
     let env = [("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OsStr::new(&endpoint))];
     let agent = Agent::start_with_env(&[server.pid()], &[], &env);
-    let mut client = Client::connect(server.addr);
-    for i in 0..20 {
-        let t = client.request(&Completion {
-            model: "dead-model".into(),
-            pad: 100 + i,
-            max_tokens: 2,
-            delay_ms: 1.0,
-            stream: true,
-        });
-        assert_eq!(t.status, 200);
-    }
+    streams(&server, "dead-model", 20);
     // Retries take 0.5 + 1 + 2 s per batch; then the batch is dropped, counted.
     let text = agent.wait_for_metrics(Duration::from_secs(20), |t| {
         sum_matching(t, "inferwatch_otlp_requests_dropped_total{", "export_failed") >= 20.0
@@ -273,17 +275,7 @@ fn spans_reach_a_collector_over_tls() {
         ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_os_str()),
     ];
     let agent = Agent::start_with_env(&[server.pid()], &[], &env);
-    let mut client = Client::connect(server.addr);
-    for i in 0..3 {
-        let t = client.request(&Completion {
-            model: "tls-model".into(),
-            pad: 100 + i,
-            max_tokens: 2,
-            delay_ms: 1.0,
-            stream: true,
-        });
-        assert_eq!(t.status, 200);
-    }
+    let mut client = streams(&server, "tls-model", 3);
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter().filter(|r| r.span.kind == SpanKind::Server as i32).count() >= 3
     });
