@@ -8,8 +8,6 @@
 use aya_ebpf::{
     bindings::pt_regs,
     helpers::generated::{bpf_loop, bpf_probe_read_user},
-    macros::map,
-    maps::PerCpuArray,
 };
 use inferwatch_common::sock::{MAX_CAPTURE, TAIL_BYTES, TAIL_IOVECS, UIO_MAXIOV};
 
@@ -17,10 +15,6 @@ use crate::{
     CAPTURE_BYTES,
     nr::{READ, READV, RECVFROM, RECVMSG, SENDMSG, SENDTO, WRITE, WRITEV},
 };
-
-/// Scratch for the vectored-call walk (see `copy_iovecs`).
-#[map]
-static WALK: PerCpuArray<[u64; 4]> = PerCpuArray::with_max_entries(1, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -99,21 +93,6 @@ fn copy_iovecs(out: &mut Out, iov: u64, count: u64, moved: usize, want: usize) -
     let done = copy_iovec_head(out, iov, count, want as u64) as usize;
     // Past the head (the capture's limit, or the iovecs it follows): the last bytes too.
     if moved <= done {
-        return Copied { head: done, tail: 0 };
-    }
-    // Through a map slot and back: the verifier forgets what it knew of these values, so every
-    // path from the head loop above reaches the walk below in the same state and it verifies the
-    // walk once, not once per path (which exceeds its 1M-instruction budget).
-    let Some(slot) = WALK.get_ptr_mut(0) else {
-        return Copied { head: done, tail: 0 };
-    };
-    // SAFETY: a per-CPU slot, ours until this program returns.
-    let (iov, count, moved, done) = unsafe {
-        *slot = [iov, count, moved as u64, done as u64];
-        let v = core::ptr::read_volatile(slot);
-        (v[0], v[1], v[2] as usize, v[3] as usize)
-    };
-    if done > MAX_CAPTURE || moved <= done {
         return Copied { head: done, tail: 0 };
     }
     Copied { head: done, tail: copy_iovec_tail(out, done, iov, count, moved, min(TAIL_BYTES, moved - done)) }

@@ -23,9 +23,10 @@ fn int(key: &str, v: i64) -> KeyValue {
     kv(key, Value::IntValue(v))
 }
 
-/// The spans of one request, in `trace_id`: the server span (parent: the client's span, if
+/// The spans of one request, in its trace: the server span (parent: the client's span, if
 /// any), then its phases.
-pub fn request_spans(r: &RequestSpan, trace_id: [u8; 16], ids: &mut Ids) -> Vec<Span> {
+pub fn request_spans(r: &RequestSpan, ids: &mut Ids) -> Vec<Span> {
+    let trace_id = r.trace_id;
     let span_id = ids.span_id();
     let (parent, trace_state, flags) = match &r.trace {
         // Low byte: the W3C trace flags (sampled: only sampled spans are exported); 0x100: the
@@ -142,7 +143,10 @@ mod tests {
     fn request() -> RequestSpan {
         RequestSpan {
             trace: TraceContext::parse(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
-            trace_id: [0x4b; 16],
+            trace_id: [
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e, 0x47,
+                0x36,
+            ],
             pid: 42,
             method: "POST",
             route: "/v1/completions",
@@ -166,7 +170,8 @@ mod tests {
     fn a_request_is_a_server_span_in_the_clients_trace_with_its_phases() {
         let r = request();
         let trace = r.trace.as_ref().unwrap().trace_id;
-        let spans = request_spans(&r, trace, &mut Ids::new());
+        assert_eq!(r.trace_id, trace);
+        let spans = request_spans(&r, &mut Ids::new());
         assert_eq!(spans.len(), 4);
         let server = &spans[0];
         assert_eq!(server.trace_id, trace.to_vec());
@@ -198,8 +203,8 @@ mod tests {
         r.trace = None;
         r.outcome = "aborted";
         let mut ids = Ids::new();
-        let trace = ids.trace_id();
-        let spans = request_spans(&r, trace, &mut ids);
+        r.trace_id = ids.trace_id();
+        let spans = request_spans(&r, &mut ids);
         assert!(spans[0].parent_span_id.is_empty());
         assert_eq!(spans[0].status.as_ref().unwrap().code, StatusCode::Error as i32);
         let a = ids.trace_id();

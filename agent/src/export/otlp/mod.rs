@@ -97,8 +97,7 @@ async fn run(
         }
         // Sampled by the aggregator already (it labels its latencies with the kept traces).
         let requests = batch.len() as u64;
-        let spans: Vec<_> =
-            batch.iter().flat_map(|r| encode::request_spans(r, r.trace_id, &mut ids)).collect();
+        let spans: Vec<_> = batch.iter().flat_map(|r| encode::request_spans(r, &mut ids)).collect();
         drop(batch);
         if requests > 0 {
             let body =
