@@ -154,16 +154,25 @@ fn each_request_is_a_span_in_its_clients_trace() {
     assert!(agent.stop().success());
 }
 
-/// `n` short streamed completions of `model` on one kept-alive connection, each answered 200;
-/// the connection, for more.
-fn streams(server: &Server, model: &str, n: usize) -> Client {
+/// `n` short streamed completions of `model` on one fresh kept-alive connection, each answered
+/// 200.
+fn streams(server: &Server, model: &str, n: usize) {
     let mut client = Client::connect(server.addr);
     for i in 0..n {
         let stream =
             Completion { model: model.into(), pad: 100 + i, max_tokens: 2, delay_ms: 1.0, stream: true };
         assert_eq!(client.request(&stream).status, 200);
     }
-    client
+}
+
+/// A child process killed when dropped, also when the test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[test]
@@ -254,17 +263,19 @@ fn spans_reach_a_collector_over_tls() {
     let receiver = Receiver::start(0);
     let dir = ca_and_leaf("otlp-tls");
     let port = inferwatch_tests::free_port();
-    let mut front = std::process::Command::new(inferwatch_tests::servers::python())
-        .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("servers/tls_forward.py"))
-        .arg(port.to_string())
-        .arg(dir.join("leaf.pem"))
-        .arg(dir.join("leaf.key"))
-        .arg(receiver.endpoint())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python");
+    let mut front = KillOnDrop(
+        std::process::Command::new(inferwatch_tests::servers::python())
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("servers/tls_forward.py"))
+            .arg(port.to_string())
+            .arg(dir.join("leaf.pem"))
+            .arg(dir.join("leaf.key"))
+            .arg(receiver.endpoint())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python"),
+    );
     let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(front.stdout.take().unwrap()), &mut line)
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(front.0.stdout.take().unwrap()), &mut line)
         .unwrap();
     assert_eq!(line.trim(), "listening");
     let server = Server::uvicorn();
@@ -275,7 +286,7 @@ fn spans_reach_a_collector_over_tls() {
         ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.as_os_str()),
     ];
     let agent = Agent::start_with_env(&[server.pid()], &[], &env);
-    let mut client = streams(&server, "tls-model", 3);
+    streams(&server, "tls-model", 3);
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter().filter(|r| r.span.kind == SpanKind::Server as i32).count() >= 3
     });
@@ -290,20 +301,13 @@ fn spans_reach_a_collector_over_tls() {
         ("OTEL_EXPORTER_OTLP_CERTIFICATE", wrong.as_os_str()),
     ];
     let agent = Agent::start_with_env(&[server.pid()], &[], &env);
-    let t = client.request(&Completion {
-        model: "tls-model".into(),
-        pad: 200,
-        max_tokens: 2,
-        delay_ms: 1.0,
-        stream: true,
-    });
-    assert_eq!(t.status, 200);
+    // A fresh connection: the first one may have idled past the server's keep-alive meanwhile.
+    streams(&server, "tls-model", 1);
     let text = agent.wait_for_metrics(Duration::from_secs(20), |t| {
         sum_matching(t, "inferwatch_otlp_requests_dropped_total{", "export_failed") >= 1.0
     });
     assert_eq!(sum_matching(&text, "inferwatch_otlp_requests_dropped_total{", "export_failed"), 1.0);
     assert!(agent.log().contains("TLS with 127.0.0.1"), "{}", agent.log());
     assert!(agent.stop().success());
-    let _ = front.kill();
-    let _ = front.wait();
+    drop(front);
 }
