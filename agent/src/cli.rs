@@ -184,6 +184,11 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = inferwatch_common::sock::DEFAULT_CAPTURE as u32,
           value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::sock::MAX_CAPTURE as i64))]
     pub capture_bytes: u32,
+    /// How socket I/O is watched: the socket tracepoints where the kernel has them (Linux 6.3+)
+    /// else fexit on the protocols' sendmsg/recvmsg (`auto`), or one of the two. There is no
+    /// system call tracepoint mode: it would tax every system call of every process.
+    #[arg(long, value_enum, default_value_t)]
+    pub socket_hook: crate::model::probe::SocketHook,
     /// How often the kernel's records are read while they flow (1ms to 1s); up to 8× that while
     /// none come, and at once when a burst fills a sixteenth of the ring. Records carry the
     /// kernel's timestamps, so this delays only when counters move, not what they measure.

@@ -44,9 +44,14 @@ pub fn passthrough_args(args: &[String]) -> Vec<String> {
     }
 }
 
-pub fn ebpf_object() -> PathBuf {
-    cmd::root().join("target/ebpf/bpfel-unknown-none/release/inferwatch-ebpf")
+/// The kernel programs for `arch` (`x86_64` or `aarch64`): `variant` is `modern` (Linux 5.17+)
+/// or `compat` (5.10 to 5.16); the agent embeds both.
+pub fn ebpf_object(arch: &str, variant: &str) -> PathBuf {
+    cmd::root().join(format!("target/ebpf/objects/{arch}/{variant}.bpf.o"))
 }
+
+/// The architecture of this machine, as Rust names it.
+pub const HOST_ARCH: &str = std::env::consts::ARCH;
 
 pub fn agent_binary(profile: Profile) -> PathBuf {
     cmd::root().join("target").join(profile.dir()).join("inferwatch")
@@ -60,18 +65,36 @@ fn ebpf_cargo() -> std::process::Command {
     c
 }
 
-/// A userspace cargo that embeds the eBPF object we just built.
+/// A userspace cargo that embeds the eBPF objects we just built (for this machine).
 pub fn user_cargo() -> std::process::Command {
     let mut c = cargo(&setup::userspace_toolchain());
-    c.env("INFERWATCH_EBPF_OBJECT", ebpf_object());
+    c.env("INFERWATCH_EBPF_OBJECT", ebpf_object(HOST_ARCH, "modern"))
+        .env("INFERWATCH_EBPF_COMPAT_OBJECT", ebpf_object(HOST_ARCH, "compat"));
     c
 }
 
+/// Builds the kernel programs for this machine's architecture.
 pub fn build_ebpf() -> Result {
-    let target_dir = cmd::root().join("target/ebpf");
-    run(ebpf_cargo().args(["build", "--release", "--target-dir"]).arg(target_dir))?;
-    if !ebpf_object().exists() {
-        return Err(format!("the eBPF build succeeded but {} is missing", ebpf_object().display()));
+    build_ebpf_for(HOST_ARCH)
+}
+
+/// Builds both objects for `arch`: the registers and system call numbers the programs read are
+/// the architecture's, the bytecode is the same. Each architecture has its own target folder,
+/// so switching does not rebuild the other.
+pub fn build_ebpf_for(arch: &str) -> Result {
+    let target_dir = cmd::root().join(format!("target/ebpf/{arch}"));
+    for (variant, features) in [("modern", None), ("compat", Some("compat"))] {
+        let mut c = ebpf_cargo();
+        c.env("AYA_BPF_TARGET_ARCH", arch).args(["build", "--release", "--target-dir"]).arg(&target_dir);
+        if let Some(f) = features {
+            c.args(["--features", f]);
+        }
+        run(&mut c)?;
+        let built = target_dir.join("bpfel-unknown-none/release/inferwatch-ebpf");
+        let object = ebpf_object(arch, variant);
+        std::fs::create_dir_all(object.parent().expect("a folder"))
+            .and_then(|()| std::fs::copy(&built, &object))
+            .map_err(|e| format!("copying {} to {}: {e}", built.display(), object.display()))?;
     }
     Ok(())
 }
@@ -124,10 +147,13 @@ pub fn test() -> Result {
 
     step("kernel programs: build and clippy");
     build_ebpf()?;
-    run(ebpf_cargo()
-        .args(["clippy", "--release", "--target-dir"])
-        .arg(root.join("target/ebpf"))
-        .args(["--", "-D", "warnings"]))?;
+    for features in [&[][..], &["--features", "compat"]] {
+        run(ebpf_cargo()
+            .args(["clippy", "--release", "--target-dir"])
+            .arg(root.join("target/ebpf").join(HOST_ARCH))
+            .args(features)
+            .args(["--", "-D", "warnings"]))?;
+    }
 
     step("userspace clippy (warnings denied)");
     run(user_cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;

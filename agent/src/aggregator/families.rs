@@ -130,6 +130,13 @@ pub(crate) struct Metrics {
     pub diagnosis_active: Family<RuleLabels, Gauge>,
     pub bpf_run_ns: Family<ProgramLabels, Counter>,
     pub bpf_runs: Family<ProgramLabels, Counter>,
+    pub probe_info: Family<ProbeLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ProbeLabels {
+    pub hook: &'static str,
+    pub attach: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -393,6 +400,12 @@ impl Metrics {
             "Runs of each inferwatch program (while kernel.bpf_stats_enabled=1)",
             bpf_runs.clone(),
         );
+        let probe_info = Family::<ProbeLabels, Gauge>::default();
+        registry.register(
+            "inferwatch_probe_info",
+            "1 per kernel hook and how it is attached on this kernel (unavailable: this kernel cannot, see the agent's log)",
+            probe_info.clone(),
+        );
         for families in snapshots {
             registry.register_collector(Box::new(super::snapshots::Snapshots(families.clone())));
         }
@@ -432,6 +445,7 @@ impl Metrics {
             diagnosis_active,
             bpf_run_ns,
             bpf_runs,
+            probe_info,
         }
     }
 

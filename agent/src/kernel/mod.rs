@@ -2,7 +2,9 @@
 //! reading what they produce ([`ring`]), decoding their records ([`decode`]) and naming the
 //! system calls behind them ([`syscalls`]).
 
+pub(crate) mod btf;
 pub mod decode;
+pub(crate) mod plan;
 pub(crate) mod probes;
 pub(crate) mod ring;
 pub(crate) mod syscalls;
@@ -39,7 +41,15 @@ pub(crate) enum Error {
     Object(#[source] Box<aya::EbpfError>),
     #[error("the eBPF object has no {what} {name}")]
     Missing { what: &'static str, name: &'static str },
-    #[error("{action} the {name} BTF tracepoint (the socket ones need Linux >= 6.3 with BTF): {source}")]
+    #[error(
+        "reading the kernel's BTF (/sys/kernel/btf/vmlinux; Linux >= 5.10 with CONFIG_DEBUG_INFO_BTF): {0}"
+    )]
+    KernelBtf(#[source] std::io::Error),
+    #[error("{0}")]
+    Plan(#[source] plan::PlanError),
+    #[error("no socket hook could be attached (see the warnings above): socket I/O cannot be watched")]
+    NoSocketHook,
+    #[error("{action} the {name} program: {source}")]
     Program {
         name: &'static str,
         action: &'static str,

@@ -5,41 +5,32 @@
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, FExit},
 };
 use inferwatch_common::{
+    kernel::KERNEL_LAYOUT_GLOBAL,
     maps,
     sched::SchedStats,
     sock::{MAX_CAPTURE, WatchFlags},
 };
 
-use super::Error;
+use super::{
+    Error,
+    btf::KernelBtf,
+    plan::{OPTIONAL_TRACEPOINTS, Object, Plan, SOCKET_TRACEPOINTS, SocketHook},
+};
+use crate::model::probe::ProbeChoice;
 
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferwatch.bpf.o"));
-
-/// The BTF tracepoints, each a program of the same name: the socket-level ones (Linux >= 6.3)
-/// and the scheduler's.
-const TRACEPOINTS: [&str; 9] = [
-    "sock_send_length",
-    "sock_recv_length",
-    "inet_sock_set_state",
-    "tcp_retransmit_skb",
-    "tcp_send_reset",
-    "tcp_receive_reset",
-    "sched_switch",
-    "sched_wakeup",
-    "sched_wakeup_new",
-];
-
-/// Tracepoints the agent runs without where the kernel lacks them: `sk_data_ready` (Linux 6.3
-/// and later) times a request's arrival in its socket; without it requests are timed from the
-/// connection's establishment (first requests) or the server's first read.
-const OPTIONAL_TRACEPOINTS: [&str; 1] = ["sk_data_ready"];
+/// The programs for Linux 5.17 and later, and for 5.10 to 5.16 (see `plan.rs`).
+static MODERN: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferwatch.bpf.o"));
+static COMPAT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/inferwatch-compat.bpf.o"));
 
 /// The attached programs: dropping this detaches them.
 pub(crate) struct Programs {
     ebpf: Ebpf,
     attached: Vec<&'static str>,
+    /// How each hook is attached on this kernel.
+    pub choices: Vec<ProbeChoice>,
 }
 
 /// The maps that say what the programs watch; discovery keeps them in step with vLLM.
@@ -58,36 +49,36 @@ pub(crate) struct Outputs {
     pub kernel_log: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
-/// Loads and attaches the programs; `capture_bytes` payload bytes are copied per transfer.
-pub(crate) fn load(capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs), Error> {
-    if OBJECT.is_empty() {
+/// Chooses the programs for this kernel (see `plan.rs`), loads and attaches them;
+/// `capture_bytes` payload bytes are copied per transfer.
+pub(crate) fn load(
+    capture_bytes: u32,
+    socket_hook: SocketHook,
+) -> Result<(Programs, WatchMaps, Outputs), Error> {
+    let facts = KernelBtf::from_sys_fs().map_err(Error::KernelBtf)?;
+    let plan = super::plan::plan(&facts, socket_hook).map_err(Error::Plan)?;
+    drop(facts);
+    let object = match plan.object {
+        Object::Modern => MODERN,
+        Object::Compat => COMPAT,
+    };
+    if object.is_empty() {
         return Err(Error::NoObject);
     }
     let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
     let capture_bytes = capture_bytes.min(MAX_CAPTURE as u32);
     let mut ebpf = EbpfLoader::new()
         .override_global(maps::CAPTURE_BYTES_GLOBAL, &capture_bytes, true)
-        // The scheduler probes' task storage: aya creates it but has no userspace type for
-        // it, and none is needed (only the kernel programs use it).
+        .override_global(KERNEL_LAYOUT_GLOBAL, &plan.layout, true)
+        // The scheduler probes' task storage and the arrival's socket storage: aya creates
+        // them but has no userspace type for them, and none is needed.
         .allow_unsupported_maps()
-        .load(OBJECT)
+        .load(object)
         .map_err(|e| Error::Object(Box::new(e)))?;
     let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
         .ok();
-    let mut attached = Vec::from(TRACEPOINTS);
-    for name in TRACEPOINTS {
-        attach(&mut ebpf, &btf, name)?;
-    }
-    for name in OPTIONAL_TRACEPOINTS {
-        match attach(&mut ebpf, &btf, name) {
-            Ok(()) => attached.push(name),
-            Err(e) => tracing::warn!(
-                "{e}: requests are timed from their connection's establishment or the server's first read, \
-                 and their queued phase is not reported (this kernel lacks the tracepoint, Linux >= 6.3)"
-            ),
-        }
-    }
+    let (attached, choices) = attach_all(&mut ebpf, &btf, &plan)?;
     let watched = HashMap::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_error)?;
     let lost = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOST)?).map_err(map_error)?;
@@ -95,19 +86,86 @@ pub(crate) fn load(capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs),
     let sched = PerCpuArray::try_from(take_map(&mut ebpf, maps::SCHED_STATS)?).map_err(map_error)?;
     let listen_ports = HashMap::try_from(take_map(&mut ebpf, maps::LISTEN_PORTS)?).map_err(map_error)?;
     Ok((
-        Programs { ebpf, attached },
+        Programs { ebpf, attached, choices },
         WatchMaps { watched, sched_roles, listen_ports },
         Outputs { events, lost, sched, kernel_log },
     ))
 }
 
-fn attach(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), Error> {
+/// Attaches what the plan chose; every hook that cannot be attached is logged once and named
+/// in the returned choices. Only socket I/O is required.
+fn attach_all(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    plan: &Plan,
+) -> Result<(Vec<&'static str>, Vec<ProbeChoice>), Error> {
+    let mut attached = Vec::new();
+    let mut choices = plan.hooks.clone();
+    for limit in &plan.limits {
+        tracing::warn!("this kernel: {limit}");
+    }
+    if plan.socket_tracepoints {
+        for name in SOCKET_TRACEPOINTS {
+            attach_tracepoint(ebpf, btf, name)?;
+            attached.push(name);
+        }
+        choices.push(("socket_io", "tp_btf"));
+    } else {
+        for target in &plan.fexit {
+            match attach_fexit(ebpf, btf, target.program, target.function) {
+                Ok(()) => attached.push(target.program),
+                Err(e) => tracing::warn!("{e}: {} is not watched", target.function),
+            }
+        }
+        if attached.is_empty() {
+            return Err(Error::NoSocketHook);
+        }
+        choices.push(("socket_io", "fexit"));
+    }
+    let arrival = plan.layout.features & inferwatch_common::kernel::FEATURE_ARRIVAL != 0;
+    let optional = OPTIONAL_TRACEPOINTS.into_iter().chain(arrival.then_some(("sk_data_ready", "arrival")));
+    for (name, hook) in optional {
+        match attach_tracepoint(ebpf, btf, name) {
+            Ok(()) => attached.push(name),
+            Err(e) => {
+                tracing::warn!("{e}: the {hook} hook is unavailable on this kernel");
+                choices.retain(|(h, _)| *h != hook);
+                choices.push((hook, "unavailable"));
+            }
+        }
+        if !choices.iter().any(|(h, _)| *h == hook) {
+            choices.push((hook, "tp_btf"));
+        }
+    }
+    if !arrival {
+        choices.push(("arrival", "unavailable"));
+    }
+    tracing::info!(object = ?plan.object, hooks = ?choices, "kernel programs attached");
+    Ok((attached, choices))
+}
+
+fn attach_tracepoint(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), Error> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(name)
         .ok_or(Error::Missing { what: "program", name })?
         .try_into()
         .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })?;
     program.load(name, btf).map_err(|e| Error::Program { name, action: "loading", source: Box::new(e) })?;
+    program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
+    Ok(())
+}
+
+fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, function: &str) -> Result<(), Error> {
+    let program: &mut FExit = ebpf
+        .program_mut(name)
+        .ok_or(Error::Missing { what: "program", name })?
+        .try_into()
+        .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })?;
+    program.load(function, btf).map_err(|e| Error::Program {
+        name,
+        action: "loading",
+        source: Box::new(e),
+    })?;
     program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
     Ok(())
 }

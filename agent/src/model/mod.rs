@@ -8,6 +8,7 @@ pub(crate) mod family;
 pub(crate) mod gpu;
 pub(crate) mod health;
 pub(crate) mod instance;
+pub(crate) mod probe;
 pub(crate) mod request;
 pub(crate) mod scrape;
 pub mod sock;

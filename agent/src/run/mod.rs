@@ -22,7 +22,7 @@ use tokio::{
 
 use self::supervise::Supervisor;
 use crate::{
-    aggregator::{Aggregator, Input, Store},
+    aggregator::{Aggregator, Input, Store, families::ProbeLabels},
     cli::RunArgs,
     collect::{
         discovery::{self, DiscoveryConfig, attach::WatchMap},
@@ -84,7 +84,7 @@ pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
     let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
     // A bad OTLP setting is a startup error, not a silent lack of traces.
     let otlp = OtlpConfig::from_args(&args.otlp).map_err(|e| anyhow::anyhow!("OTLP: {e}"))?;
-    let (programs, watch_maps, outputs) = kernel::probes::load(args.capture_bytes)?;
+    let (programs, watch_maps, outputs) = kernel::probes::load(args.capture_bytes, args.socket_hook)?;
     // Scraping a vLLM that listens on loopback only inside its pod needs setns(), hence
     // CAP_SYS_ADMIN: a helper process keeps it, the agent does not. Without the capability
     // (the DaemonSet does not grant it) pods are scraped through their own address.
@@ -110,6 +110,9 @@ pub(crate) async fn run(prepared: Prepared) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
 
     let store = Arc::new(Store::new());
+    for &(hook, attach) in &programs.choices {
+        store.metrics.probe_info.get_or_create(&ProbeLabels { hook, attach }).set(1);
+    }
     let ring_heartbeat = Arc::new(Heartbeat::default());
     let ready = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel::<Input>(EVENT_QUEUE);

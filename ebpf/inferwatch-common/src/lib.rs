@@ -5,6 +5,7 @@
 //! builds fails the build instead of corrupting events. Each constant is defined once, here.
 #![no_std]
 
+pub mod kernel;
 pub mod maps;
 pub mod sched;
 pub mod sock;
@@ -18,4 +19,5 @@ mod user {
     unsafe impl aya::Pod for super::sock::SockEvent {}
     unsafe impl aya::Pod for super::sock::TrackedSock {}
     unsafe impl aya::Pod for super::sched::SchedStats {}
+    unsafe impl aya::Pod for super::kernel::KernelLayout {}
 }

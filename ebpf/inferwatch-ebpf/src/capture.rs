@@ -5,15 +5,15 @@
 //! `readv`/`writev`, a `msghdr` for `sendmsg`/`recvmsg`. Other calls (`sendfile`, `splice`,
 //! io_uring, …) are counted without bytes.
 
-use aya_ebpf::{
-    bindings::pt_regs,
-    helpers::generated::{bpf_loop, bpf_probe_read_user},
-};
+#[cfg(not(feature = "compat"))]
+use aya_ebpf::helpers::generated::bpf_loop;
+use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use inferwatch_common::sock::{MAX_CAPTURE, TAIL_BYTES, TAIL_IOVECS, UIO_MAXIOV};
 
 use crate::{
     CAPTURE_BYTES,
     nr::{READ, READV, RECVFROM, RECVMSG, SENDMSG, SENDTO, WRITE, WRITEV},
+    regs::SyscallRegs,
 };
 
 #[repr(C)]
@@ -48,18 +48,22 @@ pub struct Copied {
 /// Copies up to the capture limit of the `moved` bytes into `out`, and when more moved, the
 /// last bytes too.
 #[inline(always)]
-pub fn payload(regs: &pt_regs, nr: i32, moved: usize, out: &mut Out) -> Copied {
+pub fn payload(regs: SyscallRegs, moved: usize, out: &mut Out) -> Copied {
     // SAFETY: a plain read of a constant the loader may have rewritten.
     let limit = unsafe { core::ptr::read_volatile(&CAPTURE_BYTES) } as usize;
     let want = min(min(moved, limit), MAX_CAPTURE);
-    let (iov, count) = match nr {
-        READ | WRITE | SENDTO | RECVFROM => return copy_buffer(out, regs.rsi, moved, want),
-        READV | WRITEV => (regs.rsi, regs.rdx),
+    let (iov, count) = match regs.nr {
+        READ | WRITE | SENDTO | RECVFROM => return copy_buffer(out, regs.arg1, moved, want),
+        READV | WRITEV => (regs.arg1, regs.arg2),
         SENDMSG | RECVMSG => {
             let mut msg = core::mem::MaybeUninit::<MsgHdr>::uninit();
             // SAFETY: reading user memory through the helper, which tolerates bad pointers.
             let r = unsafe {
-                bpf_probe_read_user(msg.as_mut_ptr().cast(), size_of::<MsgHdr>() as u32, regs.rsi as *const _)
+                bpf_probe_read_user(
+                    msg.as_mut_ptr().cast(),
+                    size_of::<MsgHdr>() as u32,
+                    regs.arg1 as *const _,
+                )
             };
             if r != 0 {
                 return Copied::default();
@@ -111,6 +115,7 @@ struct HeadWalk {
 /// Copies the first `want` bytes an iovec array names (following as many iovecs as that takes, at
 /// most `UIO_MAXIOV`) to the start of `out`; returns the bytes copied. `bpf_loop` (Linux 5.17+):
 /// the verifier checks one step, not 1024 unrolled ones.
+#[cfg(not(feature = "compat"))]
 #[inline(always)]
 fn copy_iovec_head(out: &mut Out, iov: u64, count: u64, want: u64) -> u64 {
     let mut walk = HeadWalk { out, iov, count, want, done: 0 };
@@ -123,7 +128,23 @@ fn copy_iovec_head(out: &mut Out, iov: u64, count: u64, want: u64) -> u64 {
     walk.done
 }
 
+/// Before `bpf_loop` (the object for kernels older than 5.17): the head is looked for in the
+/// first `COMPAT_HEAD_IOVECS` iovecs, a loop the verifier unrolls.
+#[cfg(feature = "compat")]
+#[inline(always)]
+fn copy_iovec_head(out: &mut Out, iov: u64, count: u64, want: u64) -> u64 {
+    const COMPAT_HEAD_IOVECS: u64 = 8;
+    let mut walk = HeadWalk { out, iov, count, want, done: 0 };
+    for i in 0..COMPAT_HEAD_IOVECS {
+        if head_step(i, (&mut walk as *mut HeadWalk).cast()) != 0 {
+            break;
+        }
+    }
+    walk.done
+}
+
 /// One iovec of [`copy_iovec_head`]'s walk; 1 stops the loop.
+#[cfg_attr(feature = "compat", inline(always))]
 extern "C" fn head_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `HeadWalk` on the caller's stack, for this call only.
     let w = unsafe { &mut *ctx.cast::<HeadWalk>() };

@@ -1,8 +1,11 @@
 //! inferwatch's kernel programs.
 //!
-//! Socket-level BTF tracepoints only: they fire on socket I/O and nothing else, so processes
-//! that do not touch sockets pay nothing, and unwatched processes pay one hash lookup. Each
-//! program is a thin wrapper over a `try_*` function; shared types live in `inferwatch-common`.
+//! Socket-level BTF tracepoints (Linux 6.3+), or on older kernels fexit programs on the
+//! protocols' `sendmsg`/`recvmsg` (see `fallback.rs`): they fire on socket I/O and nothing
+//! else, so processes that do not touch sockets pay nothing, and unwatched processes pay one
+//! hash lookup. Each program is a thin wrapper over a `try_*` function; shared types live in
+//! `inferwatch-common`. What differs between kernels is decided by the agent before loading,
+//! in [`KERNEL_LAYOUT`].
 //!
 //! For a watched process, every socket operation becomes one ring-buffer record: a
 //! [`SockEvent`] header followed by the first bytes of the transfer, copied from the user
@@ -10,22 +13,24 @@
 #![no_std]
 #![no_main]
 
+#[cfg(not(feature = "compat"))]
 mod arrival;
 mod capture;
+mod fallback;
+mod regs;
 mod sched;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, pt_regs},
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-    },
+    EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use aya_log_ebpf::warn;
 use inferwatch_common::{
+    kernel::KernelLayout,
     maps::{EVENTS_RING_BYTES, MAX_LISTEN_PORTS, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
     sock::{
         AF_INET, AF_INET6, LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind,
@@ -36,8 +41,22 @@ use inferwatch_common::{
 };
 
 /// The system call numbers of the architecture the programs will run on.
+#[cfg(bpf_target_arch = "aarch64")]
+pub(crate) use inferwatch_common::syscalls::aarch64 as nr;
 #[cfg(bpf_target_arch = "x86_64")]
 pub(crate) use inferwatch_common::syscalls::x86_64 as nr;
+
+/// The running kernel's features and layout; the agent sets it at load.
+#[unsafe(no_mangle)]
+static KERNEL_LAYOUT: KernelLayout = KernelLayout::MODERN;
+
+/// Whether the running kernel has `feature` (a `FEATURE_*` bit): a constant to the verifier,
+/// which drops the branch not taken.
+#[inline(always)]
+pub(crate) fn has(feature: u32) -> bool {
+    // SAFETY: a plain read of a constant the loader may have rewritten.
+    unsafe { core::ptr::read_volatile(&KERNEL_LAYOUT.features) & feature != 0 }
+}
 
 /// Runtime payload capture limit in bytes (at most `MAX_CAPTURE`); the agent sets it at load.
 #[unsafe(no_mangle)]
@@ -70,7 +89,7 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// `sock_send_length(struct sock *sk, int ret, int flags)`: after every `sock_sendmsg`.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    match try_sock_io(&ctx, SockEventKind::Send) {
+    match try_sock_io(&ctx, ctx.arg(0), ctx.arg(1), SockEventKind::Send) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -80,7 +99,7 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
 /// the received bytes are already in the caller's buffer.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
-    match try_sock_io(&ctx, SockEventKind::Recv) {
+    match try_sock_io(&ctx, ctx.arg(0), ctx.arg(1), SockEventKind::Recv) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -123,37 +142,34 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
+/// One socket operation of `sock` (a `struct sock *`) that returned `ret`.
 #[inline(always)]
-fn try_sock_io(ctx: &BtfTracePointContext, kind: SockEventKind) -> Result<(), i32> {
+fn try_sock_io<C: EbpfContext>(ctx: &C, sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // The filter comes first: everything below is paid by watched processes only.
     if unsafe { WATCHED_TGIDS.get(&tgid) }.is_none() {
         return Ok(());
     }
-    let sock: u64 = ctx.arg(0);
-    let ret: i32 = ctx.arg(1);
     let tracked = track(sock, tgid);
     let arrival =
-        if kind == SockEventKind::Recv && ret > 0 { arrival::take(sock) } else { SockArrival::default() };
+        if kind == SockEventKind::Recv && ret > 0 { take_arrival(sock) } else { SockArrival::default() };
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
     // SAFETY: a per-CPU slot, ours until this program returns.
     let scratch = unsafe { &mut *scratch };
 
-    let regs = current_regs();
-    let (syscall_nr, copied) = match regs {
+    let (syscall_nr, copied) = match regs::current() {
         None => {
             warn!(ctx, "socket I/O without saved user registers");
             (NO_SYSCALL, capture::Copied::default())
         }
         Some(regs) => {
-            let nr = syscall_nr_of(regs);
             let copied = if ret > 0 {
-                capture::payload(regs, nr, ret as usize, &mut scratch.payload)
+                capture::payload(regs, ret as usize, &mut scratch.payload)
             } else {
                 capture::Copied::default()
             };
-            (nr, copied)
+            (regs.nr, copied)
         }
     };
     let captured = copied.head + copied.tail;
@@ -341,7 +357,7 @@ fn track(sock: u64, tgid: u32) -> TrackedSock {
     }
     let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, confirmed: 1 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
-    arrival::follow(sock, 0);
+    follow_arrivals(sock, 0);
     tracked
 }
 
@@ -360,7 +376,28 @@ fn track_accepted(sock: u64) {
     };
     let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, confirmed: 0 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
-    arrival::follow(sock, unsafe { bpf_ktime_get_ns() });
+    follow_arrivals(sock, unsafe { bpf_ktime_get_ns() });
+}
+
+/// [`arrival::take`] where the kernel stamps arrivals.
+#[inline(always)]
+fn take_arrival(sock: u64) -> SockArrival {
+    #[cfg(not(feature = "compat"))]
+    if has(inferwatch_common::kernel::FEATURE_ARRIVAL) {
+        return arrival::take(sock);
+    }
+    let _ = sock;
+    SockArrival::default()
+}
+
+/// [`arrival::follow`] where the kernel stamps arrivals.
+#[inline(always)]
+fn follow_arrivals(sock: u64, established_ns: u64) {
+    #[cfg(not(feature = "compat"))]
+    if has(inferwatch_common::kernel::FEATURE_ARRIVAL) {
+        arrival::follow(sock, established_ns);
+    }
+    let _ = (sock, established_ns);
 }
 
 /// A connection id never used before: the CPU in the top 16 bits, which counter (`slot`: 0
@@ -379,30 +416,8 @@ fn new_conn_id(slot: u32) -> u64 {
     (cpu << 48) | ((slot as u64 & 1) << 47) | (n & 0x7fff_ffff_ffff)
 }
 
-/// The saved user registers of the current task, if it has them.
 #[inline(always)]
-pub(crate) fn current_regs() -> Option<&'static pt_regs> {
-    // SAFETY: both helpers are valid in tracing programs; the verifier knows the returned
-    // pointer is a `struct pt_regs` (PTR_TO_BTF_ID) and checks each field load against BTF.
-    unsafe {
-        let regs = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        regs.as_ref()
-    }
-}
-
-#[cfg(bpf_target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) fn syscall_nr_of(regs: &pt_regs) -> i32 {
-    regs.orig_rax as i32
-}
-
-#[cfg(not(bpf_target_arch = "x86_64"))]
-compile_error!(
-    "inferwatch's kernel programs read x86-64 registers; other architectures are not supported yet"
-);
-
-#[inline(always)]
-fn count_lost(reason: LostReason) {
+pub(crate) fn count_lost(reason: LostReason) {
     if let Some(slot) = LOST.get_ptr_mut(reason as u32) {
         // Per-CPU slot: no other writer, a plain increment is exact.
         unsafe { *slot += 1 };

@@ -6,24 +6,33 @@
 //! switches out (`prev` is the current task, so its tgid is at hand) and freed with the task.
 //! Finding it again for `next` or a woken task is one load from the task when it has none (the
 //! common case on a node: most switches are not vLLM's) and a cache slot when it has, instead
-//! of a hash-table lookup per switch and per wakeup.
+//! of a hash-table lookup per switch and per wakeup. Kernels without task storage in tracing
+//! programs (before 5.11; the `compat` object) keep the state in an LRU hash by thread id.
 
+#[cfg(not(feature = "compat"))]
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE},
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_task_storage_get},
-    macros::{btf_map, map},
+    helpers::generated::bpf_task_storage_get,
+    macros::btf_map,
+};
+#[cfg(feature = "compat")]
+use aya_ebpf::{helpers::bpf_probe_read_kernel, maps::LruHashMap};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_kernel as read_kernel},
+    macros::map,
     maps::{HashMap, PerCpuArray},
     programs::BtfTracePointContext,
 };
 use inferwatch_common::{
+    kernel::FEATURE_SCHED_PREV_STATE,
     maps::MAX_WATCHED_TGIDS,
     sched::{OffReason, RUNQUEUE_BUCKETS, SchedStats, Slot, TaskSched, index},
 };
 
 use crate::{
-    current_regs,
+    KERNEL_LAYOUT, has,
     nr::{CLOCK_NANOSLEEP, FUTEX, FUTEX_WAITV, NANOSLEEP},
-    syscall_nr_of,
+    regs,
 };
 
 #[map]
@@ -31,6 +40,7 @@ static SCHED_ROLES: HashMap<u32, u8> = HashMap::with_max_entries(MAX_WATCHED_TGI
 
 /// The BTF definition of a task-storage map (aya-ebpf has no type for one): the loader reads
 /// the map's type, flags and key/value types from these fields' BTF; they hold nothing.
+#[cfg(not(feature = "compat"))]
 #[repr(C)]
 pub struct TaskStorage {
     r#type: *const [i32; BPF_MAP_TYPE_TASK_STORAGE as usize],
@@ -41,8 +51,10 @@ pub struct TaskStorage {
 }
 
 // SAFETY: placeholder pointers that are never dereferenced; the static only names the map.
+#[cfg(not(feature = "compat"))]
 unsafe impl Sync for TaskStorage {}
 
+#[cfg(not(feature = "compat"))]
 impl TaskStorage {
     const fn new() -> Self {
         use core::ptr::null;
@@ -68,8 +80,55 @@ impl TaskStorage {
     }
 }
 
+#[cfg(not(feature = "compat"))]
 #[btf_map]
 static SCHED_TASKS: TaskStorage = TaskStorage::new();
+
+/// Before task storage: the state of each measured thread, by thread id. Threads that exit
+/// leave their entry until the LRU reuses it.
+#[cfg(feature = "compat")]
+#[map]
+static SCHED_TASKS: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(MAX_SCHED_THREADS, 0);
+
+#[cfg(feature = "compat")]
+const MAX_SCHED_THREADS: u32 = 16384;
+
+/// The state of `task` (a `struct task_struct *`); with `create`, a zeroed one if it has none.
+#[cfg(not(feature = "compat"))]
+#[inline(always)]
+fn task_state(task: u64, create: bool) -> Option<&'static mut TaskSched> {
+    SCHED_TASKS.get(task, create)
+}
+
+#[cfg(feature = "compat")]
+#[inline(always)]
+fn task_state(task: u64, create: bool) -> Option<&'static mut TaskSched> {
+    // SAFETY: a plain read of a constant the loader may have rewritten; the helper checks the
+    // kernel address.
+    let tid: u32 = unsafe {
+        let offset = core::ptr::read_volatile(&KERNEL_LAYOUT.task_pid_offset) as u64;
+        bpf_probe_read_kernel((task + offset) as *const u32).ok()?
+    };
+    if create && SCHED_TASKS.get_ptr_mut(&tid).is_none() {
+        let _ = SCHED_TASKS.insert(&tid, &TaskSched::default(), 0);
+    }
+    // SAFETY: a map value; only the task itself (switching) or its waker under the runqueue
+    // lock writes it.
+    SCHED_TASKS.get_ptr_mut(&tid).map(|p| unsafe { &mut *p })
+}
+
+/// The state `prev` switched out in: an argument from Linux 5.18, its task field before.
+#[inline(always)]
+fn prev_state(ctx: &BtfTracePointContext, prev: u64) -> u32 {
+    if has(FEATURE_SCHED_PREV_STATE) {
+        return ctx.arg(3);
+    }
+    // SAFETY: as in `task_state`.
+    unsafe {
+        let offset = core::ptr::read_volatile(&KERNEL_LAYOUT.task_state_offset) as u64;
+        read_kernel((prev + offset) as *const u32).unwrap_or(TASK_RUNNING)
+    }
+}
 
 #[map]
 static SCHED_STATS: PerCpuArray<SchedStats> = PerCpuArray::with_max_entries(1, 0);
@@ -101,11 +160,10 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if let Some(&role) = unsafe { SCHED_ROLES.get(&tgid) } {
         now = unsafe { bpf_ktime_get_ns() };
-        let prev_state: u32 = ctx.arg(3);
-        let reason = if prev_state == TASK_RUNNING {
+        let reason = if prev_state(ctx, prev) == TASK_RUNNING {
             OffReason::Preempted as u8
         } else {
-            match current_regs().map(syscall_nr_of) {
+            match regs::current_nr() {
                 Some(FUTEX | FUTEX_WAITV) => OffReason::Futex as u8,
                 Some(NANOSLEEP | CLOCK_NANOSLEEP) => OffReason::Sleep as u8,
                 _ => OffReason::Other as u8,
@@ -116,7 +174,7 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
         let wake_ns = if reason == OffReason::Preempted as u8 { now } else { 0 };
         // A new storage is zeroed: on_ns 0, nothing to account yet. Allocation can fail (memory,
         // or the storage busy in a nested program on this CPU): the switch then goes uncounted.
-        if let Some(state) = SCHED_TASKS.get(prev, true) {
+        if let Some(state) = task_state(prev, true) {
             if state.on_ns != 0 {
                 add(role, Slot::OnCpuNs, 0, now.saturating_sub(state.on_ns));
             }
@@ -129,7 +187,7 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
     }
 
     // The task arriving.
-    if let Some(state) = SCHED_TASKS.get(next, false) {
+    if let Some(state) = task_state(next, false) {
         if now == 0 {
             now = unsafe { bpf_ktime_get_ns() };
         }
@@ -150,7 +208,7 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
 #[inline(always)]
 pub fn try_sched_wakeup(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let task: u64 = ctx.arg(0);
-    let Some(state) = SCHED_TASKS.get(task, false) else { return Ok(()) };
+    let Some(state) = task_state(task, false) else { return Ok(()) };
     if state.wake_ns != 0 || state.off_ns == 0 {
         return Ok(());
     }

@@ -1,0 +1,310 @@
+//! Which programs this kernel gets, decided from its BTF before anything is loaded: one
+//! choice per hook, each said once in the log and in `inferwatch_probe_info{hook,attach}`.
+//!
+//! | hook          | preferred (kernel)                        | else                                   |
+//! |---------------|-------------------------------------------|----------------------------------------|
+//! | socket_io     | tp_btf `sock_{send,recv}_length` (6.3)    | fexit on `inet{,6}_`/`unix_*` `sendmsg`/`recvmsg` |
+//! | syscall_regs  | `bpf_task_pt_regs` (5.15)                 | top of the task's kernel stack         |
+//! | iovec_walk    | `bpf_loop` (5.17), up to 1,024 iovecs     | first 8 iovecs                         |
+//! | sched         | tp_btf + task storage (5.11)              | tp_btf + hash map by thread id         |
+//! | arrival       | tp_btf `sk_data_ready` (6.3)              | none: timed from the first read        |
+//! | tcp_*         | tp_btf (4.16)                             | none                                   |
+
+use inferwatch_common::kernel::{
+    FEATURE_ARRIVAL, FEATURE_SCHED_PREV_STATE, FEATURE_TASK_PT_REGS, KernelLayout,
+};
+
+use super::btf::KernelBtf;
+pub(crate) use crate::model::probe::SocketHook;
+
+/// Which of the two embedded objects to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Object {
+    /// Task storage, socket storage, `bpf_loop`: Linux 5.17 and later.
+    Modern,
+    /// Neither (5.10 to 5.16): a hash map for the scheduler's state, a bounded iovec walk.
+    Compat,
+}
+
+/// An fexit program on a socket function, and the parameter count it was written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FexitTarget {
+    pub program: &'static str,
+    pub function: &'static str,
+    pub params: usize,
+}
+
+const FEXIT_TARGETS: [FexitTarget; 8] = [
+    FexitTarget { program: "inet_sendmsg_exit", function: "inet_sendmsg", params: 3 },
+    FexitTarget { program: "inet6_sendmsg_exit", function: "inet6_sendmsg", params: 3 },
+    FexitTarget { program: "unix_stream_sendmsg_exit", function: "unix_stream_sendmsg", params: 3 },
+    FexitTarget { program: "unix_dgram_sendmsg_exit", function: "unix_dgram_sendmsg", params: 3 },
+    FexitTarget { program: "inet_recvmsg_exit", function: "inet_recvmsg", params: 4 },
+    FexitTarget { program: "inet6_recvmsg_exit", function: "inet6_recvmsg", params: 4 },
+    FexitTarget { program: "unix_stream_recvmsg_exit", function: "unix_stream_recvmsg", params: 4 },
+    FexitTarget { program: "unix_dgram_recvmsg_exit", function: "unix_dgram_recvmsg", params: 4 },
+];
+
+/// The optional BTF tracepoints besides the socket ones: (program, hook it serves).
+pub(crate) const OPTIONAL_TRACEPOINTS: [(&str, &str); 7] = [
+    ("inet_sock_set_state", "tcp_state"),
+    ("tcp_retransmit_skb", "tcp_retransmit"),
+    ("tcp_send_reset", "tcp_reset_sent"),
+    ("tcp_receive_reset", "tcp_reset_received"),
+    ("sched_switch", "sched"),
+    ("sched_wakeup", "sched"),
+    ("sched_wakeup_new", "sched"),
+];
+
+/// The socket tracepoints (both or neither).
+pub(crate) const SOCKET_TRACEPOINTS: [&str; 2] = ["sock_send_length", "sock_recv_length"];
+
+/// What the kernel's BTF says a kernel has: the questions [`plan`] asks.
+pub(crate) trait KernelFacts {
+    fn has_tracepoint(&self, name: &str) -> bool;
+    fn tracepoint_params(&self, name: &str) -> Option<usize>;
+    fn function_params(&self, name: &str) -> Option<usize>;
+    fn has_helper(&self, name: &str) -> bool;
+    fn has_map_type(&self, name: &str) -> bool;
+    fn member_offset(&self, name: &str, member: &str) -> Option<u32>;
+    fn struct_size(&self, name: &str) -> Option<u32>;
+}
+
+impl KernelFacts for KernelBtf {
+    fn has_tracepoint(&self, name: &str) -> bool {
+        KernelBtf::has_tracepoint(self, name)
+    }
+    fn tracepoint_params(&self, name: &str) -> Option<usize> {
+        KernelBtf::tracepoint_params(self, name)
+    }
+    fn function_params(&self, name: &str) -> Option<usize> {
+        KernelBtf::function_params(self, name)
+    }
+    fn has_helper(&self, name: &str) -> bool {
+        self.enum_has("bpf_func_id", &format!("BPF_FUNC_{name}"))
+    }
+    fn has_map_type(&self, name: &str) -> bool {
+        self.enum_has("bpf_map_type", &format!("BPF_MAP_TYPE_{name}"))
+    }
+    fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+        KernelBtf::member_offset(self, name, member)
+    }
+    fn struct_size(&self, name: &str) -> Option<u32> {
+        KernelBtf::struct_size(self, name)
+    }
+}
+
+/// The programs to load and how: the outcome of [`plan`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Plan {
+    pub object: Object,
+    pub layout: KernelLayout,
+    /// Socket tracepoints (true) or fexit programs.
+    pub socket_tracepoints: bool,
+    /// The fexit programs this kernel's functions fit (with `socket_tracepoints` false).
+    pub fexit: Vec<FexitTarget>,
+    /// (hook, how) of the choices made here; attaching adds the rest.
+    pub hooks: Vec<(&'static str, &'static str)>,
+    /// What this kernel cannot do, for the log.
+    pub limits: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub(crate) enum PlanError {
+    #[error("--socket-hook tracepoint: this kernel lacks the socket tracepoints (Linux >= 6.3)")]
+    NoTracepoints,
+    #[error(
+        "this kernel has neither the socket tracepoints (Linux >= 6.3) nor BTF for any of {0}: socket I/O cannot be watched"
+    )]
+    NoSocketHook(String),
+}
+
+/// Decides every hook for a kernel.
+pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, PlanError> {
+    let mut limits = Vec::new();
+    let mut hooks = Vec::new();
+    let modern = k.has_helper("loop") && k.has_map_type("TASK_STORAGE");
+    let object = if modern { Object::Modern } else { Object::Compat };
+    let mut layout = KernelLayout { features: 0, ..KernelLayout::MODERN };
+    if k.has_helper("task_pt_regs") && k.has_helper("get_current_task_btf") {
+        layout.features |= FEATURE_TASK_PT_REGS;
+        hooks.push(("syscall_regs", "bpf_task_pt_regs"));
+    } else {
+        layout.task_stack_offset = k.member_offset("task_struct", "stack").unwrap_or(0);
+        layout.pt_regs_size = k.struct_size("pt_regs").unwrap_or(0);
+        if layout.task_stack_offset == 0 || layout.pt_regs_size == 0 {
+            hooks.push(("syscall_regs", "unavailable"));
+            limits.push("no bpf_task_pt_regs and no task_struct.stack/pt_regs in BTF: socket operations are counted without their system call or bytes".into());
+        } else {
+            hooks.push(("syscall_regs", "task_stack"));
+        }
+    }
+    if k.tracepoint_params("sched_switch").is_some_and(|n| n >= 4) {
+        layout.features |= FEATURE_SCHED_PREV_STATE;
+    } else {
+        layout.task_state_offset = k
+            .member_offset("task_struct", "__state")
+            .or_else(|| k.member_offset("task_struct", "state"))
+            .unwrap_or(0);
+    }
+    layout.task_pid_offset = k.member_offset("task_struct", "pid").unwrap_or(0);
+    if modern {
+        hooks.push(("iovec_walk", "bpf_loop"));
+        hooks.push(("sched_state", "task_storage"));
+    } else {
+        hooks.push(("iovec_walk", "first_8_iovecs"));
+        hooks.push(("sched_state", "hash_map"));
+        limits.push("no bpf_loop or task storage (Linux < 5.17): vectored I/O is read across its first 8 iovecs, scheduler state kept in a hash map".into());
+    }
+    if modern && k.has_tracepoint("sk_data_ready") {
+        layout.features |= FEATURE_ARRIVAL;
+    } else {
+        limits.push("no sk_data_ready tracepoint (Linux < 6.3): requests are timed from the server's first read, without a queued phase".into());
+    }
+    let have_tracepoints = SOCKET_TRACEPOINTS.iter().all(|t| k.has_tracepoint(t));
+    let socket_tracepoints = match socket {
+        SocketHook::Tracepoint if !have_tracepoints => return Err(PlanError::NoTracepoints),
+        SocketHook::Fexit => false,
+        _ => have_tracepoints,
+    };
+    let mut fexit = Vec::new();
+    if !socket_tracepoints {
+        for target in FEXIT_TARGETS {
+            match k.function_params(target.function) {
+                Some(n) if n == target.params => fexit.push(target),
+                Some(n) => limits.push(format!(
+                    "{} takes {n} parameters here, not {}: not hooked",
+                    target.function, target.params
+                )),
+                None => limits.push(format!("{} is not in this kernel's BTF: not hooked", target.function)),
+            }
+        }
+        if fexit.is_empty() {
+            let names: Vec<_> = FEXIT_TARGETS.iter().map(|t| t.function).collect();
+            return Err(PlanError::NoSocketHook(names.join(", ")));
+        }
+    }
+    Ok(Plan { object, layout, socket_tracepoints, fexit, hooks, limits })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    /// A kernel described by what its BTF would answer.
+    #[derive(Default)]
+    struct Fake {
+        tracepoints: BTreeMap<&'static str, usize>,
+        functions: BTreeMap<&'static str, usize>,
+        helpers: BTreeSet<&'static str>,
+        map_types: BTreeSet<&'static str>,
+        state_field: &'static str,
+    }
+
+    impl KernelFacts for Fake {
+        fn has_tracepoint(&self, name: &str) -> bool {
+            self.tracepoints.contains_key(name)
+        }
+        fn tracepoint_params(&self, name: &str) -> Option<usize> {
+            self.tracepoints.get(name).copied()
+        }
+        fn function_params(&self, name: &str) -> Option<usize> {
+            self.functions.get(name).copied()
+        }
+        fn has_helper(&self, name: &str) -> bool {
+            self.helpers.contains(name)
+        }
+        fn has_map_type(&self, name: &str) -> bool {
+            self.map_types.contains(name)
+        }
+        fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
+            match (name, member) {
+                ("task_struct", "stack") => Some(32),
+                ("task_struct", "pid") => Some(2400),
+                ("task_struct", m) if m == self.state_field => Some(24),
+                _ => None,
+            }
+        }
+        fn struct_size(&self, name: &str) -> Option<u32> {
+            (name == "pt_regs").then_some(168)
+        }
+    }
+
+    fn kernel(version: (u32, u32)) -> Fake {
+        let at = |v: (u32, u32)| version >= v;
+        let mut k = Fake { state_field: if at((5, 14)) { "__state" } else { "state" }, ..Fake::default() };
+        k.tracepoints.insert("sched_switch", if at((5, 18)) { 4 } else { 3 });
+        k.tracepoints.insert("inet_sock_set_state", 3);
+        if at((6, 3)) {
+            for tp in ["sock_send_length", "sock_recv_length", "sk_data_ready"] {
+                k.tracepoints.insert(tp, 3);
+            }
+        }
+        for t in FEXIT_TARGETS {
+            k.functions.insert(t.function, t.params);
+        }
+        let helpers = [((5, 11), "get_current_task_btf"), ((5, 15), "task_pt_regs"), ((5, 17), "loop")];
+        k.helpers.extend(helpers.iter().filter(|(v, _)| at(*v)).map(|(_, h)| *h));
+        if at((5, 11)) {
+            k.map_types.insert("TASK_STORAGE");
+        }
+        k
+    }
+
+    #[test]
+    fn a_new_kernel_gets_every_preferred_hook() {
+        let p = plan(&kernel((6, 18)), SocketHook::Auto).unwrap();
+        assert_eq!(p.object, Object::Modern);
+        assert!(p.socket_tracepoints && p.fexit.is_empty());
+        assert_eq!(p.layout.features, KernelLayout::MODERN.features);
+        assert!(p.limits.is_empty(), "{:?}", p.limits);
+    }
+
+    #[test]
+    fn linux_6_1_uses_fexit_and_loses_only_arrivals() {
+        let p = plan(&kernel((6, 1)), SocketHook::Auto).unwrap();
+        assert_eq!(p.object, Object::Modern);
+        assert!(!p.socket_tracepoints);
+        assert_eq!(p.fexit.len(), FEXIT_TARGETS.len());
+        assert_eq!(p.layout.features, FEATURE_TASK_PT_REGS | FEATURE_SCHED_PREV_STATE);
+        assert_eq!(p.limits.len(), 1, "{:?}", p.limits);
+    }
+
+    #[test]
+    fn linux_5_10_reads_registers_and_state_from_the_task() {
+        let p = plan(&kernel((5, 10)), SocketHook::Auto).unwrap();
+        assert_eq!(p.object, Object::Compat);
+        assert_eq!(p.layout.features, 0);
+        assert_eq!((p.layout.task_stack_offset, p.layout.pt_regs_size), (32, 168));
+        assert_eq!((p.layout.task_state_offset, p.layout.task_pid_offset), (24, 2400));
+        assert!(p.hooks.contains(&("syscall_regs", "task_stack")));
+        // 5.15: pt_regs from the helper, but still the compat object (no bpf_loop).
+        let p = plan(&kernel((5, 15)), SocketHook::Auto).unwrap();
+        assert_eq!((p.object, p.layout.features), (Object::Compat, FEATURE_TASK_PT_REGS));
+        assert!(p.layout.task_state_offset == 24, "__state from 5.14");
+    }
+
+    #[test]
+    fn forced_hooks_and_unfit_functions() {
+        let p = plan(&kernel((6, 18)), SocketHook::Fexit).unwrap();
+        assert!(!p.socket_tracepoints && p.fexit.len() == 8);
+        assert_eq!(plan(&kernel((6, 1)), SocketHook::Tracepoint), Err(PlanError::NoTracepoints));
+        let mut k = kernel((6, 1));
+        k.functions.insert("inet_recvmsg", 5);
+        k.functions.remove("unix_dgram_sendmsg");
+        let p = plan(&k, SocketHook::Auto).unwrap();
+        assert_eq!(p.fexit.len(), 6);
+        assert!(p.limits.iter().any(|l| l.contains("inet_recvmsg takes 5")), "{:?}", p.limits);
+        k.functions.clear();
+        assert!(matches!(plan(&k, SocketHook::Auto), Err(PlanError::NoSocketHook(_))));
+    }
+
+    #[test]
+    fn this_machine_s_kernel_plans() {
+        let Ok(btf) = KernelBtf::from_sys_fs() else { return };
+        let p = plan(&btf, SocketHook::Fexit).unwrap();
+        assert_eq!(p.fexit.len(), FEXIT_TARGETS.len(), "every socket function fits: {:?}", p.limits);
+    }
+}

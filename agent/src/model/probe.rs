@@ -1,0 +1,17 @@
+//! How the kernel side watches, as the agent chose it for the running kernel.
+
+/// How socket operations are seen (`--socket-hook`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub(crate) enum SocketHook {
+    /// The socket tracepoints where the kernel has them (Linux 6.3+), else fexit.
+    #[default]
+    Auto,
+    /// The socket tracepoints, or refuse to start.
+    Tracepoint,
+    /// fexit on the protocols' sendmsg/recvmsg, even where the tracepoints exist.
+    Fexit,
+}
+
+/// One hook and how it is attached on this kernel (`inferwatch_probe_info{hook,attach}`), e.g.
+/// `("socket_io", "fexit")` or `("arrival", "unavailable")`.
+pub(crate) type ProbeChoice = (&'static str, &'static str);
