@@ -1,0 +1,159 @@
+//! The agent's kernel checks as one program, to run where `cargo test` cannot: inside the
+//! virtual machines of `cargo xtask test`'s kernel matrix (Debian's 5.10, 6.1 and 6.12 kernels,
+//! x86-64 and arm64), as root, with everything it needs beside it.
+//!
+//! `kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook auto|fexit|tracepoint]`
+//!
+//! 1. Exact counts: a watched process's 200 `write`s and 100 `sendto`s on a TCP socket are
+//!    counted exactly, an unwatched one's not at all.
+//! 2. One streamed HTTP request to a watched server is timed end to end: status, outcome, its
+//!    content events, and a TTFT and duration within what the client saw.
+//! 3. The hooks: `inferwatch_probe_info` says how each is attached; the scheduler and TCP
+//!    programs that are attached run (`kernel.bpf_stats_enabled`), and arrivals are stamped
+//!    exactly where the kernel has `sk_data_ready`.
+//!
+//! Prints `KERNELCHECK ok: …` per check and `KERNELCHECK PASS` at the end; any failure panics
+//! with the agent's log (a non-zero exit).
+use std::{net::TcpListener, thread, time::Duration};
+
+use inferwatch_tests::{
+    Agent, SockLoad,
+    client::{Client, Completion},
+    drain_connections, require_root, series_matching, series_value,
+    servers::Server,
+};
+
+/// TCG emulation is some 10-50× slower than the host: generous deadlines.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [agent_bin, sockload, sseserver, rest @ ..] = args.as_slice() else {
+        eprintln!("usage: kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook HOOK]");
+        std::process::exit(2);
+    };
+    let hook = match rest {
+        [flag, hook] if flag == "--socket-hook" => hook.as_str(),
+        [] => "auto",
+        _ => panic!("unexpected arguments {rest:?}"),
+    };
+    require_root();
+    // SAFETY: set before any thread starts; the test library reads it to find the agent.
+    unsafe { std::env::set_var("INFERWATCH_BIN", agent_bin) };
+    // Program run counts: the kernel keeps them only while this is on.
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling kernel.bpf_stats_enabled");
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    let drained = drain_connections(listener, 2);
+    let (writes, sendtos) = (200u32, 100u32);
+    let mut watched = SockLoad::spawn(sockload, target, writes, sendtos, 64);
+    let mut unwatched = SockLoad::spawn(sockload, target, 50, 50, 64);
+    let server = Server::rust(sseserver);
+    let agent = Agent::start_with(&[watched.pid(), server.pid()], &["--no-discovery", "--socket-hook", hook]);
+    let text = agent.metrics();
+    let probes = series_matching(&text, "inferwatch_probe_info{", "");
+    for p in &probes {
+        println!("KERNELCHECK probe: {p}");
+    }
+    let attached = |hook: &str| -> Option<String> {
+        let needle = format!("hook=\"{hook}\"");
+        let line = probes.iter().find(|l| l.contains(&needle))?;
+        Some(line.split("attach=\"").nth(1)?.split('"').next()?.to_string())
+    };
+
+    counts_exactly(&agent, sockload, &mut watched, &mut unwatched, writes, sendtos);
+    drop((watched, unwatched));
+    assert_eq!(drained.join().unwrap(), (writes + sendtos + 100) as u64 * 64, "the sink got every byte");
+
+    times_a_stream(&agent, &server, attached("arrival").as_deref() == Some("tp_btf"));
+
+    let text = agent.metrics();
+    let runs = |program: &str| {
+        series_value(&text, &format!("inferwatch_bpf_program_runs_total{{program=\"{program}\"}}"))
+            .or_else(|| series_value(&text, &format!("inferwatch_bpf_program_runs{{program=\"{program}\"}}")))
+            .unwrap_or(0.0)
+    };
+    for (hook, program) in [("sched", "sched_switch"), ("tcp_state", "inet_sock_set_state")] {
+        match attached(hook).as_deref() {
+            Some("tp_btf") => {
+                assert!(runs(program) > 0.0, "{program} is attached but never ran:\n{text}");
+                println!("KERNELCHECK ok: {hook} attached and running ({} runs of {program})", runs(program));
+            }
+            other => println!("KERNELCHECK note: {hook} is {other:?} on this kernel"),
+        }
+    }
+    assert!(agent.stop().success());
+    std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").ok();
+    println!("KERNELCHECK PASS");
+}
+
+fn counts_exactly(
+    agent: &Agent,
+    sockload: &str,
+    watched: &mut SockLoad,
+    unwatched: &mut SockLoad,
+    writes: u32,
+    sendtos: u32,
+) {
+    watched.go();
+    unwatched.go();
+    let comm = std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect::<String>();
+    let series = |syscall: &str| {
+        format!("inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"{syscall}\"}}", watched.pid())
+    };
+    let (w, s) = (series("write"), series("sendto"));
+    agent.wait_for_metrics(PATIENCE, |t| {
+        series_value(t, &w) == Some(writes as f64) && series_value(t, &s) == Some(sendtos as f64)
+    });
+    // Stragglers would show up by now: the counts must stay exact, not merely reach the target.
+    thread::sleep(Duration::from_secs(1));
+    let text = agent.metrics();
+    assert_eq!(series_value(&text, &w), Some(writes as f64), "{text}");
+    assert_eq!(series_value(&text, &s), Some(sendtos as f64), "{text}");
+    let own = series_matching(&text, "inferwatch_process_socket_ops_total", &format!("pid=\"{}\"", watched.pid()));
+    assert_eq!(own.len(), 2, "only write and sendto were made: {own:?}");
+    let other = format!("pid=\"{}\"", unwatched.pid());
+    assert!(
+        series_matching(&text, "inferwatch_process_socket", &other).is_empty(),
+        "an unwatched process was counted:\n{text}"
+    );
+    println!("KERNELCHECK ok: {writes} writes and {sendtos} sendtos counted exactly, the unwatched process not at all");
+}
+
+fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
+    let mut client = Client::connect(server.addr);
+    let request = Completion { model: "vm-model".into(), pad: 321, max_tokens: 6, delay_ms: 20.0, stream: true };
+    let truth = client.request(&request);
+    assert_eq!(truth.status, 200);
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let record = loop {
+        let list = agent.json("/api/v1/requests?limit=16");
+        let found = list.as_array().into_iter().flatten().find(|r| r["request_bytes"] == truth.request_bytes);
+        if let Some(r) = found {
+            break r.clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "the request was never reported:\n{list}\n{}", agent.log());
+        thread::sleep(Duration::from_millis(200));
+    };
+    let seconds = |field: &str| record[field].as_f64().unwrap_or_else(|| panic!("no {field}: {record}"));
+    assert_eq!(record["status"], 200, "{record}");
+    assert_eq!(record["outcome"], "complete", "{record}");
+    assert_eq!(record["route"], "/v1/completions", "{record}");
+    assert_eq!(record["content_events"].as_u64(), Some(truth.content_events as u64), "{record}");
+    let (ttft, duration) = (seconds("time_to_first_token_seconds"), seconds("duration_seconds"));
+    // The server's clock starts after the client's send and ends before the client's last read.
+    let client_ttft = truth.ttft_seconds().unwrap();
+    assert!(ttft > 0.0 && ttft <= client_ttft, "TTFT {ttft} s, the client saw {client_ttft} s: {record}");
+    assert!(
+        duration >= ttft && duration <= truth.duration_seconds(),
+        "duration {duration} s, the client saw {} s: {record}",
+        truth.duration_seconds()
+    );
+    assert_eq!(record["queued_seconds"].is_number(), arrivals, "queued phase iff arrivals are stamped: {record}");
+    println!(
+        "KERNELCHECK ok: a streamed request timed: TTFT {ttft:.4} s (client {client_ttft:.4} s), duration {duration:.4} s (client {:.4} s), {} content events",
+        truth.duration_seconds(),
+        truth.content_events
+    );
+}
