@@ -81,7 +81,12 @@ pub fn ensure() -> Result {
     // The fidelity tests' servers written the way Node.js and Go servers write.
     ensure_debian_tool("node", "nodejs")?;
     ensure_debian_tool("go", "golang-go")?;
-    Ok(())
+    // The kernel matrix: the arm64 agent cross-built, qemu, and Debian's kernels (cached).
+    for (_, arch) in crate::cross::TARGETS {
+        crate::cross::ensure_cross_tools(arch)?;
+    }
+    crate::vm::ensure_tools()?;
+    crate::vm::ensure_kernels()
 }
 
 /// What building the agent needs (and nothing the tests need): the toolchains, LLVM and
@@ -113,6 +118,7 @@ pub fn is_complete() -> bool {
     build_tools_present()
         && python_env_present()
         && ["tmux", "promtool", "openssl", "curl", "node", "go"].iter().all(|t| tool_present(t))
+        && crate::cross::cross_tools_present()
 }
 
 fn tool_present(binary: &str) -> bool {
@@ -125,7 +131,7 @@ fn tool_present(binary: &str) -> bool {
 }
 
 /// A command-line tool the tests drive (tmux for `inferwatch top`), from Debian's packages.
-fn ensure_debian_tool(binary: &str, package: &str) -> Result {
+pub fn ensure_debian_tool(binary: &str, package: &str) -> Result {
     if tool_present(binary) {
         eprintln!("setup: {binary}: present");
         return Ok(());

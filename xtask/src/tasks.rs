@@ -14,7 +14,7 @@ pub enum Profile {
 }
 
 impl Profile {
-    fn dir(self) -> &'static str {
+    pub fn dir(self) -> &'static str {
         match self {
             Profile::Debug => "debug",
             Profile::Release => "release",
@@ -180,6 +180,9 @@ pub fn test() -> Result {
     let mut selection = vec!["--lib".to_string(), "--bins".to_string()];
     selection.extend(test_files(&[ROOT_TESTS, TOOL_TESTS])?);
     run(&mut integration_tests(&selection))?;
+
+    step("kernel matrix: this kernel, then Debian's 5.10, 6.1 and 6.12 (x86-64) and 6.1 (arm64) in VMs");
+    crate::matrix::run_matrix(&cmd::root().join("target/debug"), None)?;
 
     e2e_tests()?;
     step("all tests passed");

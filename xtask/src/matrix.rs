@@ -1,0 +1,105 @@
+//! The kernel matrix of `cargo xtask test`: `kernelcheck` (tests/src/bin/kernelcheck.rs) run
+//! natively on this machine's kernel, then inside a VM booted from each distribution kernel of
+//! [`vm::MATRIX`], with the agent built for that kernel's architecture. Every kernel runs it
+//! with the hooks the agent chooses; kernels that have the socket tracepoints also run it with
+//! `--socket-hook fexit`, so the fallback is proven where the preferred hooks exist too.
+
+use std::{collections::HashMap, path::PathBuf, time::Duration};
+
+use crate::{
+    cmd::{Result, run},
+    cross,
+    vm::{self, Arch, Kernel},
+};
+
+/// Kernels (by name prefix) with the socket tracepoints (Linux 6.3+).
+const HAS_SOCKET_TRACEPOINTS: [&str; 1] = ["debian12-bpo-6.12"];
+
+/// A TCG boot plus two runs: minutes, not seconds, on a 2-core host.
+const VM_TIMEOUT: Duration = Duration::from_secs(900);
+
+const CHECK: &str = "/kernelcheck /inferwatch /sockload /sseserver";
+
+/// `cargo xtask kernel-matrix [--kernel NAME]`: builds what the matrix runs, then runs it (or
+/// only the named VM kernel).
+pub fn cli(args: &[String]) -> Result {
+    let only = match args {
+        [] => None,
+        [flag, name] if flag == "--kernel" => Some(name.as_str()),
+        _ => return Err("usage: cargo xtask kernel-matrix [--kernel NAME]".into()),
+    };
+    crate::setup::ensure_quietly()?;
+    crate::tasks::build(crate::tasks::Profile::Debug)?;
+    let mut c = crate::tasks::user_cargo();
+    c.args(["build", "--quiet", "--package", "inferwatch-tests"]);
+    for name in ["kernelcheck", "sockload", "sseserver"] {
+        c.args(["--bin", name]);
+    }
+    run(&mut c)?;
+    run_matrix(&crate::cmd::root().join("target/debug"), only)
+}
+
+/// Runs the matrix (every VM kernel, or `only` the named one); every kernel is tried, and the
+/// failures are reported together.
+pub fn run_matrix(native_programs: &std::path::Path, only: Option<&str>) -> Result {
+    let bin = |n: &str| native_programs.join(n).display().to_string();
+    if only.is_none() {
+        eprintln!("xtask: kernel matrix: this machine's kernel, natively");
+        run(crate::cmd::command(&bin("kernelcheck")).args([
+            bin("inferwatch"),
+            bin("sockload"),
+            bin("sseserver"),
+        ]))?;
+    }
+    vm::ensure_tools()?;
+    vm::ensure_kernels()?;
+    let mut programs: HashMap<&str, Vec<(PathBuf, String)>> = HashMap::new();
+    let mut failures = Vec::new();
+    for kernel in vm::MATRIX.iter().filter(|k| only.is_none_or(|name| k.name == name)) {
+        let arch = arch_name(kernel.arch);
+        if !programs.contains_key(arch) {
+            let built = cross::vm_programs(arch)?;
+            programs.insert(arch, built.into_iter().map(|(path, name)| (path, format!("/{name}"))).collect());
+        }
+        eprintln!("xtask: kernel matrix: {} (qemu, TCG)", kernel.name);
+        let started = std::time::Instant::now();
+        match vm::boot(kernel, &programs[arch], &command(kernel), VM_TIMEOUT) {
+            Ok(log) => {
+                for line in log.lines().filter(|l| l.contains("KERNELCHECK")) {
+                    eprintln!("  {}", line.trim_end());
+                }
+                let passes = log.lines().filter(|l| l.trim_end().ends_with("KERNELCHECK PASS")).count();
+                let expected = runs(kernel);
+                if passes != expected {
+                    failures.push(format!("{}: {passes} of {expected} runs passed:\n{log}", kernel.name));
+                }
+                eprintln!("xtask: kernel matrix: {} passed in {:.0?}", kernel.name, started.elapsed());
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("kernel matrix failed:\n{}", failures.join("\n\n")))
+    }
+}
+
+fn runs(kernel: &Kernel) -> usize {
+    if HAS_SOCKET_TRACEPOINTS.iter().any(|p| kernel.name.starts_with(p)) { 2 } else { 1 }
+}
+
+/// The guest's command: kernelcheck with the agent's own choice, then forced to fexit.
+fn command(kernel: &Kernel) -> String {
+    match runs(kernel) {
+        1 => CHECK.to_string(),
+        _ => format!("{CHECK} && {CHECK} --socket-hook fexit"),
+    }
+}
+
+fn arch_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "x86_64",
+        Arch::Aarch64 => "aarch64",
+    }
+}
