@@ -255,7 +255,10 @@ fn copy_iovec_tail(out: &mut Out, offset: usize, iov: u64, count: u64, moved: us
 #[inline(always)]
 fn copy(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
     // Bounds the verifier can follow: offset < MAX_CAPTURE and len <= MAX_CAPTURE, so the
-    // write stays inside the 2 * MAX_CAPTURE buffer.
+    // write stays inside the 2 * MAX_CAPTURE buffer. Both are re-read opaquely first: LLVM
+    // would otherwise drop checks it can prove from the callers' comparisons of two variables,
+    // which verifiers before Linux 6.8 cannot follow (5.10 refused the program).
+    let (offset, len) = (opaque(offset), opaque(len));
     let offset = offset & (MAX_CAPTURE - 1);
     if len == 0 || len > MAX_CAPTURE {
         return 0;
@@ -268,6 +271,7 @@ fn copy(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
 /// Copies at most `TAIL_BYTES` user bytes to `out[offset..]` (offset below `2 * MAX_CAPTURE`).
 #[inline(always)]
 fn copy_tail(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
+    let (offset, len) = (opaque(offset), opaque(len));
     let offset = offset & (2 * MAX_CAPTURE - 1);
     if len == 0 || len > TAIL_BYTES {
         return 0;
@@ -275,6 +279,14 @@ fn copy_tail(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
     // SAFETY: offset < 2 * MAX_CAPTURE and len <= TAIL_BYTES: inside `out`.
     let r = unsafe { bpf_probe_read_user(out.as_mut_ptr().add(offset).cast(), len as u32, src as *const _) };
     if r == 0 { len } else { 0 }
+}
+
+/// `v`, through a volatile stack slot: what the compiler knows of it is forgotten, so the checks
+/// that follow are compiled as written, next to the helper call the verifier checks.
+#[inline(always)]
+fn opaque(v: usize) -> usize {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&v) }
 }
 
 #[inline(always)]

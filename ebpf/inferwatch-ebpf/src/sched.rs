@@ -93,6 +93,10 @@ static SCHED_TASKS: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(MA
 #[cfg(feature = "compat")]
 const MAX_SCHED_THREADS: u32 = 16384;
 
+#[cfg(feature = "compat")]
+static NEW_TASK: TaskSched =
+    TaskSched { on_ns: 0, off_ns: 0, wake_ns: 0, role: 0, off_reason: 0, _pad: [0; 6] };
+
 /// The state of `task` (a `struct task_struct *`); with `create`, a zeroed one if it has none.
 #[cfg(not(feature = "compat"))]
 #[inline(always)]
@@ -110,7 +114,9 @@ fn task_state(task: u64, create: bool) -> Option<&'static mut TaskSched> {
         bpf_probe_read_kernel((task + offset) as *const u32).ok()?
     };
     if create && SCHED_TASKS.get_ptr_mut(&tid).is_none() {
-        let _ = SCHED_TASKS.insert(&tid, &TaskSched::default(), 0);
+        // From a static, not a zeroed local: that would be a call to `memset`, a global
+        // function with a pointer argument, which Linux 5.10's verifier refuses.
+        let _ = SCHED_TASKS.insert(&tid, &NEW_TASK, 0);
     }
     // SAFETY: a map value; only the task itself (switching) or its waker under the runqueue
     // lock writes it.
@@ -138,8 +144,12 @@ const TASK_RUNNING: u32 = 0;
 #[inline(always)]
 fn add(role: u8, slot: Slot, offset: u32, value: u64) {
     if let Some(stats) = SCHED_STATS.get_ptr_mut(0) {
-        // Per-CPU value: no other writer. `get_mut` bounds the index for the verifier.
-        if let Some(v) = unsafe { (*stats).slots.get_mut(index(role, slot, offset)) } {
+        // Per-CPU value: no other writer. `get_mut` bounds the index for the verifier; read
+        // opaquely first, so the bound is checked as written (LLVM folds it into comparisons
+        // Linux 5.10's verifier cannot follow).
+        // SAFETY: a read of a local.
+        let i = unsafe { core::ptr::read_volatile(&index(role, slot, offset)) };
+        if let Some(v) = unsafe { (*stats).slots.get_mut(i) } {
             *v += value;
         }
     }
@@ -197,8 +207,13 @@ pub fn try_sched_switch(ctx: &BtfTracePointContext) -> Result<(), i32> {
             add(state.role, Slot::RunqueueCount, 0, 1);
             add(state.role, Slot::RunqueueBuckets, bucket(delay), 1);
         }
-        state.wake_ns = 0;
-        state.off_ns = 0;
+        // Volatile: LLVM would merge the two zeroings into a call to `memset`, a global
+        // function with a pointer argument, which Linux 5.10's verifier refuses.
+        // SAFETY: fields of a live map value.
+        unsafe {
+            core::ptr::write_volatile(&mut state.wake_ns, 0);
+            core::ptr::write_volatile(&mut state.off_ns, 0);
+        }
         state.on_ns = now;
     }
     Ok(())

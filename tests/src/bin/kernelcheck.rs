@@ -56,6 +56,17 @@ fn main() {
     for p in &probes {
         println!("KERNELCHECK probe: {p}");
     }
+    // What the agent said it cannot do on this kernel, once each.
+    // (A warning's continuation lines, a verifier's log, go with it.)
+    let log = agent.log();
+    let mut in_warning = false;
+    for line in log.lines() {
+        let new_entry = line.contains(" INFO") || line.contains(" WARN") || line.contains(" ERROR");
+        in_warning = if new_entry { line.contains(" WARN") } else { in_warning };
+        if in_warning {
+            println!("KERNELCHECK agent: {line}");
+        }
+    }
     let attached = |hook: &str| -> Option<String> {
         let needle = format!("hook=\"{hook}\"");
         let line = probes.iter().find(|l| l.contains(&needle))?;
@@ -68,17 +79,28 @@ fn main() {
 
     times_a_stream(&agent, &server, attached("arrival").as_deref() == Some("tp_btf"));
 
-    let text = agent.metrics();
-    let runs = |program: &str| {
-        series_value(&text, &format!("inferwatch_bpf_program_runs_total{{program=\"{program}\"}}"))
-            .or_else(|| series_value(&text, &format!("inferwatch_bpf_program_runs{{program=\"{program}\"}}")))
+    let runs = |text: &str, program: &str| {
+        series_value(text, &format!("inferwatch_bpf_program_runs_total{{program=\"{program}\"}}"))
             .unwrap_or(0.0)
     };
     for (hook, program) in [("sched", "sched_switch"), ("tcp_state", "inet_sock_set_state")] {
         match attached(hook).as_deref() {
             Some("tp_btf") => {
-                assert!(runs(program) > 0.0, "{program} is attached but never ran:\n{text}");
-                println!("KERNELCHECK ok: {hook} attached and running ({} runs of {program})", runs(program));
+                // Run counts reach the metrics every few seconds.
+                let deadline = std::time::Instant::now() + PATIENCE;
+                let text = loop {
+                    let text = agent.metrics();
+                    if runs(&text, program) > 0.0 || std::time::Instant::now() > deadline {
+                        break text;
+                    }
+                    thread::sleep(Duration::from_millis(500));
+                };
+                let stats = series_matching(&text, "inferwatch_bpf_program_run", "");
+                assert!(runs(&text, program) > 0.0, "{program} is attached but never ran: {stats:#?}");
+                println!(
+                    "KERNELCHECK ok: {hook} attached and running ({} runs of {program})",
+                    runs(&text, program)
+                );
             }
             other => println!("KERNELCHECK note: {hook} is {other:?} on this kernel"),
         }
@@ -98,9 +120,18 @@ fn counts_exactly(
 ) {
     watched.go();
     unwatched.go();
-    let comm = std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect::<String>();
+    let comm = std::path::Path::new(sockload)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .take(15)
+        .collect::<String>();
     let series = |syscall: &str| {
-        format!("inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"{syscall}\"}}", watched.pid())
+        format!(
+            "inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"{syscall}\"}}",
+            watched.pid()
+        )
     };
     let (w, s) = (series("write"), series("sendto"));
     agent.wait_for_metrics(PATIENCE, |t| {
@@ -111,19 +142,23 @@ fn counts_exactly(
     let text = agent.metrics();
     assert_eq!(series_value(&text, &w), Some(writes as f64), "{text}");
     assert_eq!(series_value(&text, &s), Some(sendtos as f64), "{text}");
-    let own = series_matching(&text, "inferwatch_process_socket_ops_total", &format!("pid=\"{}\"", watched.pid()));
+    let own =
+        series_matching(&text, "inferwatch_process_socket_ops_total", &format!("pid=\"{}\"", watched.pid()));
     assert_eq!(own.len(), 2, "only write and sendto were made: {own:?}");
     let other = format!("pid=\"{}\"", unwatched.pid());
     assert!(
         series_matching(&text, "inferwatch_process_socket", &other).is_empty(),
         "an unwatched process was counted:\n{text}"
     );
-    println!("KERNELCHECK ok: {writes} writes and {sendtos} sendtos counted exactly, the unwatched process not at all");
+    println!(
+        "KERNELCHECK ok: {writes} writes and {sendtos} sendtos counted exactly, the unwatched process not at all"
+    );
 }
 
 fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
     let mut client = Client::connect(server.addr);
-    let request = Completion { model: "vm-model".into(), pad: 321, max_tokens: 6, delay_ms: 20.0, stream: true };
+    let request =
+        Completion { model: "vm-model".into(), pad: 321, max_tokens: 6, delay_ms: 20.0, stream: true };
     let truth = client.request(&request);
     assert_eq!(truth.status, 200);
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -133,7 +168,11 @@ fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
         if let Some(r) = found {
             break r.clone();
         }
-        assert!(std::time::Instant::now() < deadline, "the request was never reported:\n{list}\n{}", agent.log());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request was never reported:\n{list}\n{}",
+            agent.log()
+        );
         thread::sleep(Duration::from_millis(200));
     };
     let seconds = |field: &str| record[field].as_f64().unwrap_or_else(|| panic!("no {field}: {record}"));
@@ -150,7 +189,11 @@ fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
         "duration {duration} s, the client saw {} s: {record}",
         truth.duration_seconds()
     );
-    assert_eq!(record["queued_seconds"].is_number(), arrivals, "queued phase iff arrivals are stamped: {record}");
+    assert_eq!(
+        record["queued_seconds"].is_number(),
+        arrivals,
+        "queued phase iff arrivals are stamped: {record}"
+    );
     println!(
         "KERNELCHECK ok: a streamed request timed: TTFT {ttft:.4} s (client {client_ttft:.4} s), duration {duration:.4} s (client {:.4} s), {} content events",
         truth.duration_seconds(),
