@@ -185,9 +185,12 @@ impl Agent {
         Agent { child: Some(child), addr, log }
     }
 
-    /// Polls `ready` for up to 20 s; panics with the agent's log if it exits or never gets there.
+    /// Polls `ready` for up to 20 s (`$INFERWATCH_READY_SECONDS` where everything is slower,
+    /// as in an emulated VM); panics with the agent's log if it exits or never gets there.
     pub fn wait_until_ready(&mut self, ready: impl Fn(&Agent) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let seconds =
+            std::env::var("INFERWATCH_READY_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
+        let deadline = Instant::now() + Duration::from_secs(seconds);
         loop {
             if ready(self) {
                 return;
@@ -195,7 +198,7 @@ impl Agent {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the agent exited early ({status}):\n{}", self.log());
             }
-            assert!(Instant::now() < deadline, "the agent was not ready in 20 s:\n{}", self.log());
+            assert!(Instant::now() < deadline, "the agent was not ready in {seconds} s:\n{}", self.log());
             thread::sleep(Duration::from_millis(50));
         }
     }

@@ -12,8 +12,10 @@ use crate::{
     vm::{self, Arch, Kernel},
 };
 
-/// Kernels (by name prefix) with the socket tracepoints (Linux 6.3+).
-const HAS_SOCKET_TRACEPOINTS: [&str; 1] = ["debian12-bpo-6.12"];
+/// Extra runs per kernel (by name): `--socket-hook` values. fexit where the tracepoints exist,
+/// kprobes on x86-64 (arm64's 6.1 uses them on its own: no trampolines for kernel functions).
+const EXTRA_RUNS: [(&str, &str); 2] =
+    [("debian12-bpo-6.12-amd64", "fexit"), ("debian12-6.1-amd64", "kprobe")];
 
 /// A TCG boot plus two runs: minutes, not seconds, on a 2-core host.
 const VM_TIMEOUT: Duration = Duration::from_secs(900);
@@ -85,16 +87,20 @@ pub fn run_matrix(native_programs: &std::path::Path, only: Option<&str>) -> Resu
     }
 }
 
-fn runs(kernel: &Kernel) -> usize {
-    if HAS_SOCKET_TRACEPOINTS.iter().any(|p| kernel.name.starts_with(p)) { 2 } else { 1 }
+fn extra(kernel: &Kernel) -> impl Iterator<Item = &'static str> + '_ {
+    EXTRA_RUNS.iter().filter(move |(name, _)| *name == kernel.name).map(|(_, hook)| *hook)
 }
 
-/// The guest's command: kernelcheck with the agent's own choice, then forced to fexit.
+fn runs(kernel: &Kernel) -> usize {
+    1 + extra(kernel).count()
+}
+
+/// The guest's command: kernelcheck with the agent's own choices, then with each forced one.
 fn command(kernel: &Kernel) -> String {
-    match runs(kernel) {
-        1 => CHECK.to_string(),
-        _ => format!("{CHECK} && {CHECK} --socket-hook fexit"),
-    }
+    std::iter::once(CHECK.to_string())
+        .chain(extra(kernel).map(|hook| format!("{CHECK} --socket-hook {hook}")))
+        .collect::<Vec<_>>()
+        .join(" && ")
 }
 
 fn arch_name(arch: Arch) -> &'static str {

@@ -47,8 +47,8 @@ pub(crate) enum Error {
     KernelBtf(#[source] std::io::Error),
     #[error("{0}")]
     Plan(#[source] plan::PlanError),
-    #[error("no socket hook could be attached (see the warnings above): socket I/O cannot be watched")]
-    NoSocketHook,
+    #[error("no socket hook could be attached ({0}): socket I/O cannot be watched")]
+    NoSocketHook(String),
     #[error("{action} the {name} program: {source}")]
     Program {
         name: &'static str,

@@ -3,7 +3,7 @@
 //!
 //! | hook          | preferred (kernel)                        | else                                   |
 //! |---------------|-------------------------------------------|----------------------------------------|
-//! | socket_io     | tp_btf `sock_{send,recv}_length` (6.3)    | fexit on `inet{,6}_`/`unix_*` `sendmsg`/`recvmsg` |
+//! | socket_io     | tp_btf `sock_{send,recv}_length` (6.3)    | fexit on `inet{,6}_`/`unix_*` `sendmsg`/`recvmsg`; kprobes where fexit cannot attach |
 //! | syscall_regs  | `bpf_task_pt_regs` (5.15)                 | top of the task's kernel stack         |
 //! | iovec_walk    | `bpf_loop` (5.17), up to 1,024 iovecs     | first 8 iovecs                         |
 //! | sched         | tp_btf + task storage (5.11)              | tp_btf + hash map by thread id         |
@@ -99,9 +99,9 @@ impl KernelFacts for KernelBtf {
 pub(crate) struct Plan {
     pub object: Object,
     pub layout: KernelLayout,
-    /// Socket tracepoints (true) or fexit programs.
-    pub socket_tracepoints: bool,
-    /// The fexit programs this kernel's functions fit (with `socket_tracepoints` false).
+    /// How socket I/O is hooked: never `Auto`.
+    pub socket: SocketHook,
+    /// The functions hooked (with fexit or kprobes) that fit their programs on this kernel.
     pub fexit: Vec<FexitTarget>,
     /// (hook, how) of the choices made here; attaching adds the rest.
     pub hooks: Vec<(&'static str, &'static str)>,
@@ -123,15 +123,23 @@ pub(crate) enum PlanError {
 pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, PlanError> {
     let mut limits = Vec::new();
     let mut hooks = Vec::new();
+    let have_tracepoints = SOCKET_TRACEPOINTS.iter().all(|t| k.has_tracepoint(t));
+    let socket = match socket {
+        SocketHook::Tracepoint if !have_tracepoints => return Err(PlanError::NoTracepoints),
+        SocketHook::Auto if have_tracepoints => SocketHook::Tracepoint,
+        SocketHook::Auto => SocketHook::Fexit,
+        chosen => chosen,
+    };
     let modern = k.has_helper("loop") && k.has_map_type("TASK_STORAGE");
     let object = if modern { Object::Modern } else { Object::Compat };
     let mut layout = KernelLayout { features: 0, ..KernelLayout::MODERN };
-    if k.has_helper("task_pt_regs") && k.has_helper("get_current_task_btf") {
+    layout.task_stack_offset = k.member_offset("task_struct", "stack").unwrap_or(0);
+    layout.pt_regs_size = k.struct_size("pt_regs").unwrap_or(0);
+    // kprobe programs cannot name the task by BTF: they read its stack too.
+    if k.has_helper("task_pt_regs") && k.has_helper("get_current_task_btf") && socket != SocketHook::Kprobe {
         layout.features |= FEATURE_TASK_PT_REGS;
         hooks.push(("syscall_regs", "bpf_task_pt_regs"));
     } else {
-        layout.task_stack_offset = k.member_offset("task_struct", "stack").unwrap_or(0);
-        layout.pt_regs_size = k.struct_size("pt_regs").unwrap_or(0);
         if layout.task_stack_offset == 0 || layout.pt_regs_size == 0 {
             hooks.push(("syscall_regs", "unavailable"));
             limits.push("no bpf_task_pt_regs and no task_struct.stack/pt_regs in BTF: socket operations are counted without their system call or bytes".into());
@@ -156,19 +164,17 @@ pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, Plan
         hooks.push(("sched_state", "hash_map"));
         limits.push("no bpf_loop or task storage (Linux < 5.17): vectored I/O is read across its first 8 iovecs, scheduler state kept in a hash map".into());
     }
-    if modern && k.has_tracepoint("sk_data_ready") {
+    // Arrivals live in socket storage, which needs the socket as the tracepoints pass it (a
+    // trusted pointer); fexit and kprobes only reach it through `struct socket`.
+    if !(modern && k.has_tracepoint("sk_data_ready")) {
+        limits.push("no sk_data_ready tracepoint (Linux < 6.3): requests are timed from the server's first read, without a queued phase".into());
+    } else if socket == SocketHook::Tracepoint {
         layout.features |= FEATURE_ARRIVAL;
     } else {
-        limits.push("no sk_data_ready tracepoint (Linux < 6.3): requests are timed from the server's first read, without a queued phase".into());
+        limits.push(format!("--socket-hook {socket:?}: requests are timed from the server's first read, without a queued phase"));
     }
-    let have_tracepoints = SOCKET_TRACEPOINTS.iter().all(|t| k.has_tracepoint(t));
-    let socket_tracepoints = match socket {
-        SocketHook::Tracepoint if !have_tracepoints => return Err(PlanError::NoTracepoints),
-        SocketHook::Fexit => false,
-        _ => have_tracepoints,
-    };
     let mut fexit = Vec::new();
-    if !socket_tracepoints {
+    if socket != SocketHook::Tracepoint {
         for target in FEXIT_TARGETS {
             match k.function_params(target.function) {
                 Some(n) if n == target.params => fexit.push(target),
@@ -184,7 +190,7 @@ pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, Plan
             return Err(PlanError::NoSocketHook(names.join(", ")));
         }
     }
-    Ok(Plan { object, layout, socket_tracepoints, fexit, hooks, limits })
+    Ok(Plan { object, layout, socket, fexit, hooks, limits })
 }
 
 #[cfg(test)]
@@ -257,7 +263,7 @@ mod tests {
     fn a_new_kernel_gets_every_preferred_hook() {
         let p = plan(&kernel((6, 18)), SocketHook::Auto).unwrap();
         assert_eq!(p.object, Object::Modern);
-        assert!(p.socket_tracepoints && p.fexit.is_empty());
+        assert!(p.socket == SocketHook::Tracepoint && p.fexit.is_empty());
         assert_eq!(p.layout.features, KernelLayout::MODERN.features);
         assert!(p.limits.is_empty(), "{:?}", p.limits);
     }
@@ -266,7 +272,7 @@ mod tests {
     fn linux_6_1_uses_fexit_and_loses_only_arrivals() {
         let p = plan(&kernel((6, 1)), SocketHook::Auto).unwrap();
         assert_eq!(p.object, Object::Modern);
-        assert!(!p.socket_tracepoints);
+        assert_eq!(p.socket, SocketHook::Fexit);
         assert_eq!(p.fexit.len(), FEXIT_TARGETS.len());
         assert_eq!(p.layout.features, FEATURE_TASK_PT_REGS | FEATURE_SCHED_PREV_STATE);
         assert_eq!(p.limits.len(), 1, "{:?}", p.limits);
@@ -289,7 +295,13 @@ mod tests {
     #[test]
     fn forced_hooks_and_unfit_functions() {
         let p = plan(&kernel((6, 18)), SocketHook::Fexit).unwrap();
-        assert!(!p.socket_tracepoints && p.fexit.len() == 8);
+        assert!(p.socket == SocketHook::Fexit && p.fexit.len() == 8);
+        assert_eq!(p.layout.features & FEATURE_ARRIVAL, 0, "arrivals need the tracepoints' socket");
+        // kprobes: registers from the task's stack, no arrivals (socket storage needs BTF).
+        let p = plan(&kernel((6, 18)), SocketHook::Kprobe).unwrap();
+        assert!(p.socket == SocketHook::Kprobe && p.fexit.len() == 8);
+        assert_eq!(p.layout.features, FEATURE_SCHED_PREV_STATE);
+        assert_eq!((p.layout.task_stack_offset, p.layout.pt_regs_size), (32, 168));
         assert_eq!(plan(&kernel((6, 1)), SocketHook::Tracepoint), Err(PlanError::NoTracepoints));
         let mut k = kernel((6, 1));
         k.functions.insert("inet_recvmsg", 5);

@@ -5,7 +5,7 @@
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FExit},
+    programs::{BtfTracePoint, FExit, KProbe},
 };
 use inferwatch_common::{
     kernel::KERNEL_LAYOUT_GLOBAL,
@@ -50,14 +50,29 @@ pub(crate) struct Outputs {
 }
 
 /// Chooses the programs for this kernel (see `plan.rs`), loads and attaches them;
-/// `capture_bytes` payload bytes are copied per transfer.
+/// `capture_bytes` payload bytes are copied per transfer. Where fexit cannot attach to kernel
+/// functions (arm64 before Linux 6.4: no BPF trampolines for them), kprobes take its place.
 pub(crate) fn load(
     capture_bytes: u32,
     socket_hook: SocketHook,
 ) -> Result<(Programs, WatchMaps, Outputs), Error> {
     let facts = KernelBtf::from_sys_fs().map_err(Error::KernelBtf)?;
-    let plan = super::plan::plan(&facts, socket_hook).map_err(Error::Plan)?;
-    drop(facts);
+    let first = super::plan::plan(&facts, socket_hook).map_err(Error::Plan)?;
+    match load_plan(&first, capture_bytes) {
+        Err(Error::NoSocketHook(why))
+            if socket_hook == SocketHook::Auto && first.socket == SocketHook::Fexit =>
+        {
+            tracing::warn!(
+                "fexit cannot attach to this kernel's functions (arm64 before Linux 6.4 has no BPF trampolines for them; {why}): using kprobes"
+            );
+            let plan = super::plan::plan(&facts, SocketHook::Kprobe).map_err(Error::Plan)?;
+            load_plan(&plan, capture_bytes)
+        }
+        loaded => loaded,
+    }
+}
+
+fn load_plan(plan: &Plan, capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs), Error> {
     let object = match plan.object {
         Object::Modern => MODERN,
         Object::Compat => COMPAT,
@@ -78,7 +93,7 @@ pub(crate) fn load(
     let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
         .ok();
-    let (attached, choices) = attach_all(&mut ebpf, &btf, &plan)?;
+    let (attached, choices) = attach_all(&mut ebpf, &btf, plan)?;
     let watched = HashMap::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_error)?;
     let lost = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOST)?).map_err(map_error)?;
@@ -104,23 +119,35 @@ fn attach_all(
     for limit in &plan.limits {
         tracing::warn!("this kernel: {limit}");
     }
-    if plan.socket_tracepoints {
-        for name in SOCKET_TRACEPOINTS {
-            attach_tracepoint(ebpf, btf, name)?;
-            attached.push(name);
+    match plan.socket {
+        SocketHook::Kprobe => {
+            attached.extend(attach_kprobes(ebpf, plan)?);
+            choices.push(("socket_io", "kprobe"));
         }
-        choices.push(("socket_io", "tp_btf"));
-    } else {
-        for target in &plan.fexit {
-            match attach_fexit(ebpf, btf, target.program, target.function) {
-                Ok(()) => attached.push(target.program),
-                Err(e) => tracing::warn!("{e}: {} is not watched", target.function),
+        SocketHook::Fexit => {
+            let mut failed = Vec::new();
+            for target in &plan.fexit {
+                match attach_fexit(ebpf, btf, target.program, target.function) {
+                    Ok(()) => attached.push(target.program),
+                    Err(e) => failed.push(format!("{e}: {} is not watched", target.function)),
+                }
             }
+            // None attached: one reason is enough (the caller may fall back to kprobes).
+            if attached.is_empty() {
+                return Err(Error::NoSocketHook(failed.into_iter().next().unwrap_or_default()));
+            }
+            for failure in failed {
+                tracing::warn!("{failure}");
+            }
+            choices.push(("socket_io", "fexit"));
         }
-        if attached.is_empty() {
-            return Err(Error::NoSocketHook);
+        _ => {
+            for name in SOCKET_TRACEPOINTS {
+                attach_tracepoint(ebpf, btf, name)?;
+                attached.push(name);
+            }
+            choices.push(("socket_io", "tp_btf"));
         }
-        choices.push(("socket_io", "fexit"));
     }
     let arrival = plan.layout.features & inferwatch_common::kernel::FEATURE_ARRIVAL != 0;
     let optional = OPTIONAL_TRACEPOINTS.into_iter().chain(arrival.then_some(("sk_data_ready", "arrival")));
@@ -153,6 +180,49 @@ fn attach_tracepoint(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(
     program.load(name, btf).map_err(|e| Error::Program { name, action: "loading", source: Box::new(e) })?;
     program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
     Ok(())
+}
+
+/// The kprobe programs: one entry program on every function of the plan, a return program per
+/// direction. A function that cannot be probed is skipped, with a warning.
+fn attach_kprobes(ebpf: &mut Ebpf, plan: &Plan) -> Result<Vec<&'static str>, Error> {
+    const ENTRY: &str = "socket_call_entry";
+    for name in [ENTRY, "socket_send_return", "socket_recv_return"] {
+        kprobe(ebpf, name)?.load().map_err(|e| Error::Program {
+            name,
+            action: "loading",
+            source: Box::new(e),
+        })?;
+    }
+    let mut hooked = 0;
+    for target in &plan.fexit {
+        let ret =
+            if target.function.contains("sendmsg") { "socket_send_return" } else { "socket_recv_return" };
+        let attached = kprobe(ebpf, ENTRY)?
+            .attach(target.function, 0)
+            .map_err(|e| Error::Program { name: ENTRY, action: "attaching", source: Box::new(e) })
+            .and_then(|_| {
+                kprobe(ebpf, ret)?.attach(target.function, 0).map_err(|e| Error::Program {
+                    name: ret,
+                    action: "attaching",
+                    source: Box::new(e),
+                })
+            });
+        match attached {
+            Ok(_) => hooked += 1,
+            Err(e) => tracing::warn!("{e}: {} is not watched", target.function),
+        }
+    }
+    if hooked == 0 {
+        return Err(Error::NoSocketHook("no kprobe could be attached (see the warnings above)".into()));
+    }
+    Ok(vec![ENTRY, "socket_send_return", "socket_recv_return"])
+}
+
+fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, Error> {
+    ebpf.program_mut(name)
+        .ok_or(Error::Missing { what: "program", name })?
+        .try_into()
+        .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, function: &str) -> Result<(), Error> {

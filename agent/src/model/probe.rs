@@ -10,6 +10,9 @@ pub(crate) enum SocketHook {
     Tracepoint,
     /// fexit on the protocols' sendmsg/recvmsg, even where the tracepoints exist.
     Fexit,
+    /// kprobe/kretprobe pairs on the same functions (what `auto` falls back to where fexit
+    /// cannot attach: arm64 before Linux 6.4).
+    Kprobe,
 }
 
 /// One hook and how it is attached on this kernel (`inferwatch_probe_info{hook,attach}`), e.g.

@@ -255,9 +255,9 @@ fn copy_iovec_tail(out: &mut Out, offset: usize, iov: u64, count: u64, moved: us
 #[inline(always)]
 fn copy(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
     // Bounds the verifier can follow: offset < MAX_CAPTURE and len <= MAX_CAPTURE, so the
-    // write stays inside the 2 * MAX_CAPTURE buffer. Both are re-read opaquely first: LLVM
-    // would otherwise drop checks it can prove from the callers' comparisons of two variables,
-    // which verifiers before Linux 6.8 cannot follow (5.10 refused the program).
+    // write stays inside the 2 * MAX_CAPTURE buffer. In the compat object both are re-read
+    // opaquely first: LLVM would otherwise drop checks it can prove from the callers'
+    // comparisons of two variables, which Linux 5.10's verifier cannot follow.
     let (offset, len) = (opaque(offset), opaque(len));
     let offset = offset & (MAX_CAPTURE - 1);
     if len == 0 || len > MAX_CAPTURE {
@@ -282,11 +282,20 @@ fn copy_tail(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
 }
 
 /// `v`, through a volatile stack slot: what the compiler knows of it is forgotten, so the checks
-/// that follow are compiled as written, next to the helper call the verifier checks.
+/// that follow are compiled as written, next to the helper call the verifier checks. Only in the
+/// compat object (the verifiers it serves cannot follow the compiler's shortcuts); newer ones
+/// can, and there the shortcuts keep the iovec tail walk within the 1M-instruction budget.
+#[cfg(feature = "compat")]
 #[inline(always)]
 fn opaque(v: usize) -> usize {
     // SAFETY: a read of a local.
     unsafe { core::ptr::read_volatile(&v) }
+}
+
+#[cfg(not(feature = "compat"))]
+#[inline(always)]
+fn opaque(v: usize) -> usize {
+    v
 }
 
 #[inline(always)]

@@ -2,12 +2,18 @@
 //! Linux 6.3): fexit programs on the protocols' `sendmsg`/`recvmsg`, which every send and
 //! receive of a TCP, UDP or Unix socket goes through once, with the socket, and with the same
 //! return value the tracepoints see. The agent attaches each one the kernel has, after checking
-//! its signature in the kernel's BTF (see `agent/src/kernel/plan.rs`).
+//! its signature in the kernel's BTF (see `agent/src/kernel/plan.rs`); where fexit cannot
+//! attach, a kprobe/kretprobe pair on the same functions does the same.
 
-use aya_ebpf::{macros::fexit, programs::FExitContext};
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::{fexit, kprobe, kretprobe, map},
+    maps::HashMap,
+    programs::{FExitContext, ProbeContext, RetProbeContext},
+};
 use inferwatch_common::sock::SockEventKind;
 
-use crate::try_sock_io;
+use crate::{WATCHED_TGIDS, try_sock_io};
 
 /// `offsetof(struct socket, sk)`: stable from 5.10 to 6.18 (state, type, flags, file before
 /// it). A plain load, so the verifier checks it against the kernel's BTF and types the result
@@ -49,3 +55,56 @@ socket_exit!(inet_recvmsg_exit, "inet_recvmsg", 4, SockEventKind::Recv);
 socket_exit!(inet6_recvmsg_exit, "inet6_recvmsg", 4, SockEventKind::Recv);
 socket_exit!(unix_stream_recvmsg_exit, "unix_stream_recvmsg", 4, SockEventKind::Recv);
 socket_exit!(unix_dgram_recvmsg_exit, "unix_dgram_recvmsg", 4, SockEventKind::Recv);
+
+/// Where a kernel has no BPF trampolines for kernel functions (arm64 before 6.4), fexit cannot
+/// attach: a kprobe on the same functions remembers the socket of a watched task's call, and a
+/// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU.
+#[map]
+static ENTRY_SOCKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ENTRY_SOCKS, 0);
+
+/// Tasks inside a socket call at once (an entry left by a task that died mid-call is replaced
+/// when its id comes back, or stays until the agent exits).
+const MAX_ENTRY_SOCKS: u32 = 16384;
+
+/// Before any of the fallback functions: remembers the `struct sock *` of a watched task's call.
+#[kprobe]
+pub fn socket_call_entry(ctx: ProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a map lookup; the filter comes first, as in `try_sock_io`.
+    if unsafe { WATCHED_TGIDS.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+        return 0;
+    }
+    let Some(socket) = ctx.arg::<u64>(0) else { return 0 };
+    // SAFETY: the helper checks the kernel address.
+    let Ok(sock) = (unsafe { bpf_probe_read_kernel((socket + 8 * SOCKET_SK_WORD as u64) as *const u64) })
+    else {
+        return 0;
+    };
+    let _ = ENTRY_SOCKS.insert(&pid_tgid, &sock, 0);
+    0
+}
+
+/// After a send function (`inet_sendmsg`, …) returns.
+#[kretprobe]
+pub fn socket_send_return(ctx: RetProbeContext) -> u32 {
+    socket_call_return(&ctx, SockEventKind::Send)
+}
+
+/// After a receive function (`inet_recvmsg`, …) returns.
+#[kretprobe]
+pub fn socket_recv_return(ctx: RetProbeContext) -> u32 {
+    socket_call_return(&ctx, SockEventKind::Recv)
+}
+
+#[inline(always)]
+fn socket_call_return(ctx: &RetProbeContext, kind: SockEventKind) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: a map lookup; only this task writes its entry.
+    let Some(&sock) = (unsafe { ENTRY_SOCKS.get(&pid_tgid) }) else { return 0 };
+    let _ = ENTRY_SOCKS.remove(&pid_tgid);
+    let ret: i64 = ctx.ret();
+    match try_sock_io(ctx, sock, ret as i32, kind) {
+        Ok(()) => 0,
+        Err(_) => 1,
+    }
+}

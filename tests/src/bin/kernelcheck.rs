@@ -38,8 +38,12 @@ fn main() {
         _ => panic!("unexpected arguments {rest:?}"),
     };
     require_root();
-    // SAFETY: set before any thread starts; the test library reads it to find the agent.
-    unsafe { std::env::set_var("INFERWATCH_BIN", agent_bin) };
+    // SAFETY: set before any thread starts; the test library reads them (the agent, and how
+    // long its start may take: verifying the programs takes seconds under emulation).
+    unsafe {
+        std::env::set_var("INFERWATCH_BIN", agent_bin);
+        std::env::set_var("INFERWATCH_READY_SECONDS", PATIENCE.as_secs().to_string());
+    }
     // Program run counts: the kernel keeps them only while this is on.
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1").expect("enabling kernel.bpf_stats_enabled");
 

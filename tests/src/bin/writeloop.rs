@@ -3,6 +3,8 @@
 //!   devnull     one 1-byte `write()` to /dev/null (a non-socket call: the hooks must not fire)
 //!   socketpair  one 1-byte `write()` then one `read()` on a Unix socket pair (socket I/O of an
 //!               unwatched process: the hooks fire and must return after the watch-map lookup)
+//!   tcp         one `write()` then one `read()` of SIZE bytes over a loopback TCP connection
+//!               (TCP_NODELAY, the way vLLM's uvloop writes)
 //!   pingpong    one round trip between two threads over two pipes: two context switches and
 //!               two wakeups of an unwatched process (the scheduler hooks fire on every one)
 use std::{fs::OpenOptions, os::fd::AsRawFd, time::Instant};
@@ -40,6 +42,23 @@ fn main() {
             }
             start.elapsed()
         }
+        "tcp" => {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            client.set_nodelay(true).unwrap();
+            let (w, r) = (client.as_raw_fd(), server.as_raw_fd());
+            let start = Instant::now();
+            for _ in 0..n {
+                // SAFETY: valid fds and buffers of `size` bytes; a loopback segment this small
+                // arrives whole, so one read takes it.
+                unsafe {
+                    libc::write(w, byte.as_ptr().cast(), byte.len());
+                    libc::read(r, sink.as_mut_ptr().cast(), sink.len());
+                }
+            }
+            start.elapsed()
+        }
         "pingpong" => {
             let (mut a, mut b) = ([0i32; 2], [0i32; 2]);
             // SAFETY: each array has room for the two descriptors.
@@ -71,7 +90,7 @@ fn main() {
             elapsed
         }
         other => {
-            eprintln!("unknown mode {other}: devnull | socketpair | pingpong");
+            eprintln!("unknown mode {other}: devnull | socketpair | tcp | pingpong");
             std::process::exit(2);
         }
     };

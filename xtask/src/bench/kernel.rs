@@ -78,27 +78,34 @@ fn describe(mode: &str) -> &'static str {
 
 /// Per-program cost from the kernel's statistics (`kernel.bpf_stats_enabled=1`): socket
 /// operations of an unwatched process, then of a watched one (payload copy included), each
-/// `--iterations` 256-byte write+read pairs on a Unix socket pair.
+/// `--iterations` 256-byte write+read pairs on a Unix socket pair, or with `--transport tcp` on
+/// a loopback TCP connection (the case that matters for vLLM).
 pub fn programs(args: &[String]) -> Result<String> {
     let iterations = flag(args, "--iterations", 1_000_000)?;
+    let mode = match super::flag_text(args, "--transport").unwrap_or("unix") {
+        "unix" => "socketpair",
+        "tcp" => "tcp",
+        other => return Err(format!("--transport {other}: unix or tcp")),
+    };
     tasks::build(Profile::Release)?;
     let programs = tasks::build_test_programs(&["writeloop"])?;
     let writeloop = programs.join("writeloop");
     let stats_flag = "/proc/sys/kernel/bpf_stats_enabled";
     let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
-    let result = programs_measured(&writeloop, iterations);
+    let result = programs_measured(&writeloop, iterations, mode);
     let _ = std::fs::write(stats_flag, previous.trim());
     result
 }
 
 pub(super) type Totals = std::collections::BTreeMap<String, (f64, f64)>;
 
-fn programs_measured(writeloop: &Path, iterations: u64) -> Result<String> {
+fn programs_measured(writeloop: &Path, iterations: u64, mode: &str) -> Result<String> {
+    let transport = if mode == "tcp" { "a loopback TCP connection" } else { "a Unix socket pair" };
     use std::io::Write as _;
     // The watched process: a shell that waits for a line, then becomes writeloop (same pid).
     let mut watched = Command::new("sh")
-        .args(["-c", &format!("read go; exec {} socketpair {iterations} 256", writeloop.display())])
+        .args(["-c", &format!("read go; exec {} {mode} {iterations} 256", writeloop.display())])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -110,7 +117,7 @@ fn programs_measured(writeloop: &Path, iterations: u64) -> Result<String> {
     let settle = || thread::sleep(Duration::from_millis(2500));
     settle();
     let s0 = program_totals(&metrics(port)?);
-    let unwatched = measure(writeloop, "socketpair", &[iterations.to_string(), "256".into()])?;
+    let unwatched = measure(writeloop, mode, &[iterations.to_string(), "256".into()])?;
     settle();
     let s1 = program_totals(&metrics(port)?);
     watched.stdin.as_mut().ok_or("no stdin")?.write_all(b"go\n").map_err(|e| e.to_string())?;
@@ -129,11 +136,18 @@ fn programs_measured(writeloop: &Path, iterations: u64) -> Result<String> {
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "`kernel.bpf_stats_enabled=1` during the run (restored after); {iterations} × (256-byte `write` + `read`) on a Unix socket pair by an unwatched process, then by a watched one (each payload prefix copied and sent to the agent). Run times include the statistics' own overhead.\n"
+        "`kernel.bpf_stats_enabled=1` during the run (restored after); {iterations} × (256-byte `write` + `read`) on {transport} by an unwatched process, then by a watched one (each payload prefix copied and sent to the agent). Run times include the statistics' own overhead.\n"
     );
     let _ = writeln!(md, "| program | process | runs | ns per run |");
     let _ = writeln!(md, "|---|---|---|---|");
-    for program in ["sock_send_length", "sock_recv_length", "sk_data_ready", "sched_switch", "sched_wakeup"] {
+    for program in [
+        "sock_send_length",
+        "sock_recv_length",
+        "sk_data_ready",
+        "inet_sock_set_state",
+        "sched_switch",
+        "sched_wakeup",
+    ] {
         for (phase, a, b) in [("unwatched", &s0, &s1), ("watched", &s1, &s2)] {
             let (runs, ns) = per_run(a, b, program);
             let _ = writeln!(md, "| `{program}` | {phase} | {runs:.0} | {ns:.0} |");

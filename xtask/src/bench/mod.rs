@@ -66,7 +66,7 @@ fn one(name: &str, args: &[String]) -> Result {
 /// default run's (`vllm-sockets-capture-bytes-256`), so trying a setting never overwrites it.
 fn section_name(name: &str, args: &[String]) -> String {
     let mut section = name.to_string();
-    for flag in ["--variant", "--agent-args"] {
+    for flag in ["--variant", "--agent-args", "--transport"] {
         if let Some(text) = flag_text(args, flag) {
             let slug = text.split(|c: char| !c.is_ascii_alphanumeric()).filter(|w| !w.is_empty());
             for word in slug {
