@@ -70,13 +70,15 @@ pub const MATRIX: &[Kernel] = &[
     Kernel { name: "debian12-6.1-arm64", arch: Arch::Aarch64, series: "6.1." },
 ];
 
-const SOURCES: &str = "\
-deb [arch=amd64,arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bullseye main
-deb [arch=amd64,arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bullseye-security main
-deb [arch=amd64,arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm main
-deb [arch=amd64,arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian-security bookworm-security main
-deb [arch=amd64,arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian bookworm-backports main
-";
+/// The private apt's suites: (archive, suite) on Debian's mirror.
+const SUITES: &[(&str, &str)] = &[
+    ("debian", "bullseye"),
+    ("debian-security", "bullseye-security"),
+    ("debian", "bookworm"),
+    ("debian-security", "bookworm-security"),
+    ("debian", "bookworm-backports"),
+];
+const SOURCE_OPTIONS: &str = "[arch=amd64,arm64 signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]";
 
 /// Written last into a kernel's directory: `<package> <version>`. Its presence is the cache hit.
 const VERSION_MARKER: &str = "version";
@@ -99,23 +101,26 @@ fn busybox(arch: Arch) -> PathBuf {
     kernels_dir().join(format!("busybox-{}", arch.debian()))
 }
 
-/// qemu for both architectures. No cpio: the initramfs is written here.
+/// qemu for both architectures, from the machine's own apt. No cpio: the initramfs is
+/// written here.
 pub fn ensure_tools() -> Result {
-    for (binary, package) in
+    let missing: Vec<&str> =
         [("qemu-system-x86_64", "qemu-system-x86"), ("qemu-system-aarch64", "qemu-system-arm")]
-    {
-        if output(command(binary).arg("--version")).is_some() {
-            continue;
-        }
-        if !cmd::is_root() {
-            return Err(format!("{binary} is missing: install the {package} package, then rerun"));
-        }
-        run(command("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
-        run(command("apt-get")
-            .args(["install", "-y", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+            .into_iter()
+            .filter(|(binary, _)| output(command(binary).arg("--version")).is_none())
+            .map(|(_, package)| package)
+            .collect();
+    if missing.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    if !cmd::is_root() {
+        return Err(format!("qemu is missing: install {}, then rerun", missing.join(" and ")));
+    }
+    run(command("apt-get").arg("update").env("DEBIAN_FRONTEND", "noninteractive"))?;
+    run(command("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// Fetches what the cache lacks; a cached kernel is kept even when Debian has a newer one.
@@ -203,8 +208,10 @@ fn extract(work: &Path, patterns: &[&str]) -> Result {
         .spawn()
         .map_err(|e| format!("cannot start dpkg-deb: {e}"))?;
     let tarball = unpack.stdout.take().expect("piped stdout");
-    run(command("tar").arg("-x").arg("-C").arg(work).arg("--wildcards").args(patterns).stdin(tarball))?;
+    let extracted =
+        run(command("tar").arg("-x").arg("-C").arg(work).arg("--wildcards").args(patterns).stdin(tarball));
     let status = unpack.wait().map_err(|e| format!("dpkg-deb: {e}"))?;
+    extracted?;
     if !status.success() {
         return Err(format!("dpkg-deb --fsys-tarfile {} failed ({status})", deb.display()));
     }
@@ -223,7 +230,13 @@ impl Apt {
         for sub in ["lists/partial", "cache/archives/partial", "parts"] {
             fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
-        fs::write(dir.join("sources.list"), SOURCES)
+        let sources: String = SUITES
+            .iter()
+            .map(|(archive, suite)| {
+                format!("deb {SOURCE_OPTIONS} http://deb.debian.org/{archive} {suite} main\n")
+            })
+            .collect();
+        fs::write(dir.join("sources.list"), sources)
             .and_then(|()| fs::write(dir.join("status"), ""))
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         run(apt.command("apt-get").args(["update", "-q"]))?;
@@ -306,7 +319,8 @@ const ETC: &[(&str, &str)] = &[
 /// with `sh -c` as the guest's root and returns the console log. Fails when the command exits
 /// non-zero, when the guest stops before it finishes, or after `timeout` (qemu is then killed;
 /// a boot that hangs before /init is killed after [`BOOT_LIMIT`] and retried once, with a
-/// fresh `timeout`); the message ends with the log's tail. The kernel must be cached ([`ensure_kernels`]).
+/// fresh `timeout`); the message ends with the log's tail. The kernel must be cached
+/// ([`ensure_kernels`]).
 pub fn boot(
     kernel: &Kernel,
     files: &[(PathBuf, String)],
@@ -322,6 +336,9 @@ pub fn boot(
         .and_then(|()| boot_initrd(kernel, &dir.join("vmlinuz"), &initrd, timeout));
     let _ = fs::remove_file(&initrd);
     let log = result.map_err(|e| format!("{}: {e}", kernel.name))?;
+    // The whole console, for a failure whose cause scrolled past the tail (a verifier's log).
+    let saved = cmd::root().join(format!("target/vm/{}.console.log", kernel.name));
+    let _ = fs::create_dir_all(saved.parent().expect("a folder")).and_then(|()| fs::write(&saved, &log));
     match exit_status(&log) {
         Some(0) => Ok(log),
         Some(rc) => Err(format!("{}: the command exited with {rc}{}", kernel.name, tail(&log))),
@@ -376,7 +393,8 @@ fn qemu(kernel: &Kernel, vmlinuz: &Path, initrd: &Path) -> Command {
         .arg("-initrd")
         .arg(initrd)
         .arg("-append")
-        // No crypto self-tests: they are a fifth of a boot under TCG.
+        // No crypto self-tests: up to a fifth of a boot under TCG, and the one hung boot seen
+        // here was stuck in one.
         .arg(format!("console={console} panic=-1 quiet cryptomgr.notests"));
     c
 }
@@ -454,7 +472,11 @@ fn tail(log: &str) -> String {
     }
     let lines: Vec<&str> = log.lines().collect();
     let start = lines.len().saturating_sub(60);
-    format!("\n--- console, last {} lines ---\n{}", lines.len() - start, lines[start..].join("\n"))
+    format!(
+        "\n--- console, last {} lines (all of it in target/vm/<kernel>.console.log) ---\n{}",
+        lines.len() - start,
+        lines[start..].join("\n")
+    )
 }
 
 fn write_initramfs(path: &Path, arch: Arch, files: &[(PathBuf, String)], command: &str) -> Result {
@@ -584,15 +606,7 @@ pub fn cli(args: &[String]) -> Result {
     for kernel in kernels {
         let version = fs::read_to_string(kernel_dir(kernel).join(VERSION_MARKER)).unwrap_or_default();
         let started = Instant::now();
-        let files: Vec<(PathBuf, String)> = std::env::var("FILES")
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(|f| {
-                let (h, g) = f.split_once('=').unwrap();
-                (PathBuf::from(h), g.to_string())
-            })
-            .collect();
-        let result = boot(kernel, &files, &command, Duration::from_secs(600));
+        let result = boot(kernel, &[], &command, Duration::from_secs(600));
         let seconds = started.elapsed().as_secs_f64();
         match result {
             Ok(log) => println!("{log}"),
