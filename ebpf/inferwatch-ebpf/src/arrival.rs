@@ -70,17 +70,18 @@ pub fn sk_data_ready(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// Hands over the arrival and establishment times of what a read returned, and clears them, so
-/// that the next arrival starts afresh.
+/// At a read of a watched socket: attaches its arrival storage if it has none (arrivals are
+/// stamped from now on); when the read `returned` bytes, hands over the arrival and
+/// establishment times and clears them, so that the next arrival starts afresh.
 #[inline(always)]
-pub(crate) fn take(sock: u64) -> SockArrival {
-    match SOCK_ARRIVALS.get(sock, false) {
-        Some(arrival) => {
+pub(crate) fn take(sock: u64, returned: bool) -> SockArrival {
+    match SOCK_ARRIVALS.get(sock, true) {
+        Some(arrival) if returned => {
             let seen = *arrival;
             *arrival = SockArrival::default();
             seen
         }
-        None => SockArrival::default(),
+        _ => SockArrival::default(),
     }
 }
 

@@ -151,9 +151,11 @@ fn try_sock_io<C: EbpfContext>(ctx: &C, sock: u64, ret: i32, kind: SockEventKind
     if unsafe { WATCHED_TGIDS.get(&tgid) }.is_none() {
         return Ok(());
     }
-    let tracked = track(sock, tgid);
+    // The socket's arrival state first: the map calls below take `sock` as a key from the stack,
+    // after which some verifiers (6.12) no longer see it as the socket the storage needs.
     let arrival =
-        if kind == SockEventKind::Recv && ret > 0 { take_arrival(sock) } else { SockArrival::default() };
+        if kind == SockEventKind::Recv { take_arrival(sock, ret > 0) } else { SockArrival::default() };
+    let tracked = track(sock, tgid);
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
     // SAFETY: a per-CPU slot, ours until this program returns.
     let scratch = unsafe { &mut *scratch };
@@ -300,10 +302,13 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
     let sock: u64 = ctx.arg(0);
     let old: i32 = ctx.arg(1);
     let new: i32 = ctx.arg(2);
+    if old == TcpState::SynRecv as i32 && new == TcpState::Established as i32 {
+        // A new child socket: no process has used it yet, so it is not tracked (an entry left
+        // at its address by an unseen close is replaced).
+        track_accepted(sock);
+        return Ok(());
+    }
     let Some(tracked) = (unsafe { TRACKED_SOCKS.get(&sock) }).copied() else {
-        if old == TcpState::SynRecv as i32 && new == TcpState::Established as i32 {
-            track_accepted(sock);
-        }
         return Ok(());
     };
     if new == TcpState::Close as i32 {
@@ -356,8 +361,8 @@ fn track(sock: u64, tgid: u32) -> TrackedSock {
         return TrackedSock::default();
     }
     let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, confirmed: 1 };
+    // Its arrivals are stamped from its first read on (`take_arrival` attaches the storage).
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
-    follow_arrivals(sock, 0);
     tracked
 }
 
@@ -374,19 +379,21 @@ fn track_accepted(sock: u64) {
     let Some(&tgid) = (unsafe { LISTEN_PORTS.get(&port) }) else {
         return;
     };
+    // Storage before the map call that takes `sock` as a key (see `try_sock_io`).
+    follow_arrivals(sock, unsafe { bpf_ktime_get_ns() });
     let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, confirmed: 0 };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
-    follow_arrivals(sock, unsafe { bpf_ktime_get_ns() });
 }
 
-/// [`arrival::take`] where the kernel stamps arrivals.
+/// [`arrival::take`] where the kernel stamps arrivals: a read of a watched socket, which gets
+/// its arrival storage here if it has none; `returned` whether the read returned bytes.
 #[inline(always)]
-fn take_arrival(sock: u64) -> SockArrival {
+fn take_arrival(sock: u64, returned: bool) -> SockArrival {
     #[cfg(not(feature = "compat"))]
     if has(inferwatch_common::kernel::FEATURE_ARRIVAL) {
-        return arrival::take(sock);
+        return arrival::take(sock, returned);
     }
-    let _ = sock;
+    let _ = (sock, returned);
     SockArrival::default()
 }
 
