@@ -132,7 +132,11 @@ pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, Plan
     };
     let modern = k.has_helper("loop") && k.has_map_type("TASK_STORAGE");
     let object = if modern { Object::Modern } else { Object::Compat };
-    let mut layout = KernelLayout { features: 0, ..KernelLayout::MODERN };
+    let mut layout = KernelLayout {
+        features: 0,
+        thread_size: kernel_stack_size(std::env::consts::ARCH, page_size()),
+        ..KernelLayout::MODERN
+    };
     layout.task_stack_offset = k.member_offset("task_struct", "stack").unwrap_or(0);
     layout.pt_regs_size = k.struct_size("pt_regs").unwrap_or(0);
     // kprobe programs cannot name the task by BTF: they read its stack too.
@@ -191,6 +195,24 @@ pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, Plan
         }
     }
     Ok(Plan { object, layout, socket, fexit, hooks, limits })
+}
+
+/// `THREAD_SIZE`, where the user registers sit at the top of a task's kernel stack: 16 KiB on
+/// x86-64 and on arm64 with 4 KiB pages; arm64 kernels with 64 KiB pages (RHEL's) use one page
+/// per stack (`THREAD_SHIFT = PAGE_SHIFT` with vmapped stacks). KASAN kernels, which double it,
+/// are not production kernels and are not handled.
+pub(crate) fn kernel_stack_size(arch: &str, page_size: u32) -> u32 {
+    match arch {
+        "aarch64" => page_size.max(16384),
+        _ => 16384,
+    }
+}
+
+/// The kernel's page size (the same for every process).
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(size).ok().filter(|s| *s > 0).unwrap_or(4096)
 }
 
 #[cfg(test)]
@@ -311,6 +333,14 @@ mod tests {
         assert!(p.limits.iter().any(|l| l.contains("inet_recvmsg takes 5")), "{:?}", p.limits);
         k.functions.clear();
         assert!(matches!(plan(&k, SocketHook::Auto), Err(PlanError::NoSocketHook(_))));
+    }
+
+    #[test]
+    fn kernel_stacks_follow_arm64_page_size() {
+        assert_eq!(kernel_stack_size("x86_64", 4096), 16384);
+        assert_eq!(kernel_stack_size("aarch64", 4096), 16384);
+        assert_eq!(kernel_stack_size("aarch64", 16384), 16384);
+        assert_eq!(kernel_stack_size("aarch64", 65536), 65536);
     }
 
     #[test]
