@@ -111,12 +111,15 @@ impl KernelBtf {
         Self::parse(bytes).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
     }
 
+    /// The NUL-terminated name at `offset`; "" for one longer than any kernel identifier
+    /// (`KSYM_NAME_LEN`), so a hostile blob cannot make names (and the index) quadratic.
     fn string(&self, offset: u32) -> &str {
+        const MAX_NAME: usize = 512;
         let start = self.strings + offset as usize;
-        let end = self.strings + self.strings_len;
+        let end = (self.strings + self.strings_len).min(start.saturating_add(MAX_NAME + 1));
         let Some(s) = self.bytes.get(start..end) else { return "" };
-        let s = &s[..s.iter().position(|&b| b == 0).unwrap_or(s.len())];
-        std::str::from_utf8(s).unwrap_or("")
+        let Some(len) = s.iter().position(|&b| b == 0) else { return "" };
+        std::str::from_utf8(&s[..len]).unwrap_or("")
     }
 
     fn word(&self, at: usize) -> u32 {
@@ -169,17 +172,39 @@ impl KernelBtf {
         self.named(KIND_STRUCT, name).map(|s| s.size_or_type)
     }
 
-    /// `offsetof(struct name, member)` in bytes, for a direct (not nested) member.
+    /// `offsetof(struct name, member)` in bytes: a member of the struct itself or of one of its
+    /// anonymous structs and unions (where randomized layouts put `task_struct`'s fields).
     pub(crate) fn member_offset(&self, name: &str, member: &str) -> Option<u32> {
-        let s = self.named(KIND_STRUCT, name)?;
+        self.member_offset_in(self.named(KIND_STRUCT, name)?, member, 0)
+    }
+
+    fn member_offset_in(&self, s: &Entry, member: &str, depth: u32) -> Option<u32> {
         (0..s.vlen as usize).find_map(|i| {
             let at = s.data + i * 12;
-            (self.string(self.word(at)) == member).then(|| {
-                let bits = self.word(at + 8);
-                // With kind_flag the top 8 bits are a bitfield's size.
-                (if s.kind_flag { bits & 0x00ff_ffff } else { bits }) / 8
-            })
+            let bits = self.word(at + 8);
+            // With kind_flag the top 8 bits are a bitfield's size.
+            let offset = (if s.kind_flag { bits & 0x00ff_ffff } else { bits }) / 8;
+            let name = self.word(at);
+            if name != 0 {
+                return (self.string(name) == member).then_some(offset);
+            }
+            // An anonymous member: look inside it (through modifiers), a few levels at most.
+            let inner = self.resolve(self.word(at + 4))?;
+            let nested = depth < 4 && matches!(inner.kind, KIND_STRUCT | KIND_UNION);
+            if nested { Some(offset + self.member_offset_in(inner, member, depth + 1)?) } else { None }
         })
+    }
+
+    /// The type `id` names, through typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> Option<&Entry> {
+        for _ in 0..8 {
+            let t = self.entry(id)?;
+            if !matches!(t.kind, KIND_TYPEDEF | 9..=11 | 18) {
+                return Some(t);
+            }
+            id = t.size_or_type;
+        }
+        None
     }
 }
 
@@ -190,7 +215,7 @@ mod tests {
     /// A BTF blob built by hand: `struct s { int a; long b; }`, `enum e { X, Y }`, a function
     /// `f(int, int)` and the tracepoint typedef `btf_trace_tp` of `(void *, int)`.
     fn sample() -> Vec<u8> {
-        let strings = b"\0s\0a\0b\0e\0X\0Y\0f\0btf_trace_tp\0int\0";
+        let strings = b"\0s\0a\0b\0e\0X\0Y\0f\0btf_trace_tp\0int\0inner\0";
         let off = |name: &str| {
             let pos = strings
                 .windows(name.len() + 1)
@@ -201,8 +226,8 @@ mod tests {
         let mut types: Vec<u32> = Vec::new();
         // 1: int
         types.extend([off("int"), info(KIND_INT, 0), 4, 32]);
-        // 2: struct s { int a; int b @ 64 bits }
-        types.extend([off("s"), info(KIND_STRUCT, 2), 16, off("a"), 1, 0, off("b"), 1, 64]);
+        // 2: struct s { int a; int b @ 64 bits; struct { int inner @ 64 } @ 128 bits (type 8) }
+        types.extend([off("s"), info(KIND_STRUCT, 3), 32, off("a"), 1, 0, off("b"), 1, 64, 0, 8, 128]);
         // 3: enum e { X = 0, Y = 1 }
         types.extend([off("e"), info(KIND_ENUM, 2), 4, off("X"), 0, off("Y"), 1]);
         // 4: proto (int, int)
@@ -211,6 +236,8 @@ mod tests {
         types.extend([off("f"), info(KIND_FUNC, 0), 4]);
         // 6: ptr to 4, 7: typedef btf_trace_tp -> 6
         types.extend([0, info(KIND_PTR, 0), 4, off("btf_trace_tp"), info(KIND_TYPEDEF, 0), 6]);
+        // 8: the anonymous struct { int pad; int inner @ 64 bits }
+        types.extend([0, info(KIND_STRUCT, 2), 16, 0, 1, 0, off("inner"), 1, 64]);
         let types: Vec<u8> = types.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mut out = Vec::new();
         out.extend(MAGIC.to_le_bytes());
@@ -226,9 +253,10 @@ mod tests {
     #[test]
     fn answers_each_query_from_a_hand_built_blob() {
         let btf = KernelBtf::parse(sample()).unwrap();
-        assert_eq!(btf.struct_size("s"), Some(16));
+        assert_eq!(btf.struct_size("s"), Some(32));
         assert_eq!(btf.member_offset("s", "b"), Some(8));
         assert_eq!(btf.member_offset("s", "c"), None);
+        assert_eq!(btf.member_offset("s", "inner"), Some(24), "inside an anonymous struct at 16");
         assert!(btf.enum_has("e", "Y") && !btf.enum_has("e", "Z"));
         assert_eq!(btf.function_params("f"), Some(2));
         assert_eq!(btf.function_params("g"), None);

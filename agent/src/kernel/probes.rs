@@ -63,7 +63,7 @@ pub(crate) fn load(
             if socket_hook == SocketHook::Auto && first.socket == SocketHook::Fexit =>
         {
             tracing::warn!(
-                "fexit cannot attach to this kernel's functions (arm64 before Linux 6.4 has no BPF trampolines for them; {why}): using kprobes"
+                "fexit cannot attach here ({why}; arm64 kernels before 6.4 have no BPF trampolines for kernel functions): using kprobes"
             );
             let plan = super::plan::plan(&facts, SocketHook::Kprobe).map_err(Error::Plan)?;
             load_plan(&plan, capture_bytes)
@@ -150,8 +150,17 @@ fn attach_all(
         }
     }
     let arrival = plan.layout.features & inferwatch_common::kernel::FEATURE_ARRIVAL != 0;
-    let optional = OPTIONAL_TRACEPOINTS.into_iter().chain(arrival.then_some(("sk_data_ready", "arrival")));
+    let compat_sched = plan.object == Object::Compat;
+    let optional = OPTIONAL_TRACEPOINTS
+        .into_iter()
+        .chain(compat_sched.then_some(("sched_process_exit", "sched")))
+        .chain(arrival.then_some(("sk_data_ready", "arrival")));
     for (name, hook) in optional {
+        if hook == "sched" && !plan.sched {
+            choices.retain(|(h, _)| *h != hook);
+            choices.push((hook, "unavailable"));
+            continue;
+        }
         match attach_tracepoint(ebpf, btf, name) {
             Ok(()) => attached.push(name),
             Err(e) => {

@@ -2,7 +2,8 @@
 //!
 //! `sk_data_ready` fires whenever data becomes readable on any socket of the node (in softirq
 //! context for TCP), so the check that a socket is ours must cost next to nothing: the arrival
-//! state lives in socket-local storage, attached only to the sockets we track. For every other
+//! state lives in socket-local storage, attached only to sockets a watched process reads (and
+//! to connections accepted on its ports, from their handshake). For every other
 //! socket the lookup is one load of the socket's (empty) storage pointer, no hashing. The
 //! storage goes with the socket when the kernel frees it.
 

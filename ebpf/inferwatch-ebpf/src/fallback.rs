@@ -8,7 +8,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{fexit, kprobe, kretprobe, map},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
 use inferwatch_common::sock::SockEventKind;
@@ -37,7 +37,7 @@ macro_rules! socket_exit {
         #[fexit(function = $function)]
         pub fn $name(ctx: FExitContext) -> i32 {
             let ret: i64 = ctx.arg($ret);
-            match try_sock_io(&ctx, sock_of(&ctx), ret as i32, $kind) {
+            match try_sock_io(sock_of(&ctx), ret as i32, $kind) {
                 Ok(()) => 0,
                 Err(e) => e,
             }
@@ -58,12 +58,13 @@ socket_exit!(unix_dgram_recvmsg_exit, "unix_dgram_recvmsg", 4, SockEventKind::Re
 
 /// Where a kernel has no BPF trampolines for kernel functions (arm64 before 6.4), fexit cannot
 /// attach: a kprobe on the same functions remembers the socket of a watched task's call, and a
-/// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU.
+/// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU. An
+/// LRU: a return the kernel missed (more tasks inside the functions at once than kretprobe
+/// instances, `2 × CPUs`) leaves its entry behind, and the oldest such entries make room.
 #[map]
-static ENTRY_SOCKS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_ENTRY_SOCKS, 0);
+static ENTRY_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRY_SOCKS, 0);
 
-/// Tasks inside a socket call at once (an entry left by a task that died mid-call is replaced
-/// when its id comes back, or stays until the agent exits).
+/// Watched tasks inside a socket call at once.
 const MAX_ENTRY_SOCKS: u32 = 16384;
 
 /// Before any of the fallback functions: remembers the `struct sock *` of a watched task's call.
@@ -103,7 +104,7 @@ fn socket_call_return(ctx: &RetProbeContext, kind: SockEventKind) -> u32 {
     let Some(&sock) = (unsafe { ENTRY_SOCKS.get(&pid_tgid) }) else { return 0 };
     let _ = ENTRY_SOCKS.remove(&pid_tgid);
     let ret: i64 = ctx.ret();
-    match try_sock_io(ctx, sock, ret as i32, kind) {
+    match try_sock_io(sock, ret as i32, kind) {
         Ok(()) => 0,
         Err(_) => 1,
     }

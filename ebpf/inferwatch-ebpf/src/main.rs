@@ -21,14 +21,12 @@ mod regs;
 mod sched;
 
 use aya_ebpf::{
-    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
-use aya_log_ebpf::warn;
 use inferwatch_common::{
     kernel::KernelLayout,
     maps::{EVENTS_RING_BYTES, MAX_LISTEN_PORTS, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
@@ -89,7 +87,7 @@ static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 /// `sock_send_length(struct sock *sk, int ret, int flags)`: after every `sock_sendmsg`.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    match try_sock_io(&ctx, ctx.arg(0), ctx.arg(1), SockEventKind::Send) {
+    match try_sock_io(ctx.arg(0), ctx.arg(1), SockEventKind::Send) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -99,7 +97,7 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
 /// the received bytes are already in the caller's buffer.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
-    match try_sock_io(&ctx, ctx.arg(0), ctx.arg(1), SockEventKind::Recv) {
+    match try_sock_io(ctx.arg(0), ctx.arg(1), SockEventKind::Recv) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -144,7 +142,7 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
 
 /// One socket operation of `sock` (a `struct sock *`) that returned `ret`.
 #[inline(always)]
-fn try_sock_io<C: EbpfContext>(ctx: &C, sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
+fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // The filter comes first: everything below is paid by watched processes only.
@@ -160,11 +158,10 @@ fn try_sock_io<C: EbpfContext>(ctx: &C, sock: u64, ret: i32, kind: SockEventKind
     // SAFETY: a per-CPU slot, ours until this program returns.
     let scratch = unsafe { &mut *scratch };
 
+    // Without registers (a kernel whose layout the agent could not learn, which it logged once)
+    // the operation is still counted, without its system call or bytes.
     let (syscall_nr, copied) = match regs::current() {
-        None => {
-            warn!(ctx, "socket I/O without saved user registers");
-            (NO_SYSCALL, capture::Copied::default())
-        }
+        None => (NO_SYSCALL, capture::Copied::default()),
         Some(regs) => {
             let copied = if ret > 0 {
                 capture::payload(regs, ret as usize, &mut scratch.payload)
@@ -338,7 +335,7 @@ fn try_inet_sock_set_state(ctx: &BtfTracePointContext) -> Result<(), i32> {
 }
 
 /// The tracked state of `sock`, with a fresh connection id the first time a watched process
-/// uses it (and arrivals stamped on it from then on).
+/// uses it.
 #[inline(always)]
 fn track(sock: u64, tgid: u32) -> TrackedSock {
     if let Some(t) = TRACKED_SOCKS.get_ptr_mut(&sock) {

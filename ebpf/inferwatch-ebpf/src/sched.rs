@@ -6,8 +6,8 @@
 //! switches out (`prev` is the current task, so its tgid is at hand) and freed with the task.
 //! Finding it again for `next` or a woken task is one load from the task when it has none (the
 //! common case on a node: most switches are not vLLM's) and a cache slot when it has, instead
-//! of a hash-table lookup per switch and per wakeup. Kernels without task storage in tracing
-//! programs (before 5.11; the `compat` object) keep the state in an LRU hash by thread id.
+//! of a hash-table lookup per switch and per wakeup. The `compat` object (kernels before 5.17)
+//! keeps the state in an LRU hash by thread id instead, cleared when a thread exits.
 
 #[cfg(not(feature = "compat"))]
 use aya_ebpf::{
@@ -92,6 +92,15 @@ static SCHED_TASKS: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(MA
 
 #[cfg(feature = "compat")]
 const MAX_SCHED_THREADS: u32 = 16384;
+
+/// `sched_process_exit(struct task_struct *p)`, in the exiting thread: its state goes, so a
+/// later thread given the same id (of any process) does not inherit a vLLM role.
+#[cfg(feature = "compat")]
+#[aya_ebpf::macros::btf_tracepoint(function = "sched_process_exit")]
+pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
+    let _ = SCHED_TASKS.remove(&(bpf_get_current_pid_tgid() as u32));
+    0
+}
 
 #[cfg(feature = "compat")]
 static NEW_TASK: TaskSched =

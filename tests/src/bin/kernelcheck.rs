@@ -2,7 +2,7 @@
 //! virtual machines of `cargo xtask test`'s kernel matrix (Debian's 5.10, 6.1 and 6.12 kernels,
 //! x86-64 and arm64), as root, with everything it needs beside it.
 //!
-//! `kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook auto|fexit|tracepoint]`
+//! `kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook auto|tracepoint|fexit|kprobe]`
 //!
 //! 1. Exact counts: a watched process's 200 `write`s and 100 `sendto`s on a TCP socket are
 //!    counted exactly, an unwatched one's not at all.
