@@ -99,8 +99,12 @@ pub struct TrackedSock {
     /// 1 once a watched process did I/O on it; 0 for a connection tracked from its handshake on
     /// a watched port only (it may be another namespace's, or another process's): its TCP
     /// events are not reported until then.
-    pub confirmed: u32,
+    pub confirmed: u8,
+    /// The socket's address family, read once when it is first tracked (not per operation).
+    pub family: u8,
+    pub _pad: [u8; 2],
 }
+const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
 
 /// When a tracked socket's unread data arrived: socket-local storage, attached to the sockets
 /// we track only.

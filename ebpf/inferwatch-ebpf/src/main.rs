@@ -184,7 +184,7 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
         syscall_nr,
         captured: captured as u16,
         kind: kind as u8,
-        family: family_of(sock),
+        family: tracked.family,
         tail: copied.tail as u16,
         _pad: [0; 2],
     };
@@ -355,9 +355,9 @@ fn track(sock: u64, tgid: u32) -> TrackedSock {
     // leave an entry no close removes, inherited by the next socket at this address.
     let family = family_of(sock);
     if (family == AF_INET || family == AF_INET6) && state_of(sock) == TcpState::Close as u8 {
-        return TrackedSock::default();
+        return TrackedSock { family, ..TrackedSock::default() };
     }
-    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, confirmed: 1 };
+    let tracked = TrackedSock { conn_id: new_conn_id(0), tgid, confirmed: 1, family, _pad: [0; 2] };
     // Its arrivals are stamped from its first read on (`take_arrival` attaches the storage).
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
     tracked
@@ -378,7 +378,8 @@ fn track_accepted(sock: u64) {
     };
     // Storage before the map call that takes `sock` as a key (see `try_sock_io`).
     follow_arrivals(sock, unsafe { bpf_ktime_get_ns() });
-    let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, confirmed: 0 };
+    let family = family_of(sock);
+    let tracked = TrackedSock { conn_id: new_conn_id(1), tgid, confirmed: 0, family, _pad: [0; 2] };
     let _ = TRACKED_SOCKS.insert(&sock, &tracked, 0);
 }
 
