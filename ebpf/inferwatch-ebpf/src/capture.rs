@@ -84,7 +84,12 @@ fn copy_buffer(out: &mut Out, base: u64, moved: usize, want: usize) -> Copied {
     if head < want || moved <= head {
         return Copied { head, tail: 0 };
     }
-    let tail = min(TAIL_BYTES, moved - head);
+    // `moved - head` is positive here, but verifiers before 6.8 cannot relate the two and see a
+    // possibly negative length (6.1 refused the program): passed opaquely and masked to a
+    // transfer's range (an `i32`), it is bounded where the helper needs it.
+    // SAFETY: a read of a local.
+    let rest = unsafe { core::ptr::read_volatile(&(moved - head)) } & i32::MAX as usize;
+    let tail = min(TAIL_BYTES, rest);
     Copied { head, tail: copy_tail(out, head, base + (moved - tail) as u64, tail) }
 }
 
