@@ -57,8 +57,9 @@ pub(crate) fn load(
     socket_hook: SocketHook,
 ) -> Result<(Programs, WatchMaps, Outputs), Error> {
     let facts = KernelBtf::from_sys_fs().map_err(Error::KernelBtf)?;
+    let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
     let first = super::plan::plan(&facts, socket_hook).map_err(Error::Plan)?;
-    match load_plan(&first, capture_bytes) {
+    let (plan, loaded) = match load_plan(&first, &btf, capture_bytes) {
         Err(Error::NoSocketHook(why))
             if socket_hook == SocketHook::Auto && first.socket == SocketHook::Fexit =>
         {
@@ -66,13 +67,19 @@ pub(crate) fn load(
                 "fexit cannot attach here ({why}; arm64 kernels before 6.4 have no BPF trampolines for kernel functions): using kprobes"
             );
             let plan = super::plan::plan(&facts, SocketHook::Kprobe).map_err(Error::Plan)?;
-            load_plan(&plan, capture_bytes)
+            let loaded = load_plan(&plan, &btf, capture_bytes)?;
+            (plan, loaded)
         }
-        loaded => loaded,
+        loaded => (first, loaded?),
+    };
+    // Once, for the plan in force (not again for a plan given up for kprobes).
+    for limit in &plan.limits {
+        tracing::warn!("this kernel: {limit}");
     }
+    Ok(loaded)
 }
 
-fn load_plan(plan: &Plan, capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs), Error> {
+fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs), Error> {
     let object = match plan.object {
         Object::Modern => MODERN,
         Object::Compat => COMPAT,
@@ -80,7 +87,6 @@ fn load_plan(plan: &Plan, capture_bytes: u32) -> Result<(Programs, WatchMaps, Ou
     if object.is_empty() {
         return Err(Error::NoObject);
     }
-    let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
     let capture_bytes = capture_bytes.min(MAX_CAPTURE as u32);
     let mut ebpf = EbpfLoader::new()
         .override_global(maps::CAPTURE_BYTES_GLOBAL, &capture_bytes, true)
@@ -93,7 +99,7 @@ fn load_plan(plan: &Plan, capture_bytes: u32) -> Result<(Programs, WatchMaps, Ou
     let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
         .ok();
-    let (attached, choices) = attach_all(&mut ebpf, &btf, plan)?;
+    let (attached, choices) = attach_all(&mut ebpf, btf, plan)?;
     let watched = HashMap::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_error)?;
     let lost = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOST)?).map_err(map_error)?;
@@ -116,9 +122,10 @@ fn attach_all(
 ) -> Result<(Vec<&'static str>, Vec<ProbeChoice>), Error> {
     let mut attached = Vec::new();
     let mut choices = plan.hooks.clone();
-    for limit in &plan.limits {
-        tracing::warn!("this kernel: {limit}");
-    }
+    let unavailable = |choices: &mut Vec<ProbeChoice>, hook| {
+        choices.retain(|(h, _)| *h != hook);
+        choices.push((hook, "unavailable"));
+    };
     match plan.socket {
         SocketHook::Kprobe => {
             attached.extend(attach_kprobes(ebpf, plan)?);
@@ -157,16 +164,14 @@ fn attach_all(
         .chain(arrival.then_some(("sk_data_ready", "arrival")));
     for (name, hook) in optional {
         if hook == "sched" && !plan.sched {
-            choices.retain(|(h, _)| *h != hook);
-            choices.push((hook, "unavailable"));
+            unavailable(&mut choices, hook);
             continue;
         }
         match attach_tracepoint(ebpf, btf, name) {
             Ok(()) => attached.push(name),
             Err(e) => {
                 tracing::warn!("{e}: the {hook} hook is unavailable on this kernel");
-                choices.retain(|(h, _)| *h != hook);
-                choices.push((hook, "unavailable"));
+                unavailable(&mut choices, hook);
             }
         }
         if !choices.iter().any(|(h, _)| *h == hook) {
@@ -181,14 +186,26 @@ fn attach_all(
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), Error> {
-    let program: &mut BtfTracePoint = ebpf
-        .program_mut(name)
+    let tracepoint: &mut BtfTracePoint = program(ebpf, name)?;
+    tracepoint.load(name, btf).map_err(failed(name, "loading"))?;
+    tracepoint.attach().map_err(failed(name, "attaching"))?;
+    Ok(())
+}
+
+/// The program `name` of the object, as its type `P`.
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, Error>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
         .ok_or(Error::Missing { what: "program", name })?
         .try_into()
-        .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })?;
-    program.load(name, btf).map_err(|e| Error::Program { name, action: "loading", source: Box::new(e) })?;
-    program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
-    Ok(())
+        .map_err(failed(name, "typing"))
+}
+
+/// What `action` on the program `name` failed with, as an [`Error`].
+fn failed(name: &'static str, action: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> Error {
+    move |e| Error::Program { name, action, source: Box::new(e) }
 }
 
 /// The kprobe programs: one entry program on every function of the plan, a return program per
@@ -196,25 +213,17 @@ fn attach_tracepoint(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(
 fn attach_kprobes(ebpf: &mut Ebpf, plan: &Plan) -> Result<Vec<&'static str>, Error> {
     const ENTRY: &str = "socket_call_entry";
     for name in [ENTRY, "socket_send_return", "socket_recv_return"] {
-        kprobe(ebpf, name)?.load().map_err(|e| Error::Program {
-            name,
-            action: "loading",
-            source: Box::new(e),
-        })?;
+        program::<KProbe>(ebpf, name)?.load().map_err(failed(name, "loading"))?;
     }
     let mut hooked = 0;
     for target in &plan.fexit {
         let ret =
             if target.function.contains("sendmsg") { "socket_send_return" } else { "socket_recv_return" };
-        let attached = kprobe(ebpf, ENTRY)?
+        let attached = program::<KProbe>(ebpf, ENTRY)?
             .attach(target.function, 0)
-            .map_err(|e| Error::Program { name: ENTRY, action: "attaching", source: Box::new(e) })
+            .map_err(failed(ENTRY, "attaching"))
             .and_then(|_| {
-                kprobe(ebpf, ret)?.attach(target.function, 0).map_err(|e| Error::Program {
-                    name: ret,
-                    action: "attaching",
-                    source: Box::new(e),
-                })
+                program::<KProbe>(ebpf, ret)?.attach(target.function, 0).map_err(failed(ret, "attaching"))
             });
         match attached {
             Ok(_) => hooked += 1,
@@ -227,25 +236,10 @@ fn attach_kprobes(ebpf: &mut Ebpf, plan: &Plan) -> Result<Vec<&'static str>, Err
     Ok(vec![ENTRY, "socket_send_return", "socket_recv_return"])
 }
 
-fn kprobe<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut KProbe, Error> {
-    ebpf.program_mut(name)
-        .ok_or(Error::Missing { what: "program", name })?
-        .try_into()
-        .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })
-}
-
 fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, function: &str) -> Result<(), Error> {
-    let program: &mut FExit = ebpf
-        .program_mut(name)
-        .ok_or(Error::Missing { what: "program", name })?
-        .try_into()
-        .map_err(|e| Error::Program { name, action: "typing", source: Box::new(e) })?;
-    program.load(function, btf).map_err(|e| Error::Program {
-        name,
-        action: "loading",
-        source: Box::new(e),
-    })?;
-    program.attach().map_err(|e| Error::Program { name, action: "attaching", source: Box::new(e) })?;
+    let fexit: &mut FExit = program(ebpf, name)?;
+    fexit.load(function, btf).map_err(failed(name, "loading"))?;
+    fexit.attach().map_err(failed(name, "attaching"))?;
     Ok(())
 }
 
