@@ -11,8 +11,9 @@ use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use inferwatch_common::sock::{MAX_CAPTURE, TAIL_BYTES, TAIL_IOVECS, UIO_MAXIOV};
 
 use crate::{
-    CAPTURE_BYTES,
+    CAPTURE_BYTES, loaded,
     nr::{READ, READV, RECVFROM, RECVMSG, SENDMSG, SENDTO, WRITE, WRITEV},
+    opaque,
     regs::SyscallRegs,
 };
 
@@ -49,8 +50,7 @@ pub struct Copied {
 /// last bytes too.
 #[inline(always)]
 pub fn payload(regs: SyscallRegs, moved: usize, out: &mut Out) -> Copied {
-    // SAFETY: a plain read of a constant the loader may have rewritten.
-    let limit = unsafe { core::ptr::read_volatile(&CAPTURE_BYTES) } as usize;
+    let limit = loaded(&CAPTURE_BYTES) as usize;
     let want = min(min(moved, limit), MAX_CAPTURE);
     let (iov, count) = match regs.nr {
         READ | WRITE | SENDTO | RECVFROM => return copy_buffer(out, regs.arg1, moved, want),
@@ -87,8 +87,7 @@ fn copy_buffer(out: &mut Out, base: u64, moved: usize, want: usize) -> Copied {
     // `moved - head` is positive here, but verifiers before 6.8 cannot relate the two and see a
     // possibly negative length (6.1 refused the program): passed opaquely and masked to a
     // transfer's range (an `i32`), it is bounded where the helper needs it.
-    // SAFETY: a read of a local.
-    let rest = unsafe { core::ptr::read_volatile(&(moved - head)) } & i32::MAX as usize;
+    let rest = opaque(moved - head) & i32::MAX as usize;
     let tail = min(TAIL_BYTES, rest);
     Copied { head, tail: copy_tail(out, head, base + (moved - tail) as u64, tail) }
 }
@@ -263,7 +262,7 @@ fn copy(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
     // write stays inside the 2 * MAX_CAPTURE buffer. In the compat object both are re-read
     // opaquely first: LLVM would otherwise drop checks it can prove from the callers'
     // comparisons of two variables, which Linux 5.10's verifier cannot follow.
-    let (offset, len) = (opaque(offset), opaque(len));
+    let (offset, len) = (compat_opaque(offset), compat_opaque(len));
     let offset = offset & (MAX_CAPTURE - 1);
     if len == 0 || len > MAX_CAPTURE {
         return 0;
@@ -276,7 +275,7 @@ fn copy(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
 /// Copies at most `TAIL_BYTES` user bytes to `out[offset..]` (offset below `2 * MAX_CAPTURE`).
 #[inline(always)]
 fn copy_tail(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
-    let (offset, len) = (opaque(offset), opaque(len));
+    let (offset, len) = (compat_opaque(offset), compat_opaque(len));
     let offset = offset & (2 * MAX_CAPTURE - 1);
     if len == 0 || len > TAIL_BYTES {
         return 0;
@@ -286,21 +285,12 @@ fn copy_tail(out: &mut Out, offset: usize, src: u64, len: usize) -> usize {
     if r == 0 { len } else { 0 }
 }
 
-/// `v`, through a volatile stack slot: what the compiler knows of it is forgotten, so the checks
-/// that follow are compiled as written, next to the helper call the verifier checks. Only in the
-/// compat object (the verifiers it serves cannot follow the compiler's shortcuts); newer ones
-/// can, and there the shortcuts keep the iovec tail walk within the 1M-instruction budget.
-#[cfg(feature = "compat")]
+/// [`opaque`] in the compat object only: the verifiers it serves cannot follow the compiler's
+/// shortcuts around the copies; newer ones can, and there the shortcuts keep the iovec tail walk
+/// within the 1M-instruction budget.
 #[inline(always)]
-fn opaque(v: usize) -> usize {
-    // SAFETY: a read of a local.
-    unsafe { core::ptr::read_volatile(&v) }
-}
-
-#[cfg(not(feature = "compat"))]
-#[inline(always)]
-fn opaque(v: usize) -> usize {
-    v
+fn compat_opaque(v: usize) -> usize {
+    if cfg!(feature = "compat") { opaque(v) } else { v }
 }
 
 #[inline(always)]

@@ -52,8 +52,25 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout::MODERN;
 /// which drops the branch not taken.
 #[inline(always)]
 pub(crate) fn has(feature: u32) -> bool {
-    // SAFETY: a plain read of a constant the loader may have rewritten.
-    unsafe { core::ptr::read_volatile(&KERNEL_LAYOUT.features) & feature != 0 }
+    loaded(&KERNEL_LAYOUT.features) & feature != 0
+}
+
+/// A value the loader writes into read-only data (`CAPTURE_BYTES`, a `KERNEL_LAYOUT` field),
+/// read as the program runs: the compiler must not fold in the default it was built with.
+#[inline(always)]
+pub(crate) fn loaded(value: &'static u32) -> u32 {
+    // SAFETY: a plain read of a static.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+/// `v` through a volatile stack slot: what the compiler knows of it is forgotten, so the checks
+/// that follow are compiled as written, next to the access the verifier checks. Verifiers before
+/// 6.8 cannot follow checks LLVM folds from comparisons of two variables (5.10 and 6.1 refused
+/// such programs).
+#[inline(always)]
+pub(crate) fn opaque(v: usize) -> usize {
+    // SAFETY: a read of a local.
+    unsafe { core::ptr::read_volatile(&v) }
 }
 
 /// Runtime payload capture limit in bytes (at most `MAX_CAPTURE`); the agent sets it at load.

@@ -15,7 +15,7 @@ use inferwatch_common::kernel::regs::aarch64 as arch;
 #[cfg(bpf_target_arch = "x86_64")]
 use inferwatch_common::kernel::regs::x86_64 as arch;
 
-use crate::{KERNEL_LAYOUT, has};
+use crate::{KERNEL_LAYOUT, has, loaded};
 
 #[cfg(not(any(bpf_target_arch = "x86_64", bpf_target_arch = "aarch64")))]
 compile_error!("inferwatch's kernel programs read x86-64 or arm64 registers only");
@@ -73,15 +73,14 @@ unsafe fn nr_at(regs: *const u8) -> i32 {
 /// `task_pt_regs()` by hand: `task->stack + THREAD_SIZE - sizeof(struct pt_regs)`.
 #[inline(always)]
 fn from_kernel_stack() -> Option<SyscallRegs> {
-    // SAFETY: plain reads of constants the loader may have rewritten; the helpers check the
-    // kernel addresses.
+    let stack_offset = loaded(&KERNEL_LAYOUT.task_stack_offset) as u64;
+    let size = loaded(&KERNEL_LAYOUT.pt_regs_size) as u64;
+    let thread = loaded(&KERNEL_LAYOUT.thread_size) as u64;
+    if stack_offset == 0 || size == 0 {
+        return None;
+    }
+    // SAFETY: the helpers check the kernel addresses.
     unsafe {
-        let stack_offset = core::ptr::read_volatile(&KERNEL_LAYOUT.task_stack_offset) as u64;
-        let size = core::ptr::read_volatile(&KERNEL_LAYOUT.pt_regs_size) as u64;
-        let thread = core::ptr::read_volatile(&KERNEL_LAYOUT.thread_size) as u64;
-        if stack_offset == 0 || size == 0 {
-            return None;
-        }
         let task = bpf_get_current_task();
         let stack: u64 = bpf_probe_read_kernel((task + stack_offset) as *const u64).ok()?;
         let regs = stack + thread - size;

@@ -30,9 +30,9 @@ use inferwatch_common::{
 };
 
 use crate::{
-    KERNEL_LAYOUT, has,
+    KERNEL_LAYOUT, has, loaded,
     nr::{CLOCK_NANOSLEEP, FUTEX, FUTEX_WAITV, NANOSLEEP},
-    regs,
+    opaque, regs,
 };
 
 #[map]
@@ -116,12 +116,9 @@ fn task_state(task: u64, create: bool) -> Option<&'static mut TaskSched> {
 #[cfg(feature = "compat")]
 #[inline(always)]
 fn task_state(task: u64, create: bool) -> Option<&'static mut TaskSched> {
-    // SAFETY: a plain read of a constant the loader may have rewritten; the helper checks the
-    // kernel address.
-    let tid: u32 = unsafe {
-        let offset = core::ptr::read_volatile(&KERNEL_LAYOUT.task_pid_offset) as u64;
-        bpf_probe_read_kernel((task + offset) as *const u32).ok()?
-    };
+    let offset = loaded(&KERNEL_LAYOUT.task_pid_offset) as u64;
+    // SAFETY: the helper checks the kernel address.
+    let tid: u32 = unsafe { bpf_probe_read_kernel((task + offset) as *const u32).ok()? };
     if create && SCHED_TASKS.get_ptr_mut(&tid).is_none() {
         // From a static, not a zeroed local: that would be a call to `memset`, a global
         // function with a pointer argument, which Linux 5.10's verifier refuses.
@@ -138,11 +135,9 @@ fn prev_state(ctx: &BtfTracePointContext, prev: u64) -> u32 {
     if has(FEATURE_SCHED_PREV_STATE) {
         return ctx.arg(3);
     }
-    // SAFETY: as in `task_state`.
-    unsafe {
-        let offset = core::ptr::read_volatile(&KERNEL_LAYOUT.task_state_offset) as u64;
-        read_kernel((prev + offset) as *const u32).unwrap_or(TASK_RUNNING)
-    }
+    let offset = loaded(&KERNEL_LAYOUT.task_state_offset) as u64;
+    // SAFETY: the helper checks the kernel address.
+    unsafe { read_kernel((prev + offset) as *const u32).unwrap_or(TASK_RUNNING) }
 }
 
 #[map]
@@ -153,12 +148,9 @@ const TASK_RUNNING: u32 = 0;
 #[inline(always)]
 fn add(role: u8, slot: Slot, offset: u32, value: u64) {
     if let Some(stats) = SCHED_STATS.get_ptr_mut(0) {
-        // Per-CPU value: no other writer. `get_mut` bounds the index for the verifier; read
-        // opaquely first, so the bound is checked as written (LLVM folds it into comparisons
-        // Linux 5.10's verifier cannot follow).
-        // SAFETY: a read of a local.
-        let i = unsafe { core::ptr::read_volatile(&index(role, slot, offset)) };
-        if let Some(v) = unsafe { (*stats).slots.get_mut(i) } {
+        // Per-CPU value: no other writer. `get_mut` bounds the index for the verifier, checked
+        // as written (`opaque`: 5.10 could not follow LLVM's folded bound).
+        if let Some(v) = unsafe { (*stats).slots.get_mut(opaque(index(role, slot, offset))) } {
             *v += value;
         }
     }
