@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use crate::{
     cmd::{self, Result, command, output, run},
     setup,
-    tasks::{Profile, build_ebpf_for, ebpf_object},
+    tasks::{Profile, build_ebpf_for, embed_ebpf},
 };
 
 /// The Rust target triples `cargo xtask build --target` accepts, with their architectures.
@@ -22,14 +22,21 @@ pub fn arch_of(triple: &str) -> Result<&'static str> {
     })
 }
 
+/// The target triple we build for `arch`.
+fn triple_of(arch: &str) -> Result<&'static str> {
+    TARGETS
+        .iter()
+        .find(|(_, a)| *a == arch)
+        .map(|(t, _)| *t)
+        .ok_or_else(|| format!("unknown architecture {arch}"))
+}
+
 /// A userspace cargo for `triple`, embedding that architecture's eBPF objects; `static_crt`
 /// links glibc statically (the binaries the kernel matrix's VMs run have no libraries beside them).
 pub fn cargo_for(triple: &str, static_crt: bool) -> Result<std::process::Command> {
     let arch = arch_of(triple)?;
-    let mut c = command("cargo");
-    c.arg(format!("+{}", setup::userspace_toolchain()))
-        .env("INFERWATCH_EBPF_OBJECT", ebpf_object(arch, "modern"))
-        .env("INFERWATCH_EBPF_COMPAT_OBJECT", ebpf_object(arch, "compat"));
+    let mut c = cmd::cargo(&setup::userspace_toolchain());
+    embed_ebpf(&mut c, arch);
     let upper = triple.to_uppercase().replace('-', "_");
     if arch != std::env::consts::ARCH {
         let prefix = gnu_prefix(arch);
@@ -67,7 +74,7 @@ pub fn build(triple: &str, profile: Profile) -> Result {
 /// The statically linked programs a kernel-matrix VM runs, built for `arch`: the agent,
 /// `kernelcheck` and the helpers it starts. Returns (host path, name).
 pub fn vm_programs(arch: &str) -> Result<Vec<(PathBuf, &'static str)>> {
-    let triple = TARGETS.iter().find(|(_, a)| *a == arch).map(|(t, _)| *t).ok_or("unknown arch")?;
+    let triple = triple_of(arch)?;
     ensure_cross_tools(arch)?;
     build_ebpf_for(arch)?;
     let target_dir = cmd::root().join("target/vm");
@@ -97,7 +104,7 @@ pub fn ensure_cross_tools(arch: &str) -> Result {
     if arch == std::env::consts::ARCH {
         return Ok(());
     }
-    let triple = TARGETS.iter().find(|(_, a)| *a == arch).map(|(t, _)| *t).ok_or("unknown arch")?;
+    let triple = triple_of(arch)?;
     if !cross_target_present(triple) {
         eprintln!("setup: Rust target {triple}: installing");
         run(command("rustup")

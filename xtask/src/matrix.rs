@@ -9,7 +9,7 @@ use std::{collections::HashMap, path::PathBuf, time::Duration};
 use crate::{
     cmd::{Result, run},
     cross,
-    vm::{self, Arch, Kernel},
+    vm::{self, Kernel},
 };
 
 /// Extra runs per kernel (by name): `--socket-hook` values. fexit where the tracepoints exist,
@@ -58,7 +58,7 @@ pub fn run_matrix(native_programs: &std::path::Path, only: Option<&str>) -> Resu
     let mut programs: HashMap<&str, Vec<(PathBuf, String)>> = HashMap::new();
     let mut failures = Vec::new();
     for kernel in vm::MATRIX.iter().filter(|k| only.is_none_or(|name| k.name == name)) {
-        let arch = arch_name(kernel.arch);
+        let arch = kernel.arch.rust();
         if !programs.contains_key(arch) {
             let built = cross::vm_programs(arch)?;
             programs.insert(arch, built.into_iter().map(|(path, name)| (path, format!("/{name}"))).collect());
@@ -101,11 +101,4 @@ fn command(kernel: &Kernel) -> String {
         .chain(extra(kernel).map(|hook| format!("{CHECK} --socket-hook {hook}")))
         .collect::<Vec<_>>()
         .join(" && ")
-}
-
-fn arch_name(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "x86_64",
-        Arch::Aarch64 => "aarch64",
-    }
 }

@@ -68,9 +68,14 @@ fn ebpf_cargo() -> std::process::Command {
 /// A userspace cargo that embeds the eBPF objects we just built (for this machine).
 pub fn user_cargo() -> std::process::Command {
     let mut c = cargo(&setup::userspace_toolchain());
-    c.env("INFERWATCH_EBPF_OBJECT", ebpf_object(HOST_ARCH, "modern"))
-        .env("INFERWATCH_EBPF_COMPAT_OBJECT", ebpf_object(HOST_ARCH, "compat"));
+    embed_ebpf(&mut c, HOST_ARCH);
     c
+}
+
+/// Points the agent's build script at `arch`'s two eBPF objects.
+pub fn embed_ebpf(c: &mut std::process::Command, arch: &str) {
+    c.env("INFERWATCH_EBPF_OBJECT", ebpf_object(arch, "modern"))
+        .env("INFERWATCH_EBPF_COMPAT_OBJECT", ebpf_object(arch, "compat"));
 }
 
 /// Builds the kernel programs for this machine's architecture.

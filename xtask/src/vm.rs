@@ -42,12 +42,16 @@ impl Arch {
         }
     }
 
-    fn host() -> Option<Arch> {
-        match std::env::consts::ARCH {
-            "x86_64" => Some(Arch::X86_64),
-            "aarch64" => Some(Arch::Aarch64),
-            _ => None,
+    /// Rust's name of the architecture (`std::env::consts::ARCH`).
+    pub fn rust(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
         }
+    }
+
+    fn host() -> Option<Arch> {
+        Self::ALL.into_iter().find(|a| a.rust() == std::env::consts::ARCH)
     }
 }
 
