@@ -49,7 +49,11 @@ impl Completion {
 pub struct Truth {
     pub request_bytes: u64,
     pub status: u16,
+    /// Just before the request's `write`.
     pub sent_ns: u64,
+    /// Just after it returned: on loopback the request is in the server's socket by then, so
+    /// the true arrival lies in `sent_ns..=written_ns` even if the client was preempted.
+    pub written_ns: u64,
     pub first_content_ns: Option<u64>,
     pub end_ns: u64,
     pub content_events: u32,
@@ -62,6 +66,17 @@ impl Truth {
     pub fn duration_seconds(&self) -> f64 {
         (self.end_ns - self.sent_ns) as f64 / 1e9
     }
+}
+
+/// Puts the calling thread in the real-time class: a client's clock is the truth the agent is
+/// checked against, and on a busy two-core machine a normal thread can wait a whole scheduler
+/// slice (several ms) to be woken by the first token, which is then the client's error, not the
+/// agent's. Needs root, as every test that uses it does.
+pub fn client_thread_realtime() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: plain syscall on the calling thread (pid 0) with a valid parameter struct.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    assert_eq!(rc, 0, "SCHED_FIFO for a client thread: {}", std::io::Error::last_os_error());
 }
 
 pub struct Client {
@@ -87,9 +102,11 @@ impl Client {
         let bytes = c.bytes();
         let sent_ns = monotonic_ns();
         self.send_raw(&bytes);
+        let written_ns = monotonic_ns();
         let mut truth = self.read_response(None);
         truth.request_bytes = bytes.len() as u64;
         truth.sent_ns = sent_ns;
+        truth.written_ns = written_ns;
         truth
     }
 

@@ -5,7 +5,7 @@ use std::{collections::HashMap, net::TcpStream, thread, time::Duration};
 
 use inferwatch_tests::{
     Agent,
-    client::{Client, Completion, Truth, percentile},
+    client::{Client, Completion, Truth, client_thread_realtime, percentile},
     require_root,
     servers::Server,
     sum_matching,
@@ -310,6 +310,7 @@ fn load_paced(
             .map(|c| {
                 let make = &make;
                 s.spawn(move || {
+                    client_thread_realtime();
                     let mut kept = (!fresh).then(|| Client::connect(server.addr));
                     (0..per_thread)
                         .map(|i| {
@@ -358,10 +359,18 @@ fn a_stalling_event_loop_is_timed_from_each_requests_arrival() {
             assert_eq!((r["outcome"].as_str(), r["status"].as_u64()), (Some("complete"), Some(200)), "{r}");
             let agent_ttft = r["time_to_first_token_seconds"].as_f64().expect("a first token");
             let queued = r["queued_seconds"].as_f64().expect("the kernel told the arrival");
-            ttft.push((agent_ttft - t.ttft_seconds().unwrap()).abs() * 1e3);
-            duration.push((r["duration_seconds"].as_f64().unwrap() - t.duration_seconds()).abs() * 1e3);
-            // What timing from the first read would have missed, and how much of it `queued` covers.
-            let missed = (t.ttft_seconds().unwrap() - (agent_ttft - queued)) * 1e3;
+            // The true arrival lies between the client's clock before and after its `write`:
+            // the agent is off by its distance from that interval.
+            let first = t.first_content_ns.unwrap();
+            let off = |agent: f64, end: u64| {
+                let (lo, hi) = ((end - t.written_ns) as f64 / 1e9, (end - t.sent_ns) as f64 / 1e9);
+                (lo - agent).max(agent - hi).max(0.0) * 1e3
+            };
+            ttft.push(off(agent_ttft, first));
+            duration.push(off(r["duration_seconds"].as_f64().unwrap(), t.end_ns));
+            // What timing from the first read would have missed (at least: counted from the
+            // `write`'s return), and how much of it `queued` covers.
+            let missed = ((first - t.written_ns) as f64 / 1e9 - (agent_ttft - queued)) * 1e3;
             if missed > 5.0 {
                 waited += 1;
                 queued_seen += usize::from(queued * 1e3 >= missed - 3.0);
