@@ -182,4 +182,13 @@ const _: () = assert!(TAIL_IOVECS.is_power_of_two());
 pub struct Scratch {
     pub event: SockEvent,
     pub payload: [u8; 2 * MAX_CAPTURE + TAIL_BYTES],
+    /// Data records this CPU wrote since it last asked the ring how full it is (see
+    /// [`WAKEUP_CHECK_EVERY`]).
+    pub since_fill_check: u32,
 }
+
+/// A CPU asks the ring buffer how much data is pending (to wake the reader) once per this many
+/// of its data records, not on each: the question reads the reader's cache line, about a tenth
+/// of a record's cost here. Between two checks a CPU adds at most this many records (each at
+/// most `SOCK_EVENT_SIZE + 2 * MAX_CAPTURE + TAIL_BYTES` bytes) to the ring unnoticed.
+pub const WAKEUP_CHECK_EVERY: u32 = 8;

@@ -33,7 +33,7 @@ use inferwatch_common::{
     sock::{
         AF_INET, AF_INET6, LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind,
         SKC_FAMILY_OFFSET, SKC_NUM_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockArrival,
-        SockEvent, SockEventKind, TrackedSock, WatchFlags,
+        SockEvent, SockEventKind, TrackedSock, WAKEUP_CHECK_EVERY, WatchFlags,
     },
     tcp::TcpState,
 };
@@ -168,8 +168,13 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     }
     // The socket's arrival state first: the map calls below take `sock` as a key from the stack,
     // after which some verifiers (6.12) no longer see it as the socket the storage needs.
-    let arrival =
-        if kind == SockEventKind::Recv { take_arrival(sock, ret > 0) } else { SockArrival::default() };
+    // (Two scalars, not a zeroed struct: LLVM calls a memset subprogram for that.)
+    let (arrival_ns, established_ns) = if kind == SockEventKind::Recv {
+        let a = take_arrival(sock, ret > 0);
+        (a.unread_since_ns, a.established_ns)
+    } else {
+        (0, 0)
+    };
     let tracked = track(sock, tgid);
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
     // SAFETY: a per-CPU slot, ours until this program returns.
@@ -193,8 +198,8 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn_id: tracked.conn_id,
         sock,
-        arrival_ns: arrival.unread_since_ns,
-        established_ns: arrival.established_ns,
+        arrival_ns,
+        established_ns,
         tgid,
         tid: pid_tgid as u32,
         ret,
@@ -209,7 +214,8 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     let len = SOCK_EVENT_SIZE + (captured & (2 * MAX_CAPTURE - 1));
     // SAFETY: len <= size_of::<Scratch>() by the mask above.
     let record = unsafe { core::slice::from_raw_parts((scratch as *const Scratch).cast::<u8>(), len) };
-    if EVENTS.output(record, wakeup_flags(len)).is_err() {
+    let flags = wakeup_flags(len, &mut scratch.since_fill_check);
+    if EVENTS.output(record, flags).is_err() {
         count_lost(LostReason::RingFull);
         return Err(1);
     }
@@ -233,13 +239,20 @@ fn state_of(sock: u64) -> u8 {
 /// Ring-buffer notification policy for data records. The kernel's default wakes the reader
 /// whenever it has caught up, which costs an interrupt and a cross-CPU wakeup per record at
 /// moderate rates. Instead the reader drains on a short timer (the agent's `--drain-interval`)
-/// and is woken only when a record makes the pending data cross `WAKEUP_PENDING_BYTES`, so
-/// bursts are drained long before the ring fills.
+/// and is woken when the pending data reaches `WAKEUP_PENDING_BYTES`, so bursts are drained
+/// long before the ring fills. Each CPU looks at the fill once per `WAKEUP_CHECK_EVERY` of its
+/// records (`since_check` counts them): while the ring stays that full, a check wakes the
+/// reader again, which costs little as it is draining already.
 #[inline(always)]
-fn wakeup_flags(len: usize) -> u64 {
+fn wakeup_flags(len: usize, since_check: &mut u32) -> u64 {
+    *since_check += 1;
+    if *since_check < WAKEUP_CHECK_EVERY {
+        return BPF_RB_NO_WAKEUP as u64;
+    }
+    *since_check = 0;
     let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
     let record = (len as u64 + 8 + 7) & !7;
-    if pending < WAKEUP_PENDING_BYTES && pending + record >= WAKEUP_PENDING_BYTES {
+    if pending + record >= WAKEUP_PENDING_BYTES {
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
