@@ -168,12 +168,13 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     }
     // The socket's arrival state first: the map calls below take `sock` as a key from the stack,
     // after which some verifiers (6.12) no longer see it as the socket the storage needs.
-    // (Two scalars, not a zeroed struct: LLVM calls a memset subprogram for that.)
+    // (The send's zeros pass through `opaque`: adjacent zero fields become a call of a memset
+    // subprogram otherwise, a call and return on every send.)
     let (arrival_ns, established_ns) = if kind == SockEventKind::Recv {
         let a = take_arrival(sock, ret > 0);
         (a.unread_since_ns, a.established_ns)
     } else {
-        (0, 0)
+        (opaque(0) as u64, opaque(0) as u64)
     };
     let tracked = track(sock, tgid);
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
