@@ -58,6 +58,8 @@ pub(crate) enum Error {
     },
     #[error("a kernel map: {0}")]
     Map(#[source] Box<aya::maps::MapError>),
+    #[error("counting the possible CPUs ({0}): {1}")]
+    Cpus(&'static str, #[source] std::io::Error),
     #[error("polling the ring buffer: {0}")]
     Poll(#[source] std::io::Error),
 }

@@ -88,7 +88,10 @@ fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, Wa
         return Err(Error::NoObject);
     }
     let capture_bytes = capture_bytes.min(MAX_CAPTURE as u32);
+    // One record-assembly slot per CPU the kernel may ever run on.
+    let cpus = aya::util::nr_cpus().map_err(|(path, e)| Error::Cpus(path, e))?.get();
     let mut ebpf = EbpfLoader::new()
+        .map_max_entries(maps::SCRATCH, cpus)
         .override_global(maps::CAPTURE_BYTES_GLOBAL, &capture_bytes, true)
         .override_global(KERNEL_LAYOUT_GLOBAL, &plan.layout, true)
         // The scheduler probes' task storage and the arrival's socket storage: aya creates

@@ -35,5 +35,8 @@ pub const SCHED_ROLES: &str = "SCHED_ROLES";
 /// one system call.
 pub const SCHED_STATS: &str = "SCHED_STATS";
 
+/// Array of one record-assembly slot per possible CPU; the agent sets its size at load.
+pub const SCRATCH: &str = "SCRATCH";
+
 /// The global (a `u32` in .rodata) holding the runtime payload capture limit.
 pub const CAPTURE_BYTES_GLOBAL: &str = "CAPTURE_BYTES";

@@ -21,10 +21,10 @@ mod regs;
 mod sched;
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_F_MMAPABLE, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use inferwatch_common::{
@@ -98,8 +98,13 @@ static LOST: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOST_REASONS, 0);
 #[map]
 static CONN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
+/// Where a record is assembled: one slot per CPU (the agent sets the count to the possible
+/// CPUs at load), indexed by the CPU. Not a per-CPU array: those live in the kernel's linear
+/// map, so every user copy into one pays hardened usercopy's page checks (~40 ns per operation
+/// on this project's VM); a mmapable array's memory comes from vmalloc, which those checks
+/// skip when page faults are off, as they are in `bpf_probe_read_user`.
 #[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+static SCRATCH: Array<Scratch> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 /// `sock_send_length(struct sock *sk, int ret, int flags)`: after every `sock_sendmsg`.
 #[btf_tracepoint(function = "sock_send_length")]
@@ -177,8 +182,10 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
         (opaque(0) as u64, opaque(0) as u64)
     };
     let tracked = track(sock, tgid);
-    let scratch = SCRATCH.get_ptr_mut(0).ok_or(1)?;
-    // SAFETY: a per-CPU slot, ours until this program returns.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    let scratch = SCRATCH.get_ptr_mut(cpu).ok_or(1)?;
+    // SAFETY: this CPU's slot, ours until this program returns (tracing programs run with
+    // migration off, and the socket programs do not nest).
     let scratch = unsafe { &mut *scratch };
 
     // Without registers (a kernel whose layout the agent could not learn, which it logged once)
