@@ -46,11 +46,36 @@ fn load(
     per_connection: usize,
     make: impl Fn(usize) -> Completion + Sync,
 ) -> Vec<Truth> {
+    load_with(server, connections, per_connection, false, make)
+}
+
+/// [`load`] by real-time client threads, whose clocks are the truth the agent's timing is
+/// checked against (see [`client_thread_realtime`]); for a few connections only.
+fn load_timed(
+    server: &Server,
+    connections: usize,
+    per_connection: usize,
+    make: impl Fn(usize) -> Completion + Sync,
+) -> Vec<Truth> {
+    assert!(connections <= 8, "real-time clients are for timing a few connections");
+    load_with(server, connections, per_connection, true, make)
+}
+
+fn load_with(
+    server: &Server,
+    connections: usize,
+    per_connection: usize,
+    realtime: bool,
+    make: impl Fn(usize) -> Completion + Sync,
+) -> Vec<Truth> {
     thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
             .map(|c| {
                 let make = &make;
                 s.spawn(move || {
+                    if realtime {
+                        client_thread_realtime();
+                    }
                     let mut client = Client::connect(server.addr);
                     (0..per_connection)
                         .map(|i| client.request(&make(c * per_connection + i)))
@@ -79,7 +104,7 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
     for server in servers() {
         let agent = Agent::start(&[server.pid()]);
         // 200 requests: enough that the p99 is not simply the slowest one.
-        let truths = load(&server, 4, 50, stream);
+        let truths = load_timed(&server, 4, 50, stream);
         let records = wait_for_records(&agent, truths.len());
         let (mut ttft, mut duration, mut after_send) = (Vec::new(), Vec::new(), Vec::new());
         let (mut ttft_end, mut duration_end) = (Vec::new(), Vec::new());
@@ -149,7 +174,7 @@ fn several_iovecs_and_an_end_beyond_the_capture() {
     {
         let server = Server::rust_vectored(SSESERVER, iovecs, last_pad);
         let agent = Agent::start(&[server.pid()]);
-        let truths = load(&server, 2, 10, stream);
+        let truths = load_timed(&server, 2, 10, stream);
         let records = wait_for_records(&agent, truths.len());
         let mut end = Vec::new();
         for t in &truths {
