@@ -60,6 +60,8 @@ pub(crate) enum Error {
     Map(#[source] Box<aya::maps::MapError>),
     #[error("counting the possible CPUs ({0}): {1}")]
     Cpus(&'static str, #[source] std::io::Error),
+    #[error("process {0} is beyond Linux's limit of thread-group ids (2^22)")]
+    TgidLimit(u32),
     #[error("polling the ring buffer: {0}")]
     Poll(#[source] std::io::Error),
 }

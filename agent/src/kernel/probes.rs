@@ -4,15 +4,10 @@
 
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, RingBuf},
     programs::{BtfTracePoint, FExit, KProbe},
 };
-use inferwatch_common::{
-    kernel::KERNEL_LAYOUT_GLOBAL,
-    maps,
-    sched::SchedStats,
-    sock::{MAX_CAPTURE, WatchFlags},
-};
+use inferwatch_common::{kernel::KERNEL_LAYOUT_GLOBAL, maps, sched::SchedStats, sock::MAX_CAPTURE};
 
 use super::{
     Error,
@@ -35,7 +30,8 @@ pub(crate) struct Programs {
 
 /// The maps that say what the programs watch; discovery keeps them in step with vLLM.
 pub(crate) struct WatchMaps {
-    watched: HashMap<MapData, u32, WatchFlags>,
+    /// The watched-process bitmap (see `maps::WATCHED_TGIDS`); only this owner writes it.
+    watched: Array<MapData, u64>,
     sched_roles: HashMap<MapData, u32, u8>,
     listen_ports: HashMap<MapData, u16, u32>,
 }
@@ -103,7 +99,7 @@ fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, Wa
         .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
         .ok();
     let (attached, choices) = attach_all(&mut ebpf, btf, plan)?;
-    let watched = HashMap::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
+    let watched = Array::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_error)?;
     let lost = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOST)?).map_err(map_error)?;
     let sched_roles = HashMap::try_from(take_map(&mut ebpf, maps::SCHED_ROLES)?).map_err(map_error)?;
@@ -271,12 +267,25 @@ impl Programs {
 impl WatchMaps {
     /// Starts watching a process: its socket I/O reaches the ring buffer from now on.
     pub(crate) fn watch(&mut self, tgid: u32) -> Result<(), Error> {
-        self.watched.insert(&tgid, &WatchFlags::default(), 0).map_err(map_error)
+        self.set_watched(tgid, true)
     }
 
     /// Stops watching a process.
     pub(crate) fn unwatch(&mut self, tgid: u32) -> Result<(), Error> {
-        self.watched.remove(&tgid).map_err(map_error)
+        self.set_watched(tgid, false)
+    }
+
+    /// Sets or clears the process's bit. The word is read and written back whole: the programs
+    /// only read it, and this is its one writer, so no other bit can change in between (a word
+    /// copied byte by byte still shows every other bit as it was).
+    fn set_watched(&mut self, tgid: u32, on: bool) -> Result<(), Error> {
+        if tgid >= maps::TGID_LIMIT {
+            return Err(Error::TgidLimit(tgid));
+        }
+        let (word, bit) = maps::watched_bit(tgid);
+        let old = self.watched.get(&word, 0).map_err(map_error)?;
+        let new = if on { old | bit } else { old & !bit };
+        self.watched.set(word, &new, 0).map_err(map_error)
     }
 
     /// Tracks the accepted connections of a TCP port a process listens on from their

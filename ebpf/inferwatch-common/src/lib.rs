@@ -15,7 +15,6 @@ pub mod tcp;
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data, #[repr(C)], no padding left implicit.
-    unsafe impl aya::Pod for super::sock::WatchFlags {}
     unsafe impl aya::Pod for super::sock::SockEvent {}
     unsafe impl aya::Pod for super::sock::TrackedSock {}
     unsafe impl aya::Pod for super::sched::SchedStats {}

@@ -1,9 +1,21 @@
 //! The maps both sides name, and their sizes.
 
-/// Hash map of watched thread-group ids (key `u32` tgid, value [`crate::sock::WatchFlags`]).
+/// The watched thread-group ids as a bitmap: an array of `u64` words, bit `tgid % 64` of word
+/// `tgid / 64` (see [`watched_bit`]). Every socket operation on the node asks it, so it is an
+/// array the verifier turns into one load (a hash lookup is a helper call and a hash).
 pub const WATCHED_TGIDS: &str = "WATCHED_TGIDS";
-/// Capacity of [`WATCHED_TGIDS`] and [`SCHED_ROLES`].
+/// Thread-group ids are below Linux's `PID_MAX_LIMIT` (2^22 on 64-bit systems): 512 KiB of words.
+pub const TGID_LIMIT: u32 = 1 << 22;
+/// Words of [`WATCHED_TGIDS`].
+pub const WATCHED_WORDS: u32 = TGID_LIMIT / 64;
+/// Most processes watched at once; the capacity of [`SCHED_ROLES`].
 pub const MAX_WATCHED_TGIDS: u32 = 4096;
+
+/// Where `tgid` is in [`WATCHED_TGIDS`]: its word's index and its bit in that word.
+#[inline(always)]
+pub const fn watched_bit(tgid: u32) -> (u32, u64) {
+    (tgid / 64, 1 << (tgid % 64))
+}
 
 /// Ring buffer carrying [`crate::sock::SockEvent`] records to userspace.
 pub const EVENTS: &str = "EVENTS";
@@ -40,3 +52,23 @@ pub const SCRATCH: &str = "SCRATCH";
 
 /// The global (a `u32` in .rodata) holding the runtime payload capture limit.
 pub const CAPTURE_BYTES_GLOBAL: &str = "CAPTURE_BYTES";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tgid_has_its_own_bit_inside_the_bitmap() {
+        for tgid in [0, 1, 63, 64, 65, 4095, 4096, 32_768, 4_194_303] {
+            let (word, bit) = watched_bit(tgid);
+            assert!(word < WATCHED_WORDS, "{tgid}");
+            assert_eq!(bit.count_ones(), 1, "{tgid}");
+        }
+        // Neighbours (pids are handed out in sequence) never share a bit.
+        for a in 0..1024u32 {
+            for b in a + 1..a + 130 {
+                assert_ne!(watched_bit(a), watched_bit(b), "{a} and {b}");
+            }
+        }
+    }
+}

@@ -1,13 +1,6 @@
 //! Socket events: what the socket programs write into the ring buffer, and their per-socket
 //! and per-process state.
 
-/// Value stored per watched tgid. Reserved for per-process options (payload capture etc.).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct WatchFlags {
-    pub flags: u32,
-}
-
 /// Why the kernel side dropped an event; the index into [`crate::maps::LOST`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -169,7 +162,6 @@ pub const SKC_NUM_OFFSET: usize = 14;
 
 pub const SOCK_EVENT_SIZE: usize = 64;
 const _: () = assert!(core::mem::size_of::<SockEvent>() == SOCK_EVENT_SIZE);
-const _: () = assert!(core::mem::size_of::<WatchFlags>() == 4);
 const _: () = assert!(core::mem::size_of::<TrackedSock>() == 16);
 const _: () = assert!(MAX_CAPTURE.is_power_of_two());
 const _: () = assert!(TAIL_IOVECS.is_power_of_two());

@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use inferwatch_common::sock::SockEventKind;
 
-use crate::{WATCHED_TGIDS, try_sock_io};
+use crate::{is_watched, try_sock_io};
 
 /// `offsetof(struct socket, sk)`: stable from 5.10 to 6.18 (state, type, flags, file before
 /// it). A plain load, so the verifier checks it against the kernel's BTF and types the result
@@ -71,8 +71,8 @@ const MAX_ENTRY_SOCKS: u32 = 16384;
 #[kprobe]
 pub fn socket_call_entry(ctx: ProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: a map lookup; the filter comes first, as in `try_sock_io`.
-    if unsafe { WATCHED_TGIDS.get(&((pid_tgid >> 32) as u32)) }.is_none() {
+    // The filter comes first, as in `try_sock_io`.
+    if !is_watched((pid_tgid >> 32) as u32) {
         return 0;
     }
     let Some(socket) = ctx.arg::<u64>(0) else { return 0 };

@@ -29,11 +29,14 @@ use aya_ebpf::{
 };
 use inferwatch_common::{
     kernel::KernelLayout,
-    maps::{EVENTS_RING_BYTES, MAX_LISTEN_PORTS, MAX_TRACKED_SOCKS, MAX_WATCHED_TGIDS, WAKEUP_PENDING_BYTES},
+    maps::{
+        EVENTS_RING_BYTES, MAX_LISTEN_PORTS, MAX_TRACKED_SOCKS, WAKEUP_PENDING_BYTES, WATCHED_WORDS,
+        watched_bit,
+    },
     sock::{
         AF_INET, AF_INET6, LOST_REASONS, LostReason, MAX_CAPTURE, NO_SYSCALL, NetEventKind,
         SKC_FAMILY_OFFSET, SKC_NUM_OFFSET, SKC_STATE_OFFSET, SOCK_EVENT_SIZE, Scratch, SockArrival,
-        SockEvent, SockEventKind, TrackedSock, WAKEUP_CHECK_EVERY, WatchFlags,
+        SockEvent, SockEventKind, TrackedSock, WAKEUP_CHECK_EVERY,
     },
     tcp::TcpState,
 };
@@ -78,7 +81,14 @@ pub(crate) fn opaque(v: usize) -> usize {
 static CAPTURE_BYTES: u32 = MAX_CAPTURE as u32;
 
 #[map]
-static WATCHED_TGIDS: HashMap<u32, WatchFlags> = HashMap::with_max_entries(MAX_WATCHED_TGIDS, 0);
+static WATCHED_TGIDS: Array<u64> = Array::with_max_entries(WATCHED_WORDS, 0);
+
+/// Whether the agent watches the process `tgid`: an array lookup, which the verifier inlines.
+#[inline(always)]
+pub(crate) fn is_watched(tgid: u32) -> bool {
+    let (word, bit) = watched_bit(tgid);
+    WATCHED_TGIDS.get(word).is_some_and(|w| w & bit != 0)
+}
 
 #[map]
 static TRACKED_SOCKS: LruHashMap<u64, TrackedSock> = LruHashMap::with_max_entries(MAX_TRACKED_SOCKS, 0);
@@ -168,7 +178,7 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // The filter comes first: everything below is paid by watched processes only.
-    if unsafe { WATCHED_TGIDS.get(&tgid) }.is_none() {
+    if !is_watched(tgid) {
         return Ok(());
     }
     // The socket's arrival state first: the map calls below take `sock` as a key from the stack,
