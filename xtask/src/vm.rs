@@ -64,7 +64,8 @@ pub struct Kernel {
     pub series: &'static str,
 }
 
-/// Debian 11's and 12's kernels, 12's backported one, and 12's on arm64. The private sources
+/// Debian 11's and 12's kernels, 12's backported one, and 12's and its backported one on arm64
+/// (the tracepoints and trampolines of the arm64 GPU nodes' 6.x kernels). The private sources
 /// hold bullseye and bookworm (with their security and backports suites) and nothing newer,
 /// so each series is found in exactly one release.
 pub const MATRIX: &[Kernel] = &[
@@ -72,6 +73,7 @@ pub const MATRIX: &[Kernel] = &[
     Kernel { name: "debian12-6.1-amd64", arch: Arch::X86_64, series: "6.1." },
     Kernel { name: "debian12-bpo-6.12-amd64", arch: Arch::X86_64, series: "6.12." },
     Kernel { name: "debian12-6.1-arm64", arch: Arch::Aarch64, series: "6.1." },
+    Kernel { name: "debian12-bpo-6.12-arm64", arch: Arch::Aarch64, series: "6.12." },
 ];
 
 /// The private apt's suites: (archive, suite) on Debian's mirror.
