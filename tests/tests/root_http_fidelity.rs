@@ -39,35 +39,17 @@ fn wait_for_records(agent: &Agent, expected: usize) -> HashMap<u64, Value> {
     panic!("the agent reported {} of {expected} requests:\n{}", r.len(), agent.log());
 }
 
-/// Runs `per_connection` requests on each of `connections` keep-alive connections at once.
+/// Runs `per_connection` requests on each of `connections` keep-alive connections at once;
+/// `realtime`: by real-time client threads, whose clocks are the truth the agent's timing is
+/// checked against (see [`client_thread_realtime`]), for a few connections only.
 fn load(
-    server: &Server,
-    connections: usize,
-    per_connection: usize,
-    make: impl Fn(usize) -> Completion + Sync,
-) -> Vec<Truth> {
-    load_with(server, connections, per_connection, false, make)
-}
-
-/// [`load`] by real-time client threads, whose clocks are the truth the agent's timing is
-/// checked against (see [`client_thread_realtime`]); for a few connections only.
-fn load_timed(
-    server: &Server,
-    connections: usize,
-    per_connection: usize,
-    make: impl Fn(usize) -> Completion + Sync,
-) -> Vec<Truth> {
-    assert!(connections <= 8, "real-time clients are for timing a few connections");
-    load_with(server, connections, per_connection, true, make)
-}
-
-fn load_with(
     server: &Server,
     connections: usize,
     per_connection: usize,
     realtime: bool,
     make: impl Fn(usize) -> Completion + Sync,
 ) -> Vec<Truth> {
+    assert!(!realtime || connections <= 8, "real-time clients are for timing a few connections");
     thread::scope(|s| {
         let handles: Vec<_> = (0..connections)
             .map(|c| {
@@ -104,7 +86,7 @@ fn streamed_requests_are_timed_as_the_client_sees_them() {
     for server in servers() {
         let agent = Agent::start(&[server.pid()]);
         // 200 requests: enough that the p99 is not simply the slowest one.
-        let truths = load_timed(&server, 4, 50, stream);
+        let truths = load(&server, 4, 50, true, stream);
         let records = wait_for_records(&agent, truths.len());
         let (mut ttft, mut duration, mut after_send) = (Vec::new(), Vec::new(), Vec::new());
         let (mut ttft_end, mut duration_end) = (Vec::new(), Vec::new());
@@ -174,7 +156,7 @@ fn several_iovecs_and_an_end_beyond_the_capture() {
     {
         let server = Server::rust_vectored(SSESERVER, iovecs, last_pad);
         let agent = Agent::start(&[server.pid()]);
-        let truths = load_timed(&server, 2, 10, stream);
+        let truths = load(&server, 2, 10, true, stream);
         let records = wait_for_records(&agent, truths.len());
         let mut end = Vec::new();
         for t in &truths {
@@ -202,7 +184,7 @@ fn every_request_is_counted_at_concurrency_64() {
     require_root();
     for server in servers() {
         let agent = Agent::start(&[server.pid()]);
-        let truths = load(&server, 64, 3, |i| Completion {
+        let truths = load(&server, 64, 3, false, |i| Completion {
             model: "count-model".into(),
             pad: 1000 + 2 * i, // "false" is a byte longer than "true": keep sizes unique
             max_tokens: 4,
