@@ -211,7 +211,8 @@ fn failed(name: &'static str, action: &'static str) -> impl FnOnce(aya::programs
 /// direction. A function that cannot be probed is skipped, with a warning.
 fn attach_kprobes(ebpf: &mut Ebpf, plan: &Plan) -> Result<Vec<&'static str>, Error> {
     const ENTRY: &str = "socket_call_entry";
-    for name in [ENTRY, "socket_send_return", "socket_recv_return"] {
+    const PROGRAMS: [&str; 3] = [ENTRY, "socket_send_return", "socket_recv_return"];
+    for name in PROGRAMS {
         program::<KProbe>(ebpf, name)?.load().map_err(failed(name, "loading"))?;
     }
     let mut hooked = 0;
@@ -232,7 +233,7 @@ fn attach_kprobes(ebpf: &mut Ebpf, plan: &Plan) -> Result<Vec<&'static str>, Err
     if hooked == 0 {
         return Err(Error::NoSocketHook("no kprobe could be attached (see the warnings above)".into()));
     }
-    Ok(vec![ENTRY, "socket_send_return", "socket_recv_return"])
+    Ok(PROGRAMS.to_vec())
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, function: &str) -> Result<(), Error> {

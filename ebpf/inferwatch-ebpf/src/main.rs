@@ -110,9 +110,10 @@ static CONN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(2, 0);
 
 /// Where a record is assembled: one slot per CPU (the agent sets the count to the possible
 /// CPUs at load), indexed by the CPU. Not a per-CPU array: those live in the kernel's linear
-/// map, so every user copy into one pays hardened usercopy's page checks (~40 ns per operation
-/// on this project's VM); a mmapable array's memory comes from vmalloc, which those checks
-/// skip when page faults are off, as they are in `bpf_probe_read_user`.
+/// map, where hardened usercopy looks up the destination's page on every user copy; a
+/// mmapable array's memory comes from vmalloc, whose lookup it skips when page faults are off,
+/// as they are in `bpf_probe_read_user` (measured: send −9, receive −30 ns, within the VM's
+/// noise; BENCHMARKS.md).
 #[map]
 static SCRATCH: Array<Scratch> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
