@@ -14,6 +14,7 @@ pub mod vllm;
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixListener,
     path::PathBuf,
     process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio},
     thread,
@@ -346,8 +347,13 @@ pub struct SockLoad {
 impl SockLoad {
     /// `binary` is `env!("CARGO_BIN_EXE_sockload")`, which only integration tests can name.
     pub fn spawn(binary: &str, target: SocketAddr, writes: u32, sendtos: u32, size: usize) -> SockLoad {
+        SockLoad::spawn_at(binary, &target.to_string(), writes, sendtos, size)
+    }
+
+    /// As [`SockLoad::spawn`], to `target` as sockload takes it: `HOST:PORT` or `unix:PATH`.
+    pub fn spawn_at(binary: &str, target: &str, writes: u32, sendtos: u32, size: usize) -> SockLoad {
         let mut child = Command::new(binary)
-            .args([target.to_string(), writes.to_string(), sendtos.to_string(), size.to_string()])
+            .args([target, &writes.to_string(), &sendtos.to_string(), &size.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -382,10 +388,22 @@ impl Drop for SockLoad {
 
 /// Accepts connections on `listener` and reads everything sent to them, in a thread.
 pub fn drain_connections(listener: TcpListener, count: usize) -> thread::JoinHandle<u64> {
+    drain_accepted(move || listener.accept().map(|(s, _)| s), count)
+}
+
+/// [`drain_connections`] for a Unix stream socket's listener.
+pub fn drain_unix_connections(listener: UnixListener, count: usize) -> thread::JoinHandle<u64> {
+    drain_accepted(move || listener.accept().map(|(s, _)| s), count)
+}
+
+fn drain_accepted<S: Read + Send + 'static>(
+    mut accept: impl FnMut() -> std::io::Result<S> + Send + 'static,
+    count: usize,
+) -> thread::JoinHandle<u64> {
     thread::spawn(move || {
         let mut readers = Vec::new();
         for _ in 0..count {
-            let (mut s, _) = listener.accept().unwrap();
+            let mut s = accept().unwrap();
             readers.push(thread::spawn(move || {
                 let mut buf = [0u8; 65536];
                 let mut total = 0u64;

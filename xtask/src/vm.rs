@@ -70,6 +70,7 @@ pub struct Kernel {
 /// so each series is found in exactly one release.
 pub const MATRIX: &[Kernel] = &[
     Kernel { name: "debian11-5.10-amd64", arch: Arch::X86_64, series: "5.10." },
+    Kernel { name: "debian11-5.10-arm64", arch: Arch::Aarch64, series: "5.10." },
     Kernel { name: "debian12-6.1-amd64", arch: Arch::X86_64, series: "6.1." },
     Kernel { name: "debian12-bpo-6.12-amd64", arch: Arch::X86_64, series: "6.12." },
     Kernel { name: "debian12-6.1-arm64", arch: Arch::Aarch64, series: "6.1." },
@@ -156,20 +157,35 @@ fn fetch_kernel(apt: &Apt, kernel: &Kernel) -> Result {
     let arch = kernel.arch.debian();
     let meta = format!("linux-image-{arch}:{arch}");
     let versions = apt.query(&["madison", &meta])?;
-    // madison lists the newest first.
-    let version = versions
+    // madison lists the newest first. A mirror may lack the newest image of a series (Debian's
+    // security archive answered 404 for 5.10's arm64 one while listing it), so each version of
+    // the series is tried in turn.
+    let candidates: Vec<&str> = versions
         .lines()
         .filter_map(|l| l.split('|').nth(1).map(str::trim))
-        .find(|v| v.starts_with(kernel.series))
-        .ok_or_else(|| format!("no {meta} {}* in Debian's archive", kernel.series))?;
-    let show = apt.query(&["show", &format!("{meta}={version}")])?;
-    let package = show
-        .lines()
-        .find_map(|l| l.strip_prefix("Depends: "))
-        .and_then(|d| d.split_whitespace().next())
-        .ok_or_else(|| format!("{meta}={version} depends on no image"))?;
+        .filter(|v| v.starts_with(kernel.series))
+        .collect();
+    if candidates.is_empty() {
+        return Err(format!("no {meta} {}* in Debian's archive", kernel.series));
+    }
+    let mut failures = Vec::new();
+    let mut fetched = None;
+    for version in candidates {
+        match download_image(apt, &meta, version) {
+            Ok(found) => {
+                fetched = Some(found);
+                break;
+            }
+            Err(e) => {
+                eprintln!("xtask: vm: {}: {version} not fetched ({e}); trying an older one", kernel.name);
+                failures.push(format!("{version}: {e}"));
+            }
+        }
+    }
+    let Some((package, version, work)) = fetched else {
+        return Err(format!("no {meta} {}* could be fetched: {}", kernel.series, failures.join("; ")));
+    };
     eprintln!("xtask: vm: {}: {package} {version}", kernel.name);
-    let work = apt.download(&format!("{package}:{arch}={version}"))?;
     extract(&work, &["./boot/vmlinuz-*", "./boot/config-*"])?;
     let staging = kernels_dir().join(format!("{}.partial", kernel.name));
     let _ = fs::remove_dir_all(&staging);
@@ -183,6 +199,20 @@ fn fetch_kernel(apt: &Apt, kernel: &Kernel) -> Result {
     rename(&staging, &kernel_dir(kernel))?;
     let _ = fs::remove_dir_all(&work);
     Ok(())
+}
+
+/// The image package `meta` at `version` depends on, downloaded: (package, version, work dir).
+fn download_image(apt: &Apt, meta: &str, version: &str) -> Result<(String, String, PathBuf)> {
+    let arch = meta.rsplit(':').next().unwrap_or_default();
+    let show = apt.query(&["show", &format!("{meta}={version}")])?;
+    let package = show
+        .lines()
+        .find_map(|l| l.strip_prefix("Depends: "))
+        .and_then(|d| d.split_whitespace().next())
+        .ok_or_else(|| format!("{meta}={version} depends on no image"))?
+        .to_string();
+    let work = apt.download(&format!("{package}:{arch}={version}"))?;
+    Ok((package, version.to_string(), work))
 }
 
 /// The one `<name>-<release>` in a kernel package's /boot.
@@ -387,13 +417,20 @@ fn scratch_file(kernel: &Kernel) -> PathBuf {
 }
 
 fn qemu(kernel: &Kernel, vmlinuz: &Path, initrd: &Path) -> Command {
-    let (binary, machine, console): (_, &[&str], _) = match kernel.arch {
-        Arch::X86_64 => ("qemu-system-x86_64", &["-cpu", "max"], "ttyS0"),
-        Arch::Aarch64 => ("qemu-system-aarch64", &["-M", "virt", "-cpu", "max,pauth-impdef=on"], "ttyAMA0"),
+    // x86-64 guests run both vCPUs on one host thread: x86 kernels patch static branches through
+    // an int3 (attaching and detaching tracepoints does), and with a host thread per vCPU, TCG
+    // let the other vCPU run the int3 after the patch was done (6.12 oopsed in
+    // ttwu_do_activate as the agent detached sched_wakeup). arm64 patches a branch in one
+    // write, which either vCPU may see late without harm.
+    let (binary, machine, accel, console): (_, &[&str], _, _) = match kernel.arch {
+        Arch::X86_64 => ("qemu-system-x86_64", &["-cpu", "max"], "tcg,thread=single", "ttyS0"),
+        Arch::Aarch64 => {
+            ("qemu-system-aarch64", &["-M", "virt", "-cpu", "max,pauth-impdef=on"], "tcg", "ttyAMA0")
+        }
     };
     let mut c = command(binary);
     c.args(machine)
-        .args(["-accel", "tcg", "-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nic", "none"])
+        .args(["-accel", accel, "-m", "2048", "-smp", "2", "-nographic", "-no-reboot", "-nic", "none"])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")

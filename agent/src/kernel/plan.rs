@@ -129,7 +129,11 @@ pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, Plan
     let socket = match socket {
         SocketHook::Tracepoint if !have_tracepoints => return Err(PlanError::NoTracepoints),
         SocketHook::Auto if have_tracepoints => SocketHook::Tracepoint,
-        SocketHook::Auto => SocketHook::Fexit,
+        // fexit needs the functions' BTF; kprobes do not.
+        SocketHook::Auto if FEXIT_TARGETS.iter().any(|t| k.function_params(t.function).is_some()) => {
+            SocketHook::Fexit
+        }
+        SocketHook::Auto => SocketHook::Kprobe,
         chosen => chosen,
     };
     let modern = k.has_helper("loop") && k.has_map_type("TASK_STORAGE");
@@ -196,6 +200,10 @@ pub(crate) fn plan(k: &dyn KernelFacts, socket: SocketHook) -> Result<Plan, Plan
                     "{} takes {n} parameters here, not {}: not hooked",
                     target.function, target.params
                 )),
+                // A kprobe needs only the symbol (its programs read the arguments from registers,
+                // in the signature these functions have had since Linux 4.x): attaching says
+                // whether it exists. Debian 11's arm64 5.10 lacks the Unix ones in its BTF.
+                None if socket == SocketHook::Kprobe => fexit.push(target),
                 None => limits.push(format!("{} is not in this kernel's BTF: not hooked", target.function)),
             }
         }
@@ -341,8 +349,17 @@ mod tests {
         let p = plan(&k, SocketHook::Auto).unwrap();
         assert_eq!(p.fexit.len(), 6);
         assert!(p.limits.iter().any(|l| l.contains("inet_recvmsg takes 5")), "{:?}", p.limits);
+        // kprobes try a function BTF does not know (attaching says whether the symbol exists),
+        // not one BTF says has another signature.
+        let p = plan(&k, SocketHook::Kprobe).unwrap();
+        let hooked: Vec<_> = p.fexit.iter().map(|t| t.function).collect();
+        assert!(hooked.contains(&"unix_dgram_sendmsg") && !hooked.contains(&"inet_recvmsg"), "{hooked:?}");
+        assert!(matches!(plan(&k, SocketHook::Fexit), Ok(p) if p.fexit.len() == 6));
+        // No function in BTF: fexit cannot be planned, kprobes can.
         k.functions.clear();
-        assert!(matches!(plan(&k, SocketHook::Auto), Err(PlanError::NoSocketHook(_))));
+        assert!(matches!(plan(&k, SocketHook::Fexit), Err(PlanError::NoSocketHook(_))));
+        let p = plan(&k, SocketHook::Auto).unwrap();
+        assert!(p.socket == SocketHook::Kprobe && p.fexit.len() == 8);
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! `kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook auto|tracepoint|fexit|kprobe]`
 //!
 //! 1. Exact counts: a watched process's 200 `write`s and 100 `sendto`s on a TCP socket are
-//!    counted exactly, an unwatched one's not at all.
+//!    counted exactly, an unwatched one's not at all; and a watched process's on a Unix stream
+//!    socket (what vLLM's API server and engine talk over).
 //! 2. One streamed HTTP request to a watched server is timed end to end: status, outcome, its
 //!    content events, and a TTFT and duration within what the client saw.
 //! 3. The hooks: `inferwatch_probe_info` says how each is attached; the scheduler and TCP
@@ -14,12 +15,12 @@
 //!
 //! Prints `KERNELCHECK ok: …` per check and `KERNELCHECK PASS` at the end; any failure panics
 //! with the agent's log (a non-zero exit).
-use std::{net::TcpListener, thread, time::Duration};
+use std::{net::TcpListener, os::unix::net::UnixListener, thread, time::Duration};
 
 use inferwatch_tests::{
     Agent, SockLoad,
     client::{Client, Completion},
-    drain_connections, require_root, series_matching, series_value,
+    drain_connections, drain_unix_connections, require_root, series_matching, series_value,
     servers::Server,
 };
 
@@ -53,8 +54,18 @@ fn main() {
     let (writes, sendtos) = (200u32, 100u32);
     let mut watched = SockLoad::spawn(sockload, target, writes, sendtos, 64);
     let mut unwatched = SockLoad::spawn(sockload, target, 50, 50, 64);
+    let unix_path = std::env::temp_dir().join(format!("kernelcheck-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&unix_path);
+    let unix_listener = UnixListener::bind(&unix_path).unwrap();
+    let unix_drained = drain_unix_connections(unix_listener, 1);
+    let (unix_writes, unix_sendtos) = (60u32, 40u32);
+    let mut unix_watched =
+        SockLoad::spawn_at(sockload, &format!("unix:{}", unix_path.display()), unix_writes, unix_sendtos, 64);
     let server = Server::rust(sseserver);
-    let agent = Agent::start_with(&[watched.pid(), server.pid()], &["--no-discovery", "--socket-hook", hook]);
+    let agent = Agent::start_with(
+        &[watched.pid(), unix_watched.pid(), server.pid()],
+        &["--no-discovery", "--socket-hook", hook],
+    );
     let text = agent.metrics();
     let probes = series_matching(&text, "inferwatch_probe_info{", "");
     for p in &probes {
@@ -77,9 +88,23 @@ fn main() {
         Some(line.split("attach=\"").nth(1)?.split('"').next()?.to_string())
     };
 
-    counts_exactly(&agent, sockload, &mut watched, &mut unwatched, writes, sendtos);
+    counts_exactly(&agent, sockload, &mut watched, Some(&mut unwatched), writes, sendtos);
+    println!(
+        "KERNELCHECK ok: {writes} writes and {sendtos} sendtos on TCP counted exactly, the unwatched process not at all"
+    );
     drop((watched, unwatched));
     assert_eq!(drained.join().unwrap(), (writes + sendtos + 100) as u64 * 64, "the sink got every byte");
+    counts_exactly(&agent, sockload, &mut unix_watched, None, unix_writes, unix_sendtos);
+    println!(
+        "KERNELCHECK ok: {unix_writes} writes and {unix_sendtos} sendtos on a Unix socket counted exactly"
+    );
+    drop(unix_watched);
+    assert_eq!(
+        unix_drained.join().unwrap(),
+        (unix_writes + unix_sendtos) as u64 * 64,
+        "the Unix sink got every byte"
+    );
+    let _ = std::fs::remove_file(&unix_path);
 
     times_a_stream(&agent, &server, attached("arrival").as_deref() == Some("tp_btf"));
 
@@ -118,12 +143,14 @@ fn counts_exactly(
     agent: &Agent,
     sockload: &str,
     watched: &mut SockLoad,
-    unwatched: &mut SockLoad,
+    mut unwatched: Option<&mut SockLoad>,
     writes: u32,
     sendtos: u32,
 ) {
     watched.go();
-    unwatched.go();
+    if let Some(u) = unwatched.as_deref_mut() {
+        u.go();
+    }
     let comm = std::path::Path::new(sockload)
         .file_name()
         .unwrap()
@@ -149,14 +176,13 @@ fn counts_exactly(
     let own =
         series_matching(&text, "inferwatch_process_socket_ops_total", &format!("pid=\"{}\"", watched.pid()));
     assert_eq!(own.len(), 2, "only write and sendto were made: {own:?}");
-    let other = format!("pid=\"{}\"", unwatched.pid());
-    assert!(
-        series_matching(&text, "inferwatch_process_socket", &other).is_empty(),
-        "an unwatched process was counted:\n{text}"
-    );
-    println!(
-        "KERNELCHECK ok: {writes} writes and {sendtos} sendtos counted exactly, the unwatched process not at all"
-    );
+    if let Some(u) = unwatched {
+        let other = format!("pid=\"{}\"", u.pid());
+        assert!(
+            series_matching(&text, "inferwatch_process_socket", &other).is_empty(),
+            "an unwatched process was counted:\n{text}"
+        );
+    }
 }
 
 fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
