@@ -18,7 +18,7 @@ use super::{
 };
 use crate::{
     collect::procfs,
-    kernel::{LOST_AGENT_QUEUE_FULL, LOST_MALFORMED, LOST_RING_BUFFER_FULL},
+    kernel::{LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_MALFORMED, LOST_RING_BUFFER_FULL},
     model::family::Family as Snapshot,
 };
 
@@ -130,6 +130,7 @@ pub(crate) struct Metrics {
     pub diagnosis_active: Family<RuleLabels, Gauge>,
     pub bpf_run_ns: Family<ProgramLabels, Counter>,
     pub bpf_runs: Family<ProgramLabels, Counter>,
+    pub bpf_misses: Family<ProgramLabels, Counter>,
     pub probe_info: Family<ProbeLabels, Gauge>,
 }
 
@@ -202,7 +203,7 @@ impl Metrics {
         let events = Counter::default();
         registry.register("inferwatch_agent_events", "Kernel events received by the agent", events.clone());
         let events_lost = Family::<LostLabels, Counter>::default();
-        for reason in [LOST_RING_BUFFER_FULL, LOST_AGENT_QUEUE_FULL, LOST_MALFORMED] {
+        for reason in [LOST_RING_BUFFER_FULL, LOST_AGENT_QUEUE_FULL, LOST_MALFORMED, LOST_KRETPROBE_MISSED] {
             // Present from the start at 0, so `rate()` and alerts work before the first loss.
             let _ = events_lost.get_or_create(&LostLabels { reason });
         }
@@ -400,6 +401,12 @@ impl Metrics {
             "Runs of each inferwatch program (while kernel.bpf_stats_enabled=1)",
             bpf_runs.clone(),
         );
+        let bpf_misses = Family::<ProgramLabels, Counter>::default();
+        registry.register(
+            "inferwatch_bpf_program_misses",
+            "Runs of each inferwatch program the kernel skipped because it was already running on that CPU (always counted, Linux 5.12+); a skipped socket program misses that operation, whoever made it",
+            bpf_misses.clone(),
+        );
         let probe_info = Family::<ProbeLabels, Gauge>::default();
         registry.register(
             "inferwatch_probe_info",
@@ -445,6 +452,7 @@ impl Metrics {
             diagnosis_active,
             bpf_run_ns,
             bpf_runs,
+            bpf_misses,
             probe_info,
         }
     }

@@ -238,13 +238,15 @@ impl Aggregator {
                 metrics.events_lost.get_or_create(&LostLabels { reason }).inc_by(delta);
             }
             KernelReport::ProgramStats(stats) => {
-                for (program, ns, runs) in stats {
-                    let labels = ProgramLabels { program };
-                    let (c_ns, c_runs) =
-                        (metrics.bpf_run_ns.get_or_create(&labels), metrics.bpf_runs.get_or_create(&labels));
+                for s in stats {
+                    let labels = ProgramLabels { program: s.program };
                     // Kernel totals only grow; catch the counters up to them.
-                    c_ns.inc_by(ns.saturating_sub(c_ns.get()));
-                    c_runs.inc_by(runs.saturating_sub(c_runs.get()));
+                    for (family, total) in
+                        [(&metrics.bpf_run_ns, s.run_ns), (&metrics.bpf_runs, s.runs), (&metrics.bpf_misses, s.misses)]
+                    {
+                        let counter = family.get_or_create(&labels);
+                        counter.inc_by(total.saturating_sub(counter.get()));
+                    }
                 }
             }
             KernelReport::Sched(slots) => {

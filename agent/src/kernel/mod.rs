@@ -20,14 +20,28 @@ pub(crate) enum KernelReport {
     Lost { reason: &'static str, total: u64 },
     /// Cumulative scheduler statistics per role (the kernel's `SCHED_STATS`, summed over CPUs).
     Sched(Vec<u64>),
-    /// Cumulative (program, run time ns, runs) of each kernel program.
-    ProgramStats(Vec<(&'static str, u64, u64)>),
+    /// Cumulative run statistics of each kernel program.
+    ProgramStats(Vec<ProgramStats>),
+}
+
+/// One kernel program's cumulative statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ProgramStats {
+    pub program: &'static str,
+    /// Run time and runs: counted while `kernel.bpf_stats_enabled=1`.
+    pub run_ns: u64,
+    pub runs: u64,
+    /// Runs the kernel skipped because the program was already running on that CPU (always
+    /// counted, from Linux 5.12).
+    pub misses: u64,
 }
 
 /// Reasons an event can be lost, each a fixed label value.
 pub(crate) const LOST_RING_BUFFER_FULL: &str = "ring_buffer_full";
 pub(crate) const LOST_AGENT_QUEUE_FULL: &str = "agent_queue_full";
 pub(crate) const LOST_MALFORMED: &str = "malformed";
+/// A kretprobe missed a watched call's return (kprobe hooks only): see `LostReason::ReturnMissed`.
+pub(crate) const LOST_KRETPROBE_MISSED: &str = "kretprobe_missed";
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {

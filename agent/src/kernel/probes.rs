@@ -10,7 +10,7 @@ use aya::{
 use inferwatch_common::{kernel::KERNEL_LAYOUT_GLOBAL, maps, sched::SchedStats, sock::MAX_CAPTURE};
 
 use super::{
-    Error,
+    Error, ProgramStats,
     btf::KernelBtf,
     plan::{OPTIONAL_TRACEPOINTS, Object, Plan, SOCKET_TRACEPOINTS, SocketHook},
 };
@@ -252,17 +252,56 @@ fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<aya::maps::Map, Error
 }
 
 impl Programs {
-    /// Each program's cumulative run time (ns) and run count, as the kernel keeps them while
-    /// `kernel.bpf_stats_enabled=1` (zero otherwise).
-    pub(crate) fn stats(&self) -> Vec<(&'static str, u64, u64)> {
+    /// Each program's cumulative statistics: run time and runs as the kernel keeps them while
+    /// `kernel.bpf_stats_enabled=1` (zero otherwise), and the runs it skipped.
+    pub(crate) fn stats(&self) -> Vec<ProgramStats> {
         self.attached
             .iter()
             .filter_map(|name| {
-                let info = self.ebpf.program(name)?.info().ok()?;
-                Some((*name, info.run_time().as_nanos() as u64, info.run_count()))
+                let program = self.ebpf.program(name)?;
+                let info = program.info().ok()?;
+                let misses = program.fd().ok().and_then(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd))).unwrap_or(0);
+                Some(ProgramStats {
+                    program: name,
+                    run_ns: info.run_time().as_nanos() as u64,
+                    runs: info.run_count(),
+                    misses,
+                })
             })
             .collect()
     }
+}
+
+/// The runs of a program the kernel skipped because it was already running on that CPU
+/// (`bpf_prog_info.recursion_misses`, Linux 5.12+; aya does not expose it). None where the
+/// kernel does not say.
+fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    /// `union bpf_attr` as `BPF_OBJ_GET_INFO_BY_FD` reads it.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    // SAFETY: a plain-data kernel struct, valid zeroed.
+    let mut info: aya_obj::generated::bpf_prog_info = unsafe { std::mem::zeroed() };
+    let mut attr = InfoByFd {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of_val(&info) as u32,
+        info: &raw mut info as u64,
+    };
+    // SAFETY: the attribute names a buffer of `info_len` bytes that lives across the call; the
+    // kernel writes at most that much (less where its struct is smaller, and says so).
+    let r = unsafe {
+        libc::syscall(libc::SYS_bpf, BPF_OBJ_GET_INFO_BY_FD, &raw mut attr, size_of::<InfoByFd>() as u32)
+    };
+    let end = std::mem::offset_of!(aya_obj::generated::bpf_prog_info, recursion_misses) + size_of::<u64>();
+    (r == 0 && attr.info_len as usize >= end).then_some(info.recursion_misses)
+}
+
+impl Programs {
 }
 
 impl WatchMaps {

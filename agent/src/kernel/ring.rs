@@ -21,7 +21,9 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_RING_BUFFER_FULL, probes::Programs};
+use super::{
+    Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_RING_BUFFER_FULL, probes::Programs,
+};
 use crate::model::{health::Heartbeat, sock::RecordBatch};
 
 /// Where the readers send what they read: the aggregator's input, whatever its type.
@@ -189,15 +191,18 @@ pub(crate) async fn report_losses<M: Sink>(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        match lost.get(&(LostReason::RingFull as u32), 0) {
-            Ok(per_cpu) => {
-                let total = per_cpu.iter().sum();
-                let event = KernelReport::Lost { reason: LOST_RING_BUFFER_FULL, total }.into();
-                if tx.send(event).await.is_err() {
-                    return;
+        for (index, reason) in
+            [(LostReason::RingFull, LOST_RING_BUFFER_FULL), (LostReason::ReturnMissed, LOST_KRETPROBE_MISSED)]
+        {
+            match lost.get(&(index as u32), 0) {
+                Ok(per_cpu) => {
+                    let total = per_cpu.iter().sum();
+                    if tx.send(KernelReport::Lost { reason, total }.into()).await.is_err() {
+                        return;
+                    }
                 }
+                Err(e) => tracing::warn!("reading the kernel's loss counters: {e}"),
             }
-            Err(e) => tracing::warn!("reading the kernel's loss counters: {e}"),
         }
         let total = dropped.load(Ordering::Relaxed);
         let event = KernelReport::Lost { reason: LOST_AGENT_QUEUE_FULL, total }.into();

@@ -7,8 +7,12 @@
 pub enum LostReason {
     /// The ring buffer was full: userspace fell behind.
     RingFull = 0,
+    /// A kretprobe missed a watched call's return (more tasks were inside the hooked function
+    /// at once, on the whole node, than the kernel's instances for it): the call is not seen.
+    /// Found when the same task's next call finds the previous one still open.
+    ReturnMissed = 1,
 }
-pub const LOST_REASONS: u32 = 1;
+pub const LOST_REASONS: u32 = 2;
 
 /// What a [`SockEvent`] reports.
 #[repr(u8)]

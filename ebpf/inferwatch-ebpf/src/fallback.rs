@@ -6,14 +6,15 @@
 //! attach, a kprobe/kretprobe pair on the same functions does the same.
 
 use aya_ebpf::{
+    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
     programs::{FExitContext, ProbeContext, RetProbeContext},
 };
-use inferwatch_common::sock::SockEventKind;
+use inferwatch_common::sock::{LostReason, SockEventKind};
 
-use crate::{is_watched, try_sock_io};
+use crate::{count_lost, is_watched, try_sock_io};
 
 /// `offsetof(struct socket, sk)`: stable from 5.10 to 6.18 (state, type, flags, file before
 /// it). A plain load, so the verifier checks it against the kernel's BTF and types the result
@@ -58,9 +59,10 @@ socket_exit!(unix_dgram_recvmsg_exit, "unix_dgram_recvmsg", 4, SockEventKind::Re
 
 /// Where a kernel has no BPF trampolines for kernel functions (arm64 before 6.4), fexit cannot
 /// attach: a kprobe on the same functions remembers the socket of a watched task's call, and a
-/// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU. An
-/// LRU: a return the kernel missed (more tasks inside the functions at once than kretprobe
-/// instances, `2 × CPUs`) leaves its entry behind, and the oldest such entries make room.
+/// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU. A
+/// return the kernel missed (more tasks of the node inside the function at once than its
+/// kretprobe instances, `max(10, 2 × CPUs)`) leaves its entry behind: the task's next call
+/// finds it and counts the loss. An LRU, so that entries no later call finds make room.
 #[map]
 static ENTRY_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRY_SOCKS, 0);
 
@@ -81,7 +83,12 @@ pub fn socket_call_entry(ctx: ProbeContext) -> u32 {
     else {
         return 0;
     };
-    let _ = ENTRY_SOCKS.insert(&pid_tgid, &sock, 0);
+    if ENTRY_SOCKS.insert(&pid_tgid, &sock, BPF_NOEXIST as u64).is_err() {
+        // This task's previous call is still open: a task makes one socket call at a time, so
+        // its return was missed.
+        count_lost(LostReason::ReturnMissed);
+        let _ = ENTRY_SOCKS.insert(&pid_tgid, &sock, 0);
+    }
     0
 }
 

@@ -7,6 +7,9 @@
 //! 1. Exact counts: a watched process's 200 `write`s and 100 `sendto`s on a TCP socket are
 //!    counted exactly, an unwatched one's not at all; and a watched process's on a Unix stream
 //!    socket (what vLLM's API server and engine talk over).
+//!    Where socket I/O is hooked with kprobes, a return the kernel's kretprobe misses is counted:
+//!    with every instance held by blocked senders of another process, a watched process's sends
+//!    are all counted lost (`kretprobe_missed`), none silently gone.
 //! 2. One streamed HTTP request to a watched server is timed end to end: status, outcome, its
 //!    content events, and a TTFT and duration within what the client saw.
 //! 3. The hooks: `inferwatch_probe_info` says how each is attached; the scheduler and TCP
@@ -15,7 +18,14 @@
 //!
 //! Prints `KERNELCHECK ok: …` per check and `KERNELCHECK PASS` at the end; any failure panics
 //! with the agent's log (a non-zero exit).
-use std::{net::TcpListener, os::unix::net::UnixListener, thread, time::Duration};
+use std::{
+    io::Write,
+    net::{TcpListener, TcpStream},
+    os::unix::net::UnixListener,
+    sync::{Arc, Mutex},
+    thread,
+    time::Duration,
+};
 
 use inferwatch_tests::{
     Agent, SockLoad,
@@ -61,9 +71,14 @@ fn main() {
     let (unix_writes, unix_sendtos) = (60u32, 40u32);
     let mut unix_watched =
         SockLoad::spawn_at(sockload, &format!("unix:{}", unix_path.display()), unix_writes, unix_sendtos, 64);
+    let starved_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let starved_target = starved_listener.local_addr().unwrap();
+    let starved_drained = drain_connections(starved_listener, 1);
+    let starved_writes = 20u32;
+    let mut starved = SockLoad::spawn(sockload, starved_target, starved_writes, 0, 64);
     let server = Server::rust(sseserver);
     let agent = Agent::start_with(
-        &[watched.pid(), unix_watched.pid(), server.pid()],
+        &[watched.pid(), unix_watched.pid(), starved.pid(), server.pid()],
         &["--no-discovery", "--socket-hook", hook],
     );
     let text = agent.metrics();
@@ -105,6 +120,15 @@ fn main() {
         "the Unix sink got every byte"
     );
     let _ = std::fs::remove_file(&unix_path);
+
+    if attached("socket_io").as_deref() == Some("kprobe") {
+        missed_returns_are_counted(&agent, sockload, &mut starved, starved_writes);
+    } else {
+        println!("KERNELCHECK note: socket I/O is not hooked with kprobes here: no kretprobe to miss");
+        starved.go();
+    }
+    drop(starved);
+    assert_eq!(starved_drained.join().unwrap(), starved_writes as u64 * 64);
 
     times_a_stream(&agent, &server, attached("arrival").as_deref() == Some("tp_btf"));
 
@@ -229,4 +253,88 @@ fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
         truth.duration_seconds(),
         truth.content_events
     );
+}
+
+/// With every kretprobe instance of `inet_sendmsg` held by this (unwatched) process's blocked
+/// senders, the watched `starved` process's sends return unseen: each must be counted lost
+/// when its next call finds it open (the last one has no next call), none silently gone.
+fn missed_returns_are_counted(agent: &Agent, sockload: &str, starved: &mut SockLoad, writes: u32) {
+    // The kernel's instances per kretprobe: max(10, 2 × possible CPUs).
+    let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let cpus = possible.trim().rsplit(['-', ',']).next().unwrap().parse::<usize>().unwrap() + 1;
+    let blockers = (2 * cpus).max(10) + 8;
+    let (holders, tids) = block_in_sendmsg(blockers);
+    starved.go();
+    let lost = "inferwatch_agent_events_lost_total{reason=\"kretprobe_missed\"}";
+    let text = agent.wait_for_metrics(PATIENCE, |t| series_value(t, lost) >= Some((writes - 1) as f64));
+    let comm: String = std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect();
+    let ops = format!(
+        "inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"write\"}}",
+        starved.pid()
+    );
+    let (lost, seen) = (series_value(&text, lost).unwrap(), series_value(&text, &ops).unwrap_or(0.0));
+    // Every call either seen or counted lost, but the last, whose loss no later call reveals.
+    assert!(
+        seen + lost == (writes - 1) as f64 || seen + lost == writes as f64,
+        "{writes} writes with every kretprobe instance held: {seen} seen, {lost} counted lost"
+    );
+    // Released: the blocked senders fail with a reset and return.
+    drop(holders);
+    for t in tids {
+        t.join().unwrap();
+    }
+    println!(
+        "KERNELCHECK ok: with {blockers} senders holding inet_sendmsg's kretprobe instances, {writes} watched writes: {seen} seen, {lost} counted lost (kretprobe_missed)"
+    );
+}
+
+/// `n` threads blocked inside `inet_sendmsg` (a loopback peer that never reads, small buffers),
+/// each holding one of its kretprobe instances until the returned sockets are dropped.
+fn block_in_sendmsg(n: usize) -> (Vec<TcpStream>, Vec<thread::JoinHandle<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = listener.local_addr().unwrap();
+    let blocked = Arc::new(Mutex::new(Vec::new()));
+    let mut threads = Vec::new();
+    let mut peers = Vec::new();
+    for _ in 0..n {
+        let blocked = blocked.clone();
+        threads.push(thread::spawn(move || {
+            let mut s = TcpStream::connect(target).unwrap();
+            // SAFETY: gettid has no preconditions.
+            blocked.lock().unwrap().push(unsafe { libc::gettid() });
+            let chunk = vec![0u8; 1 << 20];
+            // Blocks once the peer's window and our buffer are full; fails when the peer goes.
+            while s.write_all(&chunk).is_ok() {}
+        }));
+        peers.push(listener.accept().unwrap().0);
+    }
+    // Each thread is asleep in its write (the kernel's `wchan` for it is a stream wait).
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let tids = blocked.lock().unwrap().clone();
+        let sleeping = tids
+            .iter()
+            .filter(|tid| {
+                let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+                let syscall = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+                // The state follows the command's closing parenthesis. Rust's `write` on a socket
+                // is `sendto` (x86-64 44, arm64 206); `write` is 1 and 64.
+                let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+                let nr = syscall.split_whitespace().next();
+                state == Some("S") && matches!(nr, Some("1" | "44" | "64" | "206"))
+            })
+            .count();
+        if sleeping == n {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let first = tids.first().map(|tid| {
+                let read = |f: &str| std::fs::read_to_string(format!("/proc/self/task/{tid}/{f}")).unwrap_or_default();
+                (read("stat"), read("syscall"))
+            });
+            panic!("only {sleeping} of {n} senders blocked ({} started; the first: {first:?})", tids.len());
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    (peers, threads)
 }
