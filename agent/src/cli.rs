@@ -189,6 +189,13 @@ pub(crate) struct RunArgs {
     /// system call tracepoint mode: it would tax every system call of every process.
     #[arg(long, value_enum, default_value_t)]
     pub socket_hook: crate::model::probe::SocketHook,
+    /// Where socket I/O is hooked with kprobes (arm64 before Linux 6.4): instances of each
+    /// kretprobe, i.e. tasks of the node (any process) inside one hooked function at once
+    /// before a return is missed (and counted lost). Up to 4096, ~100 bytes each, made through
+    /// tracefs; 0 leaves the kernel's default, max(10, 2 x CPUs).
+    #[arg(long, default_value_t = crate::kernel::kretprobe::MAX_INSTANCES,
+          value_parser = clap::value_parser!(u32).range(0..=crate::kernel::kretprobe::MAX_INSTANCES as i64))]
+    pub kretprobe_instances: u32,
     /// How often the kernel's records are read while they flow (1ms to 1s); up to 8× that while
     /// none come, and at once when a burst fills a sixteenth of the ring. Records carry the
     /// kernel's timestamps, so this delays only when counters move, not what they measure.

@@ -241,9 +241,11 @@ impl Aggregator {
                 for s in stats {
                     let labels = ProgramLabels { program: s.program };
                     // Kernel totals only grow; catch the counters up to them.
-                    for (family, total) in
-                        [(&metrics.bpf_run_ns, s.run_ns), (&metrics.bpf_runs, s.runs), (&metrics.bpf_misses, s.misses)]
-                    {
+                    for (family, total) in [
+                        (&metrics.bpf_run_ns, s.run_ns),
+                        (&metrics.bpf_runs, s.runs),
+                        (&metrics.bpf_misses, s.misses),
+                    ] {
                         let counter = family.get_or_create(&labels);
                         counter.inc_by(total.saturating_sub(counter.get()));
                     }

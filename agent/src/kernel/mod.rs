@@ -4,6 +4,7 @@
 
 pub(crate) mod btf;
 pub mod decode;
+pub(crate) mod kretprobe;
 pub(crate) mod plan;
 pub(crate) mod probes;
 pub(crate) mod ring;

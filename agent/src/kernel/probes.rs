@@ -12,6 +12,7 @@ use inferwatch_common::{kernel::KERNEL_LAYOUT_GLOBAL, maps, sched::SchedStats, s
 use super::{
     Error, ProgramStats,
     btf::KernelBtf,
+    kretprobe::{self, TracefsKretprobe},
     plan::{OPTIONAL_TRACEPOINTS, Object, Plan, SOCKET_TRACEPOINTS, SocketHook},
 };
 use crate::model::probe::ProbeChoice;
@@ -26,6 +27,8 @@ pub(crate) struct Programs {
     attached: Vec<&'static str>,
     /// How each hook is attached on this kernel.
     pub choices: Vec<ProbeChoice>,
+    /// The kretprobes made through tracefs: removed from the kernel when dropped.
+    _kretprobes: Vec<TracefsKretprobe>,
 }
 
 /// The maps that say what the programs watch; discovery keeps them in step with vLLM.
@@ -51,11 +54,13 @@ pub(crate) struct Outputs {
 pub(crate) fn load(
     capture_bytes: u32,
     socket_hook: SocketHook,
+    kretprobe_instances: u32,
 ) -> Result<(Programs, WatchMaps, Outputs), Error> {
+    let options = Options { capture_bytes, kretprobe_instances };
     let facts = KernelBtf::from_sys_fs().map_err(Error::KernelBtf)?;
     let btf = Btf::from_sys_fs().map_err(Error::Btf)?;
     let first = super::plan::plan(&facts, socket_hook).map_err(Error::Plan)?;
-    let (plan, loaded) = match load_plan(&first, &btf, capture_bytes) {
+    let (plan, loaded) = match load_plan(&first, &btf, options) {
         Err(Error::NoSocketHook(why))
             if socket_hook == SocketHook::Auto && first.socket == SocketHook::Fexit =>
         {
@@ -63,7 +68,7 @@ pub(crate) fn load(
                 "fexit cannot attach here ({why}; arm64 kernels before 6.4 have no BPF trampolines for kernel functions): using kprobes"
             );
             let plan = super::plan::plan(&facts, SocketHook::Kprobe).map_err(Error::Plan)?;
-            let loaded = load_plan(&plan, &btf, capture_bytes)?;
+            let loaded = load_plan(&plan, &btf, options)?;
             (plan, loaded)
         }
         loaded => (first, loaded?),
@@ -75,7 +80,15 @@ pub(crate) fn load(
     Ok(loaded)
 }
 
-fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, WatchMaps, Outputs), Error> {
+/// What the user chose about the programs.
+#[derive(Clone, Copy)]
+struct Options {
+    capture_bytes: u32,
+    /// Instances of each kretprobe (0: the kernel's default); see `kretprobe.rs`.
+    kretprobe_instances: u32,
+}
+
+fn load_plan(plan: &Plan, btf: &Btf, options: Options) -> Result<(Programs, WatchMaps, Outputs), Error> {
     let object = match plan.object {
         Object::Modern => MODERN,
         Object::Compat => COMPAT,
@@ -83,7 +96,7 @@ fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, Wa
     if object.is_empty() {
         return Err(Error::NoObject);
     }
-    let capture_bytes = capture_bytes.min(MAX_CAPTURE as u32);
+    let capture_bytes = options.capture_bytes.min(MAX_CAPTURE as u32);
     // One record-assembly slot per CPU the kernel may ever run on.
     let cpus = aya::util::nr_cpus().map_err(|(path, e)| Error::Cpus(path, e))?.get();
     let mut ebpf = EbpfLoader::new()
@@ -98,7 +111,8 @@ fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, Wa
     let kernel_log = aya_log::EbpfLogger::init(&mut ebpf)
         .inspect_err(|e| tracing::debug!("kernel-side logging unavailable: {e}"))
         .ok();
-    let (attached, choices) = attach_all(&mut ebpf, btf, plan)?;
+    let Attached { programs: attached, choices, kretprobes } =
+        attach_all(&mut ebpf, btf, plan, options.kretprobe_instances)?;
     let watched = Array::try_from(take_map(&mut ebpf, maps::WATCHED_TGIDS)?).map_err(map_error)?;
     let events = RingBuf::try_from(take_map(&mut ebpf, maps::EVENTS)?).map_err(map_error)?;
     let lost = PerCpuArray::try_from(take_map(&mut ebpf, maps::LOST)?).map_err(map_error)?;
@@ -106,7 +120,7 @@ fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, Wa
     let sched = PerCpuArray::try_from(take_map(&mut ebpf, maps::SCHED_STATS)?).map_err(map_error)?;
     let listen_ports = HashMap::try_from(take_map(&mut ebpf, maps::LISTEN_PORTS)?).map_err(map_error)?;
     Ok((
-        Programs { ebpf, attached, choices },
+        Programs { ebpf, attached, choices, _kretprobes: kretprobes },
         WatchMaps { watched, sched_roles, listen_ports },
         Outputs { events, lost, sched, kernel_log },
     ))
@@ -114,12 +128,9 @@ fn load_plan(plan: &Plan, btf: &Btf, capture_bytes: u32) -> Result<(Programs, Wa
 
 /// Attaches what the plan chose; every hook that cannot be attached is logged once and named
 /// in the returned choices. Only socket I/O is required.
-fn attach_all(
-    ebpf: &mut Ebpf,
-    btf: &Btf,
-    plan: &Plan,
-) -> Result<(Vec<&'static str>, Vec<ProbeChoice>), Error> {
+fn attach_all(ebpf: &mut Ebpf, btf: &Btf, plan: &Plan, kretprobe_instances: u32) -> Result<Attached, Error> {
     let mut attached = Vec::new();
+    let mut kretprobes = Vec::new();
     let mut choices = plan.hooks.clone();
     let unavailable = |choices: &mut Vec<ProbeChoice>, hook| {
         choices.retain(|(h, _)| *h != hook);
@@ -127,8 +138,11 @@ fn attach_all(
     };
     match plan.socket {
         SocketHook::Kprobe => {
-            attached.extend(attach_kprobes(ebpf, plan)?);
+            let (names, returns, how) = attach_kprobes(ebpf, plan, kretprobe_instances)?;
+            attached.extend(names);
+            kretprobes = returns;
             choices.push(("socket_io", "kprobe"));
+            choices.push(("kretprobe_instances", how));
         }
         SocketHook::Fexit => {
             let mut failed = Vec::new();
@@ -181,7 +195,14 @@ fn attach_all(
         choices.push(("arrival", "unavailable"));
     }
     tracing::info!(object = ?plan.object, hooks = ?choices, "kernel programs attached");
-    Ok((attached, choices))
+    Ok(Attached { programs: attached, choices, kretprobes })
+}
+
+/// What [`attach_all`] attached.
+struct Attached {
+    programs: Vec<&'static str>,
+    choices: Vec<ProbeChoice>,
+    kretprobes: Vec<TracefsKretprobe>,
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, btf: &Btf, name: &'static str) -> Result<(), Error> {
@@ -208,32 +229,69 @@ fn failed(name: &'static str, action: &'static str) -> impl FnOnce(aya::programs
 }
 
 /// The kprobe programs: one entry program on every function of the plan, a return program per
-/// direction. A function that cannot be probed is skipped, with a warning.
-fn attach_kprobes(ebpf: &mut Ebpf, plan: &Plan) -> Result<Vec<&'static str>, Error> {
+/// direction. A function that cannot be probed is skipped, with a warning. The returns are
+/// kretprobes made through tracefs with `instances` instances each where it can (see
+/// `kretprobe.rs`), else aya's with the kernel's default; the third value says which.
+fn attach_kprobes(
+    ebpf: &mut Ebpf,
+    plan: &Plan,
+    instances: u32,
+) -> Result<(Vec<&'static str>, Vec<TracefsKretprobe>, &'static str), Error> {
     const ENTRY: &str = "socket_call_entry";
     const PROGRAMS: [&str; 3] = [ENTRY, "socket_send_return", "socket_recv_return"];
     for name in PROGRAMS {
         program::<KProbe>(ebpf, name)?.load().map_err(failed(name, "loading"))?;
     }
+    let mut tracefs = match kretprobe::tracefs() {
+        Ok(path) if instances > 0 => {
+            kretprobe::remove_stale(&path);
+            Some(path)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(
+                "{e}: kretprobes get the kernel's default instances, max(10, 2 x CPUs); calls beyond them return unseen and are counted lost"
+            );
+            None
+        }
+    };
+    let mut kretprobes = Vec::new();
     let mut hooked = 0;
     for target in &plan.fexit {
         let ret =
             if target.function.contains("sendmsg") { "socket_send_return" } else { "socket_recv_return" };
-        let attached = program::<KProbe>(ebpf, ENTRY)?
-            .attach(target.function, 0)
-            .map_err(failed(ENTRY, "attaching"))
-            .and_then(|_| {
-                program::<KProbe>(ebpf, ret)?.attach(target.function, 0).map_err(failed(ret, "attaching"))
-            });
-        match attached {
-            Ok(_) => hooked += 1,
+        let entry =
+            program::<KProbe>(ebpf, ENTRY)?.attach(target.function, 0).map_err(failed(ENTRY, "attaching"));
+        let returns = entry.and_then(|_| {
+            if let Some(path) = &tracefs {
+                let fd = program::<KProbe>(ebpf, ret)?.fd().map_err(failed(ret, "attaching"))?;
+                match kretprobe::attach(path, std::os::fd::AsFd::as_fd(fd), target.function, instances) {
+                    Ok(probe) => {
+                        kretprobes.push(probe);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "a kretprobe with {instances} instances on {} through tracefs: {e}; kretprobes get the kernel's default instances, max(10, 2 x CPUs), from here",
+                            target.function
+                        );
+                        tracefs = None;
+                    }
+                }
+            }
+            program::<KProbe>(ebpf, ret)?.attach(target.function, 0).map(|_| ()).map_err(failed(ret, "attaching"))
+        });
+        match returns {
+            Ok(()) => hooked += 1,
             Err(e) => tracing::warn!("{e}: {} is not watched", target.function),
         }
     }
     if hooked == 0 {
         return Err(Error::NoSocketHook("no kprobe could be attached (see the warnings above)".into()));
     }
-    Ok(PROGRAMS.to_vec())
+    // Mixed (tracefs gave out midway) reads as the default: the weaker guarantee.
+    let how = if tracefs.is_some() && kretprobes.len() == hooked { "tracefs" } else { "kernel_default" };
+    Ok((PROGRAMS.to_vec(), kretprobes, how))
 }
 
 fn attach_fexit(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, function: &str) -> Result<(), Error> {
@@ -260,7 +318,11 @@ impl Programs {
             .filter_map(|name| {
                 let program = self.ebpf.program(name)?;
                 let info = program.info().ok()?;
-                let misses = program.fd().ok().and_then(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd))).unwrap_or(0);
+                let misses = program
+                    .fd()
+                    .ok()
+                    .and_then(|fd| recursion_misses(std::os::fd::AsFd::as_fd(fd)))
+                    .unwrap_or(0);
                 Some(ProgramStats {
                     program: name,
                     run_ns: info.run_time().as_nanos() as u64,
@@ -301,8 +363,7 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     (r == 0 && attr.info_len as usize >= end).then_some(info.recursion_misses)
 }
 
-impl Programs {
-}
+impl Programs {}
 
 impl WatchMaps {
     /// Starts watching a process: its socket I/O reaches the ring buffer from now on.

@@ -22,7 +22,8 @@ use tokio::{
 };
 
 use super::{
-    Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_RING_BUFFER_FULL, probes::Programs,
+    Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_RING_BUFFER_FULL,
+    probes::Programs,
 };
 use crate::model::{health::Heartbeat, sock::RecordBatch};
 

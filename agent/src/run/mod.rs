@@ -84,7 +84,8 @@ pub(crate) fn prepare(args: RunArgs) -> Result<Prepared> {
     let explicit_urls = args.vllm_urls.iter().map(|u| vllm_url_target(u)).collect::<Result<Vec<_>>>()?;
     // A bad OTLP setting is a startup error, not a silent lack of traces.
     let otlp = OtlpConfig::from_args(&args.otlp).map_err(|e| anyhow::anyhow!("OTLP: {e}"))?;
-    let (programs, watch_maps, outputs) = kernel::probes::load(args.capture_bytes, args.socket_hook)?;
+    let (programs, watch_maps, outputs) =
+        kernel::probes::load(args.capture_bytes, args.socket_hook, args.kretprobe_instances)?;
     // Scraping a vLLM that listens on loopback only inside its pod needs setns(), hence
     // CAP_SYS_ADMIN: a helper process keeps it, the agent does not. Without the capability
     // (the DaemonSet does not grant it) pods are scraped through their own address.

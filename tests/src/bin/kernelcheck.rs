@@ -7,9 +7,11 @@
 //! 1. Exact counts: a watched process's 200 `write`s and 100 `sendto`s on a TCP socket are
 //!    counted exactly, an unwatched one's not at all; and a watched process's on a Unix stream
 //!    socket (what vLLM's API server and engine talk over).
-//!    Where socket I/O is hooked with kprobes, a return the kernel's kretprobe misses is counted:
-//!    with every instance held by blocked senders of another process, a watched process's sends
-//!    are all counted lost (`kretprobe_missed`), none silently gone.
+//!    Where socket I/O is hooked with kprobes, more tasks of another process blocked inside
+//!    `inet_sendmsg` than the kernel's default kretprobe instances: with the agent's own
+//!    (tracefs, 4,096) every watched send is still seen; with the kernel's default (the forced
+//!    `kprobe` run passes `--kretprobe-instances 0`) each is counted lost (`kretprobe_missed`),
+//!    none silently gone.
 //! 2. One streamed HTTP request to a watched server is timed end to end: status, outcome, its
 //!    content events, and a TTFT and duration within what the client saw.
 //! 3. The hooks: `inferwatch_probe_info` says how each is attached; the scheduler and TCP
@@ -77,10 +79,12 @@ fn main() {
     let starved_writes = 20u32;
     let mut starved = SockLoad::spawn(sockload, starved_target, starved_writes, 0, 64);
     let server = Server::rust(sseserver);
-    let agent = Agent::start_with(
-        &[watched.pid(), unix_watched.pid(), starved.pid(), server.pid()],
-        &["--no-discovery", "--socket-hook", hook],
-    );
+    // The forced kprobe run proves the counting of missed returns: the kernel's few instances.
+    let mut flags = vec!["--no-discovery", "--socket-hook", hook];
+    if hook == "kprobe" {
+        flags.extend(["--kretprobe-instances", "0"]);
+    }
+    let agent = Agent::start_with(&[watched.pid(), unix_watched.pid(), starved.pid(), server.pid()], &flags);
     let text = agent.metrics();
     let probes = series_matching(&text, "inferwatch_probe_info{", "");
     for p in &probes {
@@ -122,7 +126,8 @@ fn main() {
     let _ = std::fs::remove_file(&unix_path);
 
     if attached("socket_io").as_deref() == Some("kprobe") {
-        missed_returns_are_counted(&agent, sockload, &mut starved, starved_writes);
+        let raised = attached("kretprobe_instances").as_deref() == Some("tracefs");
+        starved_kretprobes(&agent, sockload, &mut starved, starved_writes, raised);
     } else {
         println!("KERNELCHECK note: socket I/O is not hooked with kprobes here: no kretprobe to miss");
         starved.go();
@@ -159,6 +164,11 @@ fn main() {
         }
     }
     assert!(agent.stop().success());
+    // The kretprobes made through tracefs go with the agent.
+    for tracefs in ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"] {
+        let events = std::fs::read_to_string(format!("{tracefs}/kprobe_events")).unwrap_or_default();
+        assert!(!events.contains("inferwatch/"), "the agent left kprobe events behind:\n{events}");
+    }
     std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "0").ok();
     println!("KERNELCHECK PASS");
 }
@@ -255,10 +265,11 @@ fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
     );
 }
 
-/// With every kretprobe instance of `inet_sendmsg` held by this (unwatched) process's blocked
-/// senders, the watched `starved` process's sends return unseen: each must be counted lost
-/// when its next call finds it open (the last one has no next call), none silently gone.
-fn missed_returns_are_counted(agent: &Agent, sockload: &str, starved: &mut SockLoad, writes: u32) {
+/// More of this (unwatched) process's tasks blocked inside `inet_sendmsg` than the kernel's
+/// default kretprobe instances, then the watched `starved` process's sends. With the agent's
+/// instances (`raised`), each is seen. With the kernel's, they return unseen and each must be
+/// counted lost when its next call finds it open (the last one has no next call).
+fn starved_kretprobes(agent: &Agent, sockload: &str, starved: &mut SockLoad, writes: u32, raised: bool) {
     // The kernel's instances per kretprobe: max(10, 2 × possible CPUs).
     let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
     let cpus = possible.trim().rsplit(['-', ',']).next().unwrap().parse::<usize>().unwrap() + 1;
@@ -266,25 +277,41 @@ fn missed_returns_are_counted(agent: &Agent, sockload: &str, starved: &mut SockL
     let (holders, tids) = block_in_sendmsg(blockers);
     starved.go();
     let lost = "inferwatch_agent_events_lost_total{reason=\"kretprobe_missed\"}";
-    let text = agent.wait_for_metrics(PATIENCE, |t| series_value(t, lost) >= Some((writes - 1) as f64));
-    let comm: String = std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect();
+    let comm: String =
+        std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect();
     let ops = format!(
         "inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"write\"}}",
         starved.pid()
     );
-    let (lost, seen) = (series_value(&text, lost).unwrap(), series_value(&text, &ops).unwrap_or(0.0));
-    // Every call either seen or counted lost, but the last, whose loss no later call reveals.
-    assert!(
-        seen + lost == (writes - 1) as f64 || seen + lost == writes as f64,
-        "{writes} writes with every kretprobe instance held: {seen} seen, {lost} counted lost"
-    );
+    let value = |t: &str, s: &str| series_value(t, s).unwrap_or(0.0);
+    let text = agent.wait_for_metrics(PATIENCE, |t| value(t, &ops) + value(t, lost) >= (writes - 1) as f64);
+    // Stragglers would show by now.
+    thread::sleep(Duration::from_secs(1));
+    let text = if raised { agent.metrics() } else { text };
+    let (lost, seen) = (value(&text, lost), value(&text, &ops));
+    if raised {
+        assert_eq!(
+            (seen, lost),
+            (writes as f64, 0.0),
+            "{blockers} senders blocked: every watched write is seen"
+        );
+    } else {
+        // Every call either seen or counted lost, but the last, whose loss no later call reveals.
+        assert!(
+            seen + lost == (writes - 1) as f64 || seen + lost == writes as f64,
+            "{writes} writes with the kernel's kretprobe instances all held: {seen} seen, {lost} counted lost"
+        );
+        assert!(lost > 0.0, "the kernel's instances were all held, yet no return was missed");
+    }
     // Released: the blocked senders fail with a reset and return.
     drop(holders);
     for t in tids {
         t.join().unwrap();
     }
+    let instances =
+        if raised { "the agent's kretprobe instances" } else { "the kernel's default kretprobe instances" };
     println!(
-        "KERNELCHECK ok: with {blockers} senders holding inet_sendmsg's kretprobe instances, {writes} watched writes: {seen} seen, {lost} counted lost (kretprobe_missed)"
+        "KERNELCHECK ok: {blockers} senders blocked in inet_sendmsg, {instances}: {writes} watched writes, {seen} seen, {lost} counted lost (kretprobe_missed)"
     );
 }
 
@@ -316,7 +343,8 @@ fn block_in_sendmsg(n: usize) -> (Vec<TcpStream>, Vec<thread::JoinHandle<()>>) {
             .iter()
             .filter(|tid| {
                 let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
-                let syscall = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+                let syscall =
+                    std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
                 // The state follows the command's closing parenthesis. Rust's `write` on a socket
                 // is `sendto` (x86-64 44, arm64 206); `write` is 1 and 64.
                 let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
@@ -329,7 +357,9 @@ fn block_in_sendmsg(n: usize) -> (Vec<TcpStream>, Vec<thread::JoinHandle<()>>) {
         }
         if std::time::Instant::now() > deadline {
             let first = tids.first().map(|tid| {
-                let read = |f: &str| std::fs::read_to_string(format!("/proc/self/task/{tid}/{f}")).unwrap_or_default();
+                let read = |f: &str| {
+                    std::fs::read_to_string(format!("/proc/self/task/{tid}/{f}")).unwrap_or_default()
+                };
                 (read("stat"), read("syscall"))
             });
             panic!("only {sleeping} of {n} senders blocked ({} started; the first: {first:?})", tids.len());
