@@ -73,6 +73,11 @@ fn main() {
     let (unix_writes, unix_sendtos) = (60u32, 40u32);
     let mut unix_watched =
         SockLoad::spawn_at(sockload, &format!("unix:{}", unix_path.display()), unix_writes, unix_sendtos, 64);
+    // IPv6 goes through its own functions where socket I/O is hooked per protocol (inet6_*).
+    let v6 = TcpListener::bind("[::1]:0").ok().map(|listener| {
+        let target = listener.local_addr().unwrap();
+        (drain_connections(listener, 1), SockLoad::spawn(sockload, target, 30, 20, 64))
+    });
     let starved_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let starved_target = starved_listener.local_addr().unwrap();
     let starved_drained = drain_connections(starved_listener, 1);
@@ -84,7 +89,9 @@ fn main() {
     if hook == "kprobe" {
         flags.extend(["--kretprobe-instances", "0"]);
     }
-    let agent = Agent::start_with(&[watched.pid(), unix_watched.pid(), starved.pid(), server.pid()], &flags);
+    let mut pids = vec![watched.pid(), unix_watched.pid(), starved.pid(), server.pid()];
+    pids.extend(v6.as_ref().map(|(_, load)| load.pid()));
+    let agent = Agent::start_with(&pids, &flags);
     let text = agent.metrics();
     let probes = series_matching(&text, "inferwatch_probe_info{", "");
     for p in &probes {
@@ -124,6 +131,15 @@ fn main() {
         "the Unix sink got every byte"
     );
     let _ = std::fs::remove_file(&unix_path);
+    match v6 {
+        Some((drained, mut load)) => {
+            counts_exactly(&agent, sockload, &mut load, None, 30, 20);
+            println!("KERNELCHECK ok: 30 writes and 20 sendtos on IPv6 TCP counted exactly");
+            drop(load);
+            assert_eq!(drained.join().unwrap(), 50 * 64, "the IPv6 sink got every byte");
+        }
+        None => println!("KERNELCHECK note: no IPv6 loopback here"),
+    }
 
     if attached("socket_io").as_deref() == Some("kprobe") {
         let raised = attached("kretprobe_instances").as_deref() == Some("tracefs");
