@@ -193,8 +193,8 @@ pub(crate) struct RunArgs {
     /// kretprobe, i.e. tasks of the node (any process) inside one hooked function at once
     /// before a return is missed (and counted lost). Up to 4096, ~100 bytes each, made through
     /// tracefs; 0 leaves the kernel's default, max(10, 2 x CPUs).
-    #[arg(long, default_value_t = crate::kernel::kretprobe::MAX_INSTANCES,
-          value_parser = clap::value_parser!(u32).range(0..=crate::kernel::kretprobe::MAX_INSTANCES as i64))]
+    #[arg(long, default_value_t = crate::model::probe::MAX_KRETPROBE_INSTANCES,
+          value_parser = clap::value_parser!(u32).range(0..=crate::model::probe::MAX_KRETPROBE_INSTANCES as i64))]
     pub kretprobe_instances: u32,
     /// How often the kernel's records are read while they flow (1ms to 1s); up to 8× that while
     /// none come, and at once when a burst fills a sixteenth of the ring. Records carry the

@@ -17,8 +17,6 @@ use std::{
 
 /// The trace event group of our probes; each event is named after its function and our pid.
 const GROUP: &str = "inferwatch";
-/// The kernel's ceiling for `r<N>:` (`KRETPROBE_MAXACTIVE_MAX`).
-pub(crate) const MAX_INSTANCES: u32 = 4096;
 
 /// A kretprobe trace event with a program attached; removed when dropped.
 #[derive(Debug)]

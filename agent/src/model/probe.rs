@@ -18,3 +18,7 @@ pub(crate) enum SocketHook {
 /// One hook and how it is attached on this kernel (`inferwatch_probe_info{hook,attach}`), e.g.
 /// `("socket_io", "fexit")` or `("arrival", "unavailable")`.
 pub(crate) type ProbeChoice = (&'static str, &'static str);
+
+/// The kernel's ceiling for a kretprobe's instances (`KRETPROBE_MAXACTIVE_MAX`), and the agent's
+/// default where socket I/O is hooked with kprobes (see `kernel/kretprobe.rs`).
+pub const MAX_KRETPROBE_INSTANCES: u32 = 4096;
