@@ -186,7 +186,7 @@ pub fn test() -> Result {
     selection.extend(test_files(&[ROOT_TESTS, TOOL_TESTS])?);
     run(&mut integration_tests(&selection))?;
 
-    step("kernel matrix: this kernel, then Debian's 5.10, 6.1 and 6.12 (x86-64) and 6.1 (arm64) in VMs");
+    step("kernel matrix: this kernel, then Debian's 5.10, 6.1 and 6.12 kernels (x86-64 and arm64) in VMs");
     crate::matrix::run_matrix(&cmd::root().join("target/debug"), None)?;
 
     e2e_tests()?;
