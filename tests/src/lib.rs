@@ -372,7 +372,17 @@ impl SockLoad {
 
     /// Makes the calls and waits until they are all done.
     pub fn go(&mut self) {
+        self.start();
+        self.finish();
+    }
+
+    /// Starts the calls (several loads at once: `start` each, then `finish` each).
+    pub fn start(&mut self) {
         self.stdin.write_all(b"go\n").unwrap();
+    }
+
+    /// Waits until the calls `start` began are all done.
+    pub fn finish(&mut self) {
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         assert_eq!(line, "done\n");

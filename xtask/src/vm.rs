@@ -62,6 +62,8 @@ pub struct Kernel {
     /// Upstream version prefix of Debian's `linux-image-<arch>` metapackage: the newest
     /// metapackage version with it names the image package to fetch.
     pub series: &'static str,
+    /// Extra kernel arguments of its boots.
+    pub cmdline: &'static str,
 }
 
 /// Debian 11's and 12's kernels, 12's backported one, and 12's and its backported one on arm64
@@ -69,12 +71,13 @@ pub struct Kernel {
 /// hold bullseye and bookworm (with their security and backports suites) and nothing newer,
 /// so each series is found in exactly one release.
 pub const MATRIX: &[Kernel] = &[
-    Kernel { name: "debian11-5.10-amd64", arch: Arch::X86_64, series: "5.10." },
-    Kernel { name: "debian11-5.10-arm64", arch: Arch::Aarch64, series: "5.10." },
-    Kernel { name: "debian12-6.1-amd64", arch: Arch::X86_64, series: "6.1." },
-    Kernel { name: "debian12-bpo-6.12-amd64", arch: Arch::X86_64, series: "6.12." },
-    Kernel { name: "debian12-6.1-arm64", arch: Arch::Aarch64, series: "6.1." },
-    Kernel { name: "debian12-bpo-6.12-arm64", arch: Arch::Aarch64, series: "6.12." },
+    Kernel { name: "debian11-5.10-amd64", arch: Arch::X86_64, series: "5.10.", cmdline: "" },
+    Kernel { name: "debian11-5.10-arm64", arch: Arch::Aarch64, series: "5.10.", cmdline: "" },
+    // Kernel code preemptible (fexit programs are, there): the fexit path's record-slot claim.
+    Kernel { name: "debian12-6.1-amd64", arch: Arch::X86_64, series: "6.1.", cmdline: "preempt=full" },
+    Kernel { name: "debian12-bpo-6.12-amd64", arch: Arch::X86_64, series: "6.12.", cmdline: "" },
+    Kernel { name: "debian12-6.1-arm64", arch: Arch::Aarch64, series: "6.1.", cmdline: "" },
+    Kernel { name: "debian12-bpo-6.12-arm64", arch: Arch::Aarch64, series: "6.12.", cmdline: "" },
 ];
 
 /// The private apt's suites: (archive, suite) on Debian's mirror.
@@ -438,7 +441,7 @@ fn qemu(kernel: &Kernel, vmlinuz: &Path, initrd: &Path) -> Command {
         .arg("-append")
         // No crypto self-tests: up to a fifth of a boot under TCG, and the one hung boot seen
         // here was stuck in one.
-        .arg(format!("console={console} panic=-1 quiet cryptomgr.notests"));
+        .arg(format!("console={console} panic=-1 quiet cryptomgr.notests {}", kernel.cmdline));
     c
 }
 

@@ -18,7 +18,9 @@ use super::{
 };
 use crate::{
     collect::procfs,
-    kernel::{LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_MALFORMED, LOST_RING_BUFFER_FULL},
+    kernel::{
+        LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_MALFORMED, LOST_RING_BUFFER_FULL, LOST_SLOT_BUSY,
+    },
     model::family::Family as Snapshot,
 };
 
@@ -203,7 +205,13 @@ impl Metrics {
         let events = Counter::default();
         registry.register("inferwatch_agent_events", "Kernel events received by the agent", events.clone());
         let events_lost = Family::<LostLabels, Counter>::default();
-        for reason in [LOST_RING_BUFFER_FULL, LOST_AGENT_QUEUE_FULL, LOST_MALFORMED, LOST_KRETPROBE_MISSED] {
+        for reason in [
+            LOST_RING_BUFFER_FULL,
+            LOST_AGENT_QUEUE_FULL,
+            LOST_MALFORMED,
+            LOST_KRETPROBE_MISSED,
+            LOST_SLOT_BUSY,
+        ] {
             // Present from the start at 0, so `rate()` and alerts work before the first loss.
             let _ = events_lost.get_or_create(&LostLabels { reason });
         }

@@ -43,6 +43,9 @@ pub(crate) const LOST_AGENT_QUEUE_FULL: &str = "agent_queue_full";
 pub(crate) const LOST_MALFORMED: &str = "malformed";
 /// A kretprobe missed a watched call's return (kprobe hooks only): see `LostReason::ReturnMissed`.
 pub(crate) const LOST_KRETPROBE_MISSED: &str = "kretprobe_missed";
+/// An fexit program found its CPU's record slot held by a task it preempted (kernels with
+/// `preempt=full`): see `LostReason::SlotBusy`.
+pub(crate) const LOST_SLOT_BUSY: &str = "preempted";
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {

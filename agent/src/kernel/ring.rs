@@ -22,7 +22,7 @@ use tokio::{
 };
 
 use super::{
-    Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_RING_BUFFER_FULL,
+    Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_RING_BUFFER_FULL, LOST_SLOT_BUSY,
     probes::Programs,
 };
 use crate::model::{health::Heartbeat, sock::RecordBatch};
@@ -192,9 +192,11 @@ pub(crate) async fn report_losses<M: Sink>(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        for (index, reason) in
-            [(LostReason::RingFull, LOST_RING_BUFFER_FULL), (LostReason::ReturnMissed, LOST_KRETPROBE_MISSED)]
-        {
+        for (index, reason) in [
+            (LostReason::RingFull, LOST_RING_BUFFER_FULL),
+            (LostReason::ReturnMissed, LOST_KRETPROBE_MISSED),
+            (LostReason::SlotBusy, LOST_SLOT_BUSY),
+        ] {
             match lost.get(&(index as u32), 0) {
                 Ok(per_cpu) => {
                     let total = per_cpu.iter().sum();

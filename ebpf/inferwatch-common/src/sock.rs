@@ -11,8 +11,11 @@ pub enum LostReason {
     /// at once, on the whole node, than the kernel's instances for it): the call is not seen.
     /// Found when the same task's next call finds the previous one still open.
     ReturnMissed = 1,
+    /// An fexit program found this CPU's record slot in use by a task it preempted (kernels
+    /// that preempt kernel code, `preempt=full`): its own record is dropped.
+    SlotBusy = 2,
 }
-pub const LOST_REASONS: u32 = 2;
+pub const LOST_REASONS: u32 = 3;
 
 /// What a [`SockEvent`] reports.
 #[repr(u8)]
@@ -181,6 +184,11 @@ pub struct Scratch {
     /// Data records this CPU wrote since it last asked the ring how full it is (see
     /// [`WAKEUP_CHECK_EVERY`]).
     pub since_fill_check: u32,
+    /// Non-zero while a preemptible (fexit) program assembles a record here. fexit programs
+    /// run with migration off but preemption on (kernels with `preempt=full`): another task's
+    /// program on this CPU finding the slot busy drops its record, counted, instead of
+    /// overwriting the record of the task it preempted.
+    pub busy: u32,
 }
 
 /// A CPU asks the ring buffer how much data is pending (to wake the reader) once per this many

@@ -38,7 +38,8 @@ macro_rules! socket_exit {
         #[fexit(function = $function)]
         pub fn $name(ctx: FExitContext) -> i32 {
             let ret: i64 = ctx.arg($ret);
-            match try_sock_io(sock_of(&ctx), ret as i32, $kind) {
+            // fexit programs may be preempted: the record slot is claimed.
+            match try_sock_io(sock_of(&ctx), ret as i32, $kind, true) {
                 Ok(()) => 0,
                 Err(e) => e,
             }
@@ -111,7 +112,7 @@ fn socket_call_return(ctx: &RetProbeContext, kind: SockEventKind) -> u32 {
     let Some(&sock) = (unsafe { ENTRY_SOCKS.get(&pid_tgid) }) else { return 0 };
     let _ = ENTRY_SOCKS.remove(&pid_tgid);
     let ret: i64 = ctx.ret();
-    match try_sock_io(sock, ret as i32, kind) {
+    match try_sock_io(sock, ret as i32, kind, false) {
         Ok(()) => 0,
         Err(_) => 1,
     }

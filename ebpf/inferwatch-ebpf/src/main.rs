@@ -120,7 +120,7 @@ static SCRATCH: Array<Scratch> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 /// `sock_send_length(struct sock *sk, int ret, int flags)`: after every `sock_sendmsg`.
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
-    match try_sock_io(ctx.arg(0), ctx.arg(1), SockEventKind::Send) {
+    match try_sock_io(ctx.arg(0), ctx.arg(1), SockEventKind::Send, false) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -130,7 +130,7 @@ pub fn sock_send_length(ctx: BtfTracePointContext) -> i32 {
 /// the received bytes are already in the caller's buffer.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sock_recv_length(ctx: BtfTracePointContext) -> i32 {
-    match try_sock_io(ctx.arg(0), ctx.arg(1), SockEventKind::Recv) {
+    match try_sock_io(ctx.arg(0), ctx.arg(1), SockEventKind::Recv, false) {
         Ok(()) => 0,
         Err(e) => e,
     }
@@ -173,9 +173,11 @@ pub fn sched_wakeup_new(ctx: BtfTracePointContext) -> i32 {
     }
 }
 
-/// One socket operation of `sock` (a `struct sock *`) that returned `ret`.
+/// One socket operation of `sock` (a `struct sock *`) that returned `ret`. `preemptible`: the
+/// calling program may be preempted (fexit; tracepoints and kprobes run with preemption off), so
+/// the CPU's record slot is claimed first (a constant: the other programs carry no claim).
 #[inline(always)]
-fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
+fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind, preemptible: bool) -> Result<(), i32> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     // The filter comes first: everything below is paid by watched processes only.
@@ -195,10 +197,43 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind) -> Result<(), i32> {
     let tracked = track(sock, tgid);
     let cpu = unsafe { bpf_get_smp_processor_id() };
     let scratch = SCRATCH.get_ptr_mut(cpu).ok_or(1)?;
-    // SAFETY: this CPU's slot, ours until this program returns (tracing programs run with
-    // migration off, and the socket programs do not nest).
+    // SAFETY: this CPU's slot, ours until this program returns: tracing programs run with
+    // migration off, the socket programs do not nest, and a preemptible one claims it.
     let scratch = unsafe { &mut *scratch };
+    if preemptible {
+        // Same-CPU tasks only (migration is off): a check and a store, volatile so that the
+        // compiler keeps both where they are. Only a second preemption between the two could
+        // defeat it.
+        // SAFETY: plain accesses to this CPU's slot.
+        if unsafe { core::ptr::read_volatile(&scratch.busy) } != 0 {
+            count_lost(LostReason::SlotBusy);
+            return Err(1);
+        }
+        unsafe { core::ptr::write_volatile(&mut scratch.busy, 1) };
+    }
+    let sent =
+        assemble_and_send(scratch, sock, ret, kind, tgid, pid_tgid, arrival_ns, established_ns, tracked);
+    if preemptible {
+        // SAFETY: as above.
+        unsafe { core::ptr::write_volatile(&mut scratch.busy, 0) };
+    }
+    sent
+}
 
+/// The record of one socket operation, assembled in `scratch` and written to the ring.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn assemble_and_send(
+    scratch: &mut Scratch,
+    sock: u64,
+    ret: i32,
+    kind: SockEventKind,
+    tgid: u32,
+    pid_tgid: u64,
+    arrival_ns: u64,
+    established_ns: u64,
+    tracked: TrackedSock,
+) -> Result<(), i32> {
     // Without registers (a kernel whose layout the agent could not learn, which it logged once)
     // the operation is still counted, without its system call or bytes.
     let (syscall_nr, copied) = match regs::current() {

@@ -12,6 +12,9 @@
 //!    (tracefs, 4,096) every watched send is still seen; with the kernel's default (the forced
 //!    `kprobe` run passes `--kretprobe-instances 0`) each is counted lost (`kretprobe_missed`),
 //!    none silently gone.
+//!    Where the kernel preempts kernel code (`preempt=full`, booted so for Debian 12's 6.1) and
+//!    socket I/O is hooked with fexit, whose programs may be preempted: two watched processes
+//!    writing on one CPU, every write seen or counted lost (`preempted`), none mixed or gone.
 //! 2. One streamed HTTP request to a watched server is timed end to end: status, outcome, its
 //!    content events, and a TTFT and duration within what the client saw.
 //! 3. The hooks: `inferwatch_probe_info` says how each is attached; the scheduler and TCP
@@ -78,6 +81,19 @@ fn main() {
         let target = listener.local_addr().unwrap();
         (drain_connections(listener, 1), SockLoad::spawn(sockload, target, 30, 20, 64))
     });
+    // Two writers for one CPU, one on TCP and one on a Unix socket: two fexit programs (one
+    // record slot per CPU), each also skipping its own calls while preempted inside itself.
+    let crowd_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let crowd_target = crowd_listener.local_addr().unwrap();
+    let crowd_path = std::env::temp_dir().join(format!("kernelcheck-crowd-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&crowd_path);
+    let crowd_unix = UnixListener::bind(&crowd_path).unwrap();
+    let crowd_drained = [drain_connections(crowd_listener, 1), drain_unix_connections(crowd_unix, 1)];
+    let crowd_writes = 3000u32;
+    let mut crowd = [
+        SockLoad::spawn(sockload, crowd_target, crowd_writes, 0, 64),
+        SockLoad::spawn_at(sockload, &format!("unix:{}", crowd_path.display()), crowd_writes, 0, 64),
+    ];
     let starved_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let starved_target = starved_listener.local_addr().unwrap();
     let starved_drained = drain_connections(starved_listener, 1);
@@ -89,7 +105,8 @@ fn main() {
     if hook == "kprobe" {
         flags.extend(["--kretprobe-instances", "0"]);
     }
-    let mut pids = vec![watched.pid(), unix_watched.pid(), starved.pid(), server.pid()];
+    let mut pids =
+        vec![watched.pid(), unix_watched.pid(), starved.pid(), server.pid(), crowd[0].pid(), crowd[1].pid()];
     pids.extend(v6.as_ref().map(|(_, load)| load.pid()));
     let agent = Agent::start_with(&pids, &flags);
     let text = agent.metrics();
@@ -140,6 +157,21 @@ fn main() {
         }
         None => println!("KERNELCHECK note: no IPv6 loopback here"),
     }
+
+    let full_preemption =
+        std::fs::read_to_string("/proc/cmdline").unwrap_or_default().contains("preempt=full");
+    if full_preemption && attached("socket_io").as_deref() == Some("fexit") {
+        preempted_programs_lose_nothing_silently(&agent, sockload, &mut crowd, crowd_writes);
+    } else {
+        for load in &mut crowd {
+            load.go();
+        }
+    }
+    drop(crowd);
+    for drained in crowd_drained {
+        assert_eq!(drained.join().unwrap(), crowd_writes as u64 * 64);
+    }
+    let _ = std::fs::remove_file(&crowd_path);
 
     if attached("socket_io").as_deref() == Some("kprobe") {
         let raised = attached("kretprobe_instances").as_deref() == Some("tracefs");
@@ -383,4 +415,72 @@ fn block_in_sendmsg(n: usize) -> (Vec<TcpStream>, Vec<thread::JoinHandle<()>>) {
         thread::sleep(Duration::from_millis(200));
     }
     (peers, threads)
+}
+
+/// Two watched processes writing at once on CPU 0 of a kernel that preempts kernel code, with
+/// socket I/O hooked by fexit programs, which run preemptible. A task preempted inside one makes
+/// the kernel skip that program for the CPU's other tasks (counted per program:
+/// `inferwatch_bpf_program_misses_total`), and a program finding the CPU's record slot held by
+/// another it preempted drops its record (`lost{reason="preempted"}`). Each write must be seen
+/// or counted one of these ways, once; none mixed into another's record or silently gone.
+fn preempted_programs_lose_nothing_silently(
+    agent: &Agent,
+    sockload: &str,
+    crowd: &mut [SockLoad; 2],
+    writes: u32,
+) {
+    const PROGRAMS: [&str; 2] = ["inet_sendmsg_exit", "unix_stream_sendmsg_exit"];
+    let misses = |t: &str| {
+        PROGRAMS
+            .iter()
+            .map(|p| {
+                series_value(t, &format!("inferwatch_bpf_program_misses_total{{program=\"{p}\"}}"))
+                    .unwrap_or(0.0)
+            })
+            .sum::<f64>()
+    };
+    // Misses reach the metrics every few seconds: a settled starting point.
+    thread::sleep(Duration::from_secs(6));
+    let missed_before = misses(&agent.metrics());
+    for load in crowd.iter() {
+        // SAFETY: a CPU set on the stack, for the call.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            assert_eq!(libc::sched_setaffinity(load.pid() as i32, size_of::<libc::cpu_set_t>(), &set), 0);
+        }
+    }
+    for load in crowd.iter_mut() {
+        load.start();
+    }
+    for load in crowd.iter_mut() {
+        load.finish();
+    }
+    let comm: String =
+        std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect();
+    let ops = |pid: u32| {
+        format!("inferwatch_process_socket_ops_total{{pid=\"{pid}\",comm=\"{comm}\",syscall=\"write\"}}")
+    };
+    let lost = "inferwatch_agent_events_lost_total{reason=\"preempted\"}";
+    let seen = |t: &str| crowd.iter().map(|l| series_value(t, &ops(l.pid())).unwrap_or(0.0)).sum::<f64>();
+    let dropped = |t: &str| series_value(t, lost).unwrap_or(0.0);
+    let skipped = |t: &str| misses(t) - missed_before;
+    let total = |t: &str| seen(t) + dropped(t) + skipped(t);
+    agent.wait_for_metrics(PATIENCE, |t| total(t) >= (2 * writes) as f64);
+    thread::sleep(Duration::from_secs(6));
+    let text = agent.metrics();
+    assert_eq!(
+        total(&text),
+        (2 * writes) as f64,
+        "every write seen or counted, once: {} seen, {} dropped (slot busy), {} skipped (program busy)",
+        seen(&text),
+        dropped(&text),
+        skipped(&text)
+    );
+    println!(
+        "KERNELCHECK ok: preempt=full, fexit: 2 × {writes} watched writes on one CPU: {} seen, {} dropped as preempted (slot busy), {} skipped by the kernel (program busy)",
+        seen(&text),
+        dropped(&text),
+        skipped(&text)
+    );
 }
