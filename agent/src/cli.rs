@@ -192,7 +192,7 @@ pub(crate) struct RunArgs {
     /// Where socket I/O is hooked with kprobes (arm64 before Linux 6.4): instances of each
     /// kretprobe, i.e. tasks of the node (any process) inside one hooked function at once
     /// before a return is missed (and counted lost). Up to 4096, ~100 bytes each, made through
-    /// tracefs; 0 leaves the kernel's default, max(10, 2 x CPUs).
+    /// tracefs; 0 leaves the kernel's default (the CPUs, or max(10, 2 x CPUs) on preemptible kernels).
     #[arg(long, default_value_t = crate::model::probe::MAX_KRETPROBE_INSTANCES,
           value_parser = clap::value_parser!(u32).range(0..=crate::model::probe::MAX_KRETPROBE_INSTANCES as i64))]
     pub kretprobe_instances: u32,

@@ -412,7 +412,7 @@ impl Metrics {
         let bpf_misses = Family::<ProgramLabels, Counter>::default();
         registry.register(
             "inferwatch_bpf_program_misses",
-            "Runs of each inferwatch program the kernel skipped because it was already running on that CPU (always counted, Linux 5.12+); a skipped socket program misses that operation, whoever made it",
+            "Runs of each inferwatch program the kernel skipped because it was already running on that CPU (fexit and tracepoint programs from Linux 5.12); a skipped socket program misses that operation, whoever made it",
             bpf_misses.clone(),
         );
         let probe_info = Family::<ProbeLabels, Gauge>::default();

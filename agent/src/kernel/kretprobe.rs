@@ -2,11 +2,12 @@
 //!
 //! A kretprobe holds one instance per task inside its function, from entry to return, for every
 //! task of the node, watched or not; with none free, the return is missed. The kernel's default
-//! is `max(10, 2 × CPUs)`, and a perf-created kretprobe (aya's) cannot change it: a few dozen
-//! threads of any process blocked in a socket call (blocking readers, a sender to a slow peer)
-//! starve it, and the watched processes' calls return unseen (kernelcheck measured all of them
-//! on a 2-CPU VM with 18 blocked senders). Through tracefs, `r<N>:` sets it, up to the kernel's
-//! 4,096 (~100 bytes each). The BPF program is then attached to the trace event through perf.
+//! is the possible CPUs (`max(10, 2 × CPUs)` on preemptible kernels), and a perf-created
+//! kretprobe (aya's) cannot change it: a few dozen threads of any process blocked in a socket
+//! call (blocking readers, a sender to a slow peer) starve it, and the watched processes' calls
+//! return unseen (kernelcheck measured all of them on a 2-CPU VM with 18 blocked senders).
+//! Through tracefs, `r<N>:` sets it, up to the kernel's 4,096 (~100 bytes each). The BPF
+//! program is then attached to the trace event through perf.
 
 use std::{
     fs,
@@ -63,11 +64,15 @@ fn our_events(listing: &str) -> impl Iterator<Item = &str> {
     })
 }
 
-/// Removes the events an agent that died without cleaning up left behind (their pid is gone).
+/// Removes the events an agent that died without cleaning up left behind: their pid is gone or
+/// is no inferwatch now (reused). An event still in use (a live agent's) cannot be removed.
 pub(crate) fn remove_stale(tracefs: &Path) {
     let Ok(listing) = fs::read_to_string(tracefs.join("kprobe_events")) else { return };
+    let ours = std::process::id();
     for event in our_events(&listing) {
-        if event_pid(event).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+        let Some(pid) = event_pid(event) else { continue };
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if pid != ours && comm.trim() != "inferwatch" {
             let _ = remove_event(tracefs, event);
         }
     }

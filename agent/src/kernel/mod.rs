@@ -33,7 +33,7 @@ pub(crate) struct ProgramStats {
     pub run_ns: u64,
     pub runs: u64,
     /// Runs the kernel skipped because the program was already running on that CPU (always
-    /// counted, from Linux 5.12).
+    /// counted for fexit and tracepoint programs from Linux 5.12).
     pub misses: u64,
 }
 

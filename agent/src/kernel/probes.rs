@@ -250,7 +250,7 @@ fn attach_kprobes(
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(
-                "{e}: kretprobes get the kernel's default instances, max(10, 2 x CPUs); calls beyond them return unseen and are counted lost"
+                "{e}: kretprobes get the kernel's default instances (a few per CPU); calls beyond them return unseen and are counted lost"
             );
             None
         }
@@ -260,9 +260,14 @@ fn attach_kprobes(
     for target in &plan.fexit {
         let ret =
             if target.function.contains("sendmsg") { "socket_send_return" } else { "socket_recv_return" };
-        let entry =
-            program::<KProbe>(ebpf, ENTRY)?.attach(target.function, 0).map_err(failed(ENTRY, "attaching"));
-        let returns = entry.and_then(|_| {
+        let entry = match program::<KProbe>(ebpf, ENTRY)?.attach(target.function, 0) {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::warn!("{}: {} is not watched", failed(ENTRY, "attaching")(e), target.function);
+                continue;
+            }
+        };
+        let returns = (|| {
             if let Some(path) = &tracefs {
                 let fd = program::<KProbe>(ebpf, ret)?.fd().map_err(failed(ret, "attaching"))?;
                 match kretprobe::attach(path, std::os::fd::AsFd::as_fd(fd), target.function, instances) {
@@ -272,18 +277,26 @@ fn attach_kprobes(
                     }
                     Err(e) => {
                         tracing::warn!(
-                            "a kretprobe with {instances} instances on {} through tracefs: {e}; kretprobes get the kernel's default instances, max(10, 2 x CPUs), from here",
+                            "a kretprobe with {instances} instances on {} through tracefs: {e}; kretprobes get the kernel's default instances (a few per CPU) from here",
                             target.function
                         );
                         tracefs = None;
                     }
                 }
             }
-            program::<KProbe>(ebpf, ret)?.attach(target.function, 0).map(|_| ()).map_err(failed(ret, "attaching"))
-        });
+            program::<KProbe>(ebpf, ret)?
+                .attach(target.function, 0)
+                .map(|_| ())
+                .map_err(failed(ret, "attaching"))
+        })();
         match returns {
             Ok(()) => hooked += 1,
-            Err(e) => tracing::warn!("{e}: {} is not watched", target.function),
+            Err(e) => {
+                // Without its return, the entry would only leave open calls behind (each
+                // counted as a missed return): detached.
+                let _ = program::<KProbe>(ebpf, ENTRY)?.detach(entry);
+                tracing::warn!("{e}: {} is not watched", target.function);
+            }
         }
     }
     if hooked == 0 {
@@ -362,8 +375,6 @@ fn recursion_misses(fd: std::os::fd::BorrowedFd<'_>) -> Option<u64> {
     let end = std::mem::offset_of!(aya_obj::generated::bpf_prog_info, recursion_misses) + size_of::<u64>();
     (r == 0 && attr.info_len as usize >= end).then_some(info.recursion_misses)
 }
-
-impl Programs {}
 
 impl WatchMaps {
     /// Starts watching a process: its socket I/O reaches the ring buffer from now on.

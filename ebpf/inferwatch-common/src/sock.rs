@@ -188,7 +188,7 @@ pub struct Scratch {
     /// run with migration off but preemption on (kernels with `preempt=full`): another task's
     /// program on this CPU finding the slot busy drops its record, counted, instead of
     /// overwriting the record of the task it preempted.
-    pub busy: u32,
+    pub busy: u64,
 }
 
 /// A CPU asks the ring buffer how much data is pending (to wake the reader) once per this many

@@ -6,7 +6,6 @@
 //! attach, a kprobe/kretprobe pair on the same functions does the same.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{fexit, kprobe, kretprobe, map},
     maps::LruHashMap,
@@ -62,7 +61,8 @@ socket_exit!(unix_dgram_recvmsg_exit, "unix_dgram_recvmsg", 4, SockEventKind::Re
 /// attach: a kprobe on the same functions remembers the socket of a watched task's call, and a
 /// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU. A
 /// return the kernel missed (more tasks of the node inside the function at once than its
-/// kretprobe instances, `max(10, 2 × CPUs)`) leaves its entry behind: the task's next call
+/// kretprobe instances: the agent asks for 4,096, the kernel's default is far fewer) leaves its
+/// entry behind: the task's next call
 /// finds it and counts the loss. An LRU, so that entries no later call finds make room.
 #[map]
 static ENTRY_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRY_SOCKS, 0);
@@ -84,12 +84,16 @@ pub fn socket_call_entry(ctx: ProbeContext) -> u32 {
     else {
         return 0;
     };
-    if ENTRY_SOCKS.insert(&pid_tgid, &sock, BPF_NOEXIST as u64).is_err() {
+    if let Some(open) = ENTRY_SOCKS.get_ptr_mut(&pid_tgid) {
         // This task's previous call is still open: a task makes one socket call at a time, so
-        // its return was missed.
+        // its return was missed. Its entry is reused in place (an insert would take a node of
+        // the LRU, which may evict another task's live entry).
         count_lost(LostReason::ReturnMissed);
-        let _ = ENTRY_SOCKS.insert(&pid_tgid, &sock, 0);
+        // SAFETY: this task's own entry; only it writes it.
+        unsafe { *open = sock };
+        return 0;
     }
+    let _ = ENTRY_SOCKS.insert(&pid_tgid, &sock, 0);
     0
 }
 

@@ -12,6 +12,9 @@
 //! buffer named by the system call's own saved registers.
 #![no_std]
 #![no_main]
+// `atomic_xadd`: the BPF target has no `AtomicU64::fetch_add`.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 #[cfg(not(feature = "compat"))]
 mod arrival;
@@ -200,16 +203,9 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind, preemptible: bool) -> R
     // SAFETY: this CPU's slot, ours until this program returns: tracing programs run with
     // migration off, the socket programs do not nest, and a preemptible one claims it.
     let scratch = unsafe { &mut *scratch };
-    if preemptible {
-        // Same-CPU tasks only (migration is off): a check and a store, volatile so that the
-        // compiler keeps both where they are. Only a second preemption between the two could
-        // defeat it.
-        // SAFETY: plain accesses to this CPU's slot.
-        if unsafe { core::ptr::read_volatile(&scratch.busy) } != 0 {
-            count_lost(LostReason::SlotBusy);
-            return Err(1);
-        }
-        unsafe { core::ptr::write_volatile(&mut scratch.busy, 1) };
+    if preemptible && !claim(&mut scratch.busy) {
+        count_lost(LostReason::SlotBusy);
+        return Err(1);
     }
     let sent =
         assemble_and_send(scratch, sock, ret, kind, tgid, pid_tgid, arrival_ns, established_ns, tracked);
@@ -218,6 +214,32 @@ fn try_sock_io(sock: u64, ret: i32, kind: SockEventKind, preemptible: bool) -> R
         unsafe { core::ptr::write_volatile(&mut scratch.busy, 0) };
     }
     sent
+}
+
+/// Claims a record slot for a preemptible program (`busy` 0 → 1); false if a task this one
+/// preempted holds it. Same-CPU tasks only (migration is off). An atomic exchange from Linux
+/// 5.12; the compat object (5.10-5.16) checks and stores, volatile so that the compiler keeps
+/// both in place, where only a preemption between the two could defeat it.
+#[inline(always)]
+fn claim(busy: &mut u64) -> bool {
+    #[cfg(not(feature = "compat"))]
+    {
+        // SAFETY: an aligned u64 of this CPU's slot (BPF exchanges 64-bit words).
+        unsafe {
+            core::intrinsics::atomic_xchg::<u64, { core::intrinsics::AtomicOrdering::Relaxed }>(busy, 1) == 0
+        }
+    }
+    #[cfg(feature = "compat")]
+    {
+        // SAFETY: plain accesses to this CPU's slot.
+        unsafe {
+            if core::ptr::read_volatile(busy) != 0 {
+                return false;
+            }
+            core::ptr::write_volatile(busy, 1);
+        }
+        true
+    }
 }
 
 /// The record of one socket operation, assembled in `scratch` and written to the ring.
@@ -508,8 +530,13 @@ fn new_conn_id(slot: u32) -> u64 {
 #[inline(always)]
 pub(crate) fn count_lost(reason: LostReason) {
     if let Some(slot) = LOST.get_ptr_mut(reason as u32) {
-        // Per-CPU slot: no other writer, a plain increment is exact.
-        unsafe { *slot += 1 };
+        // A per-CPU slot, but a preemptible (fexit) program may be preempted between a load and
+        // a store by another that counts too: an atomic add (its result unused, so the plain
+        // `lock add` every kernel since 5.10 takes).
+        // SAFETY: an aligned u64 of the map's value, for this call.
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(slot, 1)
+        };
     }
 }
 
