@@ -221,6 +221,14 @@ fn main() {
     println!("KERNELCHECK PASS");
 }
 
+/// The socket-operation series of a process running `binary` (its comm: the file name's first
+/// 15 bytes) for `syscall`.
+fn ops_series(binary: &str, pid: u32, syscall: &str) -> String {
+    let comm: String =
+        std::path::Path::new(binary).file_name().unwrap().to_string_lossy().chars().take(15).collect();
+    format!("inferwatch_process_socket_ops_total{{pid=\"{pid}\",comm=\"{comm}\",syscall=\"{syscall}\"}}")
+}
+
 fn counts_exactly(
     agent: &Agent,
     sockload: &str,
@@ -233,19 +241,7 @@ fn counts_exactly(
     if let Some(u) = unwatched.as_deref_mut() {
         u.go();
     }
-    let comm = std::path::Path::new(sockload)
-        .file_name()
-        .unwrap()
-        .to_string_lossy()
-        .chars()
-        .take(15)
-        .collect::<String>();
-    let series = |syscall: &str| {
-        format!(
-            "inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"{syscall}\"}}",
-            watched.pid()
-        )
-    };
+    let series = |syscall: &str| ops_series(sockload, watched.pid(), syscall);
     let (w, s) = (series("write"), series("sendto"));
     agent.wait_for_metrics(PATIENCE, |t| {
         series_value(t, &w) == Some(writes as f64) && series_value(t, &s) == Some(sendtos as f64)
@@ -326,12 +322,7 @@ fn starved_kretprobes(agent: &Agent, sockload: &str, starved: &mut SockLoad, wri
     let (holders, tids) = block_in_sendmsg(blockers);
     starved.go();
     let lost = "inferwatch_agent_events_lost_total{reason=\"kretprobe_missed\"}";
-    let comm: String =
-        std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect();
-    let ops = format!(
-        "inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{comm}\",syscall=\"write\"}}",
-        starved.pid()
-    );
+    let ops = ops_series(sockload, starved.pid(), "write");
     let value = |t: &str, s: &str| series_value(t, s).unwrap_or(0.0);
     let text = if raised {
         agent.wait_for_metrics(PATIENCE, |t| value(t, &ops) >= writes as f64)
@@ -463,11 +454,7 @@ fn preempted_programs_lose_nothing_silently(
     for load in crowd.iter_mut() {
         load.finish();
     }
-    let comm: String =
-        std::path::Path::new(sockload).file_name().unwrap().to_string_lossy().chars().take(15).collect();
-    let ops = |pid: u32| {
-        format!("inferwatch_process_socket_ops_total{{pid=\"{pid}\",comm=\"{comm}\",syscall=\"write\"}}")
-    };
+    let ops = |pid: u32| ops_series(sockload, pid, "write");
     let seen = |t: &str| crowd.iter().map(|l| series_value(t, &ops(l.pid())).unwrap_or(0.0)).sum::<f64>();
     let dropped = |t: &str| series_value(t, lost).unwrap_or(0.0) - dropped_before;
     let skipped = |t: &str| misses(t) - missed_before;
