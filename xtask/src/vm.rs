@@ -175,8 +175,8 @@ fn fetch_kernel(apt: &Apt, kernel: &Kernel) -> Result {
     let mut fetched = None;
     for version in candidates {
         match download_image(apt, &meta, version) {
-            Ok(found) => {
-                fetched = Some(found);
+            Ok((package, work)) => {
+                fetched = Some((package, version, work));
                 break;
             }
             Err(e) => {
@@ -204,8 +204,8 @@ fn fetch_kernel(apt: &Apt, kernel: &Kernel) -> Result {
     Ok(())
 }
 
-/// The image package `meta` at `version` depends on, downloaded: (package, version, work dir).
-fn download_image(apt: &Apt, meta: &str, version: &str) -> Result<(String, String, PathBuf)> {
+/// The image package `meta` at `version` depends on, downloaded: (package, work dir).
+fn download_image(apt: &Apt, meta: &str, version: &str) -> Result<(String, PathBuf)> {
     let arch = meta.rsplit(':').next().unwrap_or_default();
     let show = apt.query(&["show", &format!("{meta}={version}")])?;
     let package = show
@@ -215,7 +215,7 @@ fn download_image(apt: &Apt, meta: &str, version: &str) -> Result<(String, Strin
         .ok_or_else(|| format!("{meta}={version} depends on no image"))?
         .to_string();
     let work = apt.download(&format!("{package}:{arch}={version}"))?;
-    Ok((package, version.to_string(), work))
+    Ok((package, work))
 }
 
 /// The one `<name>-<release>` in a kernel package's /boot.
