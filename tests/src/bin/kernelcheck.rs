@@ -175,6 +175,8 @@ fn main() {
 
     if attached("socket_io").as_deref() == Some("kprobe") {
         let raised = attached("kretprobe_instances").as_deref() == Some("tracefs");
+        // tracefs is mounted here: only the forced run (`--kretprobe-instances 0`) may fall back.
+        assert_eq!(raised, hook != "kprobe", "kretprobes made through tracefs unless told not to");
         starved_kretprobes(&agent, sockload, &mut starved, starved_writes, raised);
     } else {
         println!("KERNELCHECK note: socket I/O is not hooked with kprobes here: no kretprobe to miss");
