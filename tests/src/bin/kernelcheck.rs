@@ -466,6 +466,12 @@ fn preempted_programs_lose_nothing_silently(
     let text = agent.metrics();
     // Seen and dropped are the watched writes' own; the kernel's skips count any process's calls
     // on that CPU, so they may only add.
+    // A record overwritten by another process's would show as that process's: neither may
+    // exceed its own writes.
+    for load in crowd.iter() {
+        let own = series_value(&text, &ops(load.pid())).unwrap_or(0.0);
+        assert!(own <= writes as f64, "{own} writes seen of process {}, which made {writes}", load.pid());
+    }
     let accounted = seen(&text) + dropped(&text);
     assert!(
         accounted <= (2 * writes) as f64 && total(&text) >= (2 * writes) as f64,
