@@ -66,6 +66,15 @@ impl Truth {
     pub fn duration_seconds(&self) -> f64 {
         (self.end_ns - self.sent_ns) as f64 / 1e9
     }
+    /// How far (ms) an agent's span from the request's arrival to `end_ns` lies outside what
+    /// the client's clocks allow: the arrival is somewhere in `sent_ns..=written_ns`, so a
+    /// client preempted inside its `write` widens the interval instead of counting as the
+    /// agent's error.
+    pub fn off_ms(&self, agent_seconds: f64, end_ns: u64) -> f64 {
+        let lo = end_ns.saturating_sub(self.written_ns) as f64 / 1e9;
+        let hi = end_ns.saturating_sub(self.sent_ns) as f64 / 1e9;
+        (lo - agent_seconds).max(agent_seconds - hi).max(0.0) * 1e3
+    }
 }
 
 /// Puts the calling thread in the real-time class: a client's clock is the truth the agent is
@@ -194,6 +203,27 @@ impl Client {
 }
 
 /// Percentile (0..=100) of a sample, nearest rank.
+/// The timing bar for a run's agent-minus-client offsets (ms): the median within 1 ms (a
+/// systematic error, such as timing the wrong write, shows there), at most one offset in 50 (at
+/// least one) beyond 3 ms and none beyond 30 ms. The single allowance is for a write whose
+/// delivery the node's scheduler held up (a deferred softirq, a server preempted inside its
+/// `write`): nearest-rank p99 of 20 or 80 values is their maximum, so one such write on a busy
+/// two-core machine would otherwise fail a correct agent.
+pub fn timing_bar(what: &str, offsets_ms: &[f64]) -> Result<(), String> {
+    let median = percentile(offsets_ms, 50.0);
+    let late: Vec<f64> = offsets_ms.iter().copied().filter(|&o| o > 3.0).collect();
+    let allowed = (offsets_ms.len() / 50).max(1);
+    let worst = offsets_ms.iter().copied().fold(0.0, f64::max);
+    if median > 1.0 || late.len() > allowed || worst > 30.0 {
+        return Err(format!(
+            "{what}: median {median:.3} ms (bar 1), {} of {} beyond 3 ms (bar {allowed}): {late:.3?}, worst {worst:.3} ms (bar 30)",
+            late.len(),
+            offsets_ms.len()
+        ));
+    }
+    Ok(())
+}
+
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
