@@ -230,3 +230,38 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
     v[rank.min(v.len()) - 1]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_timing_bar_allows_one_held_write_but_not_a_systematic_error() {
+        let good = vec![0.05; 20];
+        assert!(timing_bar("good", &good).is_ok());
+        let mut one_held = good.clone();
+        one_held[7] = 4.7;
+        assert!(timing_bar("one held", &one_held).is_ok());
+        let mut two_held = one_held.clone();
+        two_held[3] = 3.5;
+        assert!(timing_bar("two held of 20", &two_held).is_err());
+        let mut far = good.clone();
+        far[0] = 31.0;
+        assert!(timing_bar("far", &far).is_err());
+        // Every request timed one 2 ms event early: the median shows it.
+        assert!(timing_bar("systematic", &[2.0; 80]).is_err());
+        let mut of_100 = vec![0.05; 100];
+        of_100[1] = 4.0;
+        of_100[2] = 4.0;
+        assert!(timing_bar("two of 100", &of_100).is_ok());
+    }
+
+    #[test]
+    fn the_client_interval_absorbs_a_slow_write() {
+        let t = Truth { sent_ns: 1_000_000, written_ns: 5_000_000, end_ns: 20_000_000, ..Truth::default() };
+        // The request arrived anywhere in 1–5 ms: spans of 15–19 ms are exact.
+        assert_eq!(t.off_ms(0.017, t.end_ns), 0.0);
+        assert!((t.off_ms(0.020, t.end_ns) - 1.0).abs() < 1e-9);
+        assert!((t.off_ms(0.014, t.end_ns) - 1.0).abs() < 1e-9);
+    }
+}

@@ -394,8 +394,11 @@ fn a_stalling_event_loop_is_timed_from_each_requests_arrival() {
         );
         assert!(waited >= 5, "{kind}: the stalls made only {waited} requests wait: the test proves nothing");
         assert_eq!(queued_seen, waited, "{kind}: every wait the client saw is in queued");
-        assert!(t50 <= 1.0 && t99 <= 3.0, "{kind}: TTFT |delta| median {t50} ms, p99 {t99} ms");
-        assert!(d50 <= 1.0 && d99 <= 3.0, "{kind}: duration |delta| median {d50} ms, p99 {d99} ms");
+        for (what, offsets) in [("TTFT", &ttft), ("duration", &duration)] {
+            if let Err(e) = timing_bar(&format!("{kind}: {what} off"), offsets) {
+                panic!("{e}");
+            }
+        }
     }
     let text = agent.metrics();
     let queued = sum_matching(&text, "inferwatch_request_phase_seconds_count{", r#"phase="queued""#);
