@@ -419,3 +419,59 @@ impl WatchMaps {
         .map_err(map_error)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _, RelocationTarget};
+
+    /// The programs that run on every socket operation of a watched process (or on every one of
+    /// the node, before the filter). A call of LLVM's `memset`/`memcpy`/`memmove` there is a
+    /// BPF-to-BPF call and return on each operation (dear where every `ret` goes through a
+    /// mitigation thunk), which zeroing or copying a few words does not need.
+    const PER_OPERATION: &[&str] = &[
+        "tp_btf/sock_send_length",
+        "tp_btf/sock_recv_length",
+        "tp_btf/sk_data_ready",
+        "kprobe",
+        "kretprobe",
+    ];
+
+    fn per_operation(section: &str) -> bool {
+        PER_OPERATION.contains(&section) || section.starts_with("fexit/")
+    }
+
+    #[test]
+    fn the_socket_programs_call_no_memory_subprograms() {
+        for (name, bytes) in [("modern", super::MODERN), ("compat", super::COMPAT)] {
+            if bytes.is_empty() {
+                // A plain `cargo test` without `cargo xtask build`; `cargo xtask test` embeds them.
+                assert!(
+                    std::env::var_os("INFERWATCH_EBPF_OBJECT").is_none(),
+                    "the {name} object should be embedded: INFERWATCH_EBPF_OBJECT is set"
+                );
+                eprintln!("no {name} eBPF object embedded: nothing to check");
+                continue;
+            }
+            let file = object::File::parse(bytes).expect("an ELF object");
+            let mut checked = 0;
+            for section in file.sections() {
+                let Ok(section_name) = section.name() else { continue };
+                if !per_operation(section_name) {
+                    continue;
+                }
+                checked += 1;
+                for (offset, relocation) in section.relocations() {
+                    let RelocationTarget::Symbol(index) = relocation.target() else { continue };
+                    let symbol = file.symbol_by_index(index).expect("a relocation's symbol");
+                    let target = symbol.name().unwrap_or_default();
+                    assert!(
+                        !matches!(target, "memset" | "memcpy" | "memmove"),
+                        "{name} object: {section_name} calls {target} (instruction at byte {offset})"
+                    );
+                }
+            }
+            // sock_send_length, sock_recv_length, kprobe, kretprobe, 8 fexit (and sk_data_ready: modern).
+            assert!(checked >= 12, "{name} object: only {checked} per-operation sections found");
+        }
+    }
+}
