@@ -56,6 +56,9 @@ fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
     assert_eq!(series_value(&text, "inferwatch_watched_processes"), Some(1.0));
     let events = series_value(&text, "inferwatch_agent_events_total").unwrap();
     assert_eq!(events, (writes + sendtos) as f64, "every event is one of the watched calls");
+    // Each 64-byte transfer whole (the default capture is larger).
+    let payload = series_value(&text, "inferwatch_agent_payload_bytes_total");
+    assert_eq!(payload, Some(((writes + sendtos) as usize * size) as f64), "{text}");
     for reason in ["ring_buffer_full", "agent_queue_full", "malformed"] {
         let lost = format!("inferwatch_agent_events_lost_total{{reason=\"{reason}\"}}");
         assert_eq!(series_value(&text, &lost), Some(0.0), "{text}");
@@ -66,6 +69,35 @@ fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
     let received = drained.join().unwrap();
     assert_eq!(received, ((writes + sendtos + 300 + 200) as usize * size) as u64);
     assert!(agent.stop().success());
+}
+
+/// `--capture-bytes`: each transfer's first N bytes and, past them, its last 64 (a chunked
+/// stream's terminator); with 0, nothing at all, the calls still counted exactly.
+#[test]
+fn the_capture_limit_bounds_what_is_copied_and_zero_copies_nothing() {
+    require_root();
+    let (writes, size) = (300u32, 200usize);
+    for (capture, per_write) in [(0usize, 0usize), (16, 16 + 64), (150, 150 + 50)] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let target = listener.local_addr().unwrap();
+        let drained = drain_connections(listener, 1);
+        let mut watched = SockLoad::spawn(SOCKLOAD, target, writes, 0, size);
+        let agent = Agent::start_with(&[watched.pid()], &["--capture-bytes", &capture.to_string()]);
+        watched.go();
+        let w = ops_series(watched.pid(), "write");
+        agent.wait_for_metrics(Duration::from_secs(15), |t| series_value(t, &w) == Some(writes as f64));
+        std::thread::sleep(Duration::from_millis(300));
+        let text = agent.metrics();
+        assert_eq!(series_value(&text, &w), Some(writes as f64), "--capture-bytes {capture}: {text}");
+        assert_eq!(
+            series_value(&text, "inferwatch_agent_payload_bytes_total"),
+            Some((writes as usize * per_write) as f64),
+            "--capture-bytes {capture}: {per_write} bytes of each {size}-byte write"
+        );
+        drop(watched);
+        assert_eq!(drained.join().unwrap(), (writes as usize * size) as u64);
+        assert!(agent.stop().success());
+    }
 }
 
 /// Every thread of the agent holds CAP_DAC_READ_SEARCH and CAP_SYS_PTRACE only (with

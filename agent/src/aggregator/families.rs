@@ -102,6 +102,7 @@ pub(crate) struct Metrics {
     pub socket_ops: Family<SocketOpLabels, Counter>,
     pub socket_bytes: Family<SocketBytesLabels, Counter>,
     pub events: Counter,
+    pub payload_bytes: Counter,
     pub events_lost: Family<LostLabels, Counter>,
     pub watched_processes: Gauge,
     pub discovery_left_out: Family<WhatLabels, Gauge>,
@@ -204,6 +205,12 @@ impl Metrics {
         );
         let events = Counter::default();
         registry.register("inferwatch_agent_events", "Kernel events received by the agent", events.clone());
+        let payload_bytes = Counter::default();
+        registry.register(
+            "inferwatch_agent_payload_bytes",
+            "Payload bytes the kernel programs copied into the agent's events (at most --capture-bytes of each transfer's head, and its last bytes); read in memory, never exported",
+            payload_bytes.clone(),
+        );
         let events_lost = Family::<LostLabels, Counter>::default();
         for reason in [
             LOST_RING_BUFFER_FULL,
@@ -430,6 +437,7 @@ impl Metrics {
             socket_ops,
             socket_bytes,
             events,
+            payload_bytes,
             events_lost,
             watched_processes,
             discovery_left_out,

@@ -58,6 +58,7 @@ impl Aggregator {
     pub(super) fn sock_op(&mut self, op: &SockOp<'_>) {
         let metrics = &self.store.metrics;
         metrics.events.inc();
+        metrics.payload_bytes.inc_by((op.payload.len() + op.tail.len()) as u64);
         let handles = self.process_counters.entry(op.tgid).or_default();
         let comms = &mut self.comms;
         let mut comm =

@@ -67,7 +67,7 @@ fn events_at(rate: &str, seconds: u64, port: u16, server: u32, programs: &std::p
             (c, if c == 0 { 0.0 } else { 1000.0 * c as f64 / r })
         }
     };
-    let (mut agent, agent_port) = start_agent_on(&tasks::agent_binary(Profile::Release), server)?;
+    let (mut agent, agent_port) = start_agent_on(&tasks::agent_binary(Profile::Release), server, &[])?;
     let metrics = || cmd::http_get(agent_port, "/metrics").map(|(_, b)| b).ok_or("the agent does not answer");
     let before = metrics()?;
     let cpu = CpuMeter::start(agent.id());

@@ -87,20 +87,25 @@ pub fn programs(args: &[String]) -> Result<String> {
         "tcp" => "tcp",
         other => return Err(format!("--transport {other}: unix or tcp")),
     };
+    // Extra agent flags (`--agent-args "--capture-bytes 0"`: the same records without payload,
+    // so that the user copy's share of a watched operation is measured, not estimated).
+    let agent_args: Vec<String> = super::flag_text(args, "--agent-args")
+        .map(|a| a.split_whitespace().map(String::from).collect())
+        .unwrap_or_default();
     tasks::build(Profile::Release)?;
     let programs = tasks::build_test_programs(&["writeloop"])?;
     let writeloop = programs.join("writeloop");
     let stats_flag = "/proc/sys/kernel/bpf_stats_enabled";
     let previous = std::fs::read_to_string(stats_flag).map_err(|e| format!("{stats_flag}: {e}"))?;
     std::fs::write(stats_flag, "1").map_err(|e| format!("enabling BPF statistics (root needed): {e}"))?;
-    let result = programs_measured(&writeloop, iterations, mode);
+    let result = programs_measured(&writeloop, iterations, mode, &agent_args);
     let _ = std::fs::write(stats_flag, previous.trim());
     result
 }
 
 pub(super) type Totals = std::collections::BTreeMap<String, (f64, f64)>;
 
-fn programs_measured(writeloop: &Path, iterations: u64, mode: &str) -> Result<String> {
+fn programs_measured(writeloop: &Path, iterations: u64, mode: &str, agent_args: &[String]) -> Result<String> {
     let transport = if mode == "tcp" { "a loopback TCP connection" } else { "a Unix socket pair" };
     use std::io::Write as _;
     // The watched process: a shell that waits for a line, then becomes writeloop (same pid).
@@ -110,7 +115,7 @@ fn programs_measured(writeloop: &Path, iterations: u64, mode: &str) -> Result<St
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("sh: {e}"))?;
-    let (mut agent, port) = start_agent_on(&tasks::agent_binary(Profile::Release), watched.id())?;
+    let (mut agent, port) = start_agent_on(&tasks::agent_binary(Profile::Release), watched.id(), agent_args)?;
     let metrics =
         |port: u16| cmd::http_get(port, "/metrics").map(|(_, t)| t).ok_or("the agent does not answer");
     // The agent reads the kernel's totals every discovery tick (2 s).
@@ -136,7 +141,12 @@ fn programs_measured(writeloop: &Path, iterations: u64, mode: &str) -> Result<St
     let mut md = String::new();
     let _ = writeln!(
         md,
-        "`kernel.bpf_stats_enabled=1` during the run (restored after); {iterations} × (256-byte `write` + `read`) on {transport} by an unwatched process, then by a watched one (each payload prefix copied and sent to the agent). Run times include the statistics' own overhead.\n"
+        "`kernel.bpf_stats_enabled=1` during the run (restored after); {iterations} × (256-byte `write` + `read`) on {transport} by an unwatched process, then by a watched one ({}). Run times include the statistics' own overhead.\n",
+        if agent_args.is_empty() {
+            "each payload prefix copied and sent to the agent".to_string()
+        } else {
+            format!("the agent run with `{}`", agent_args.join(" "))
+        }
     );
     let _ = writeln!(md, "| program | process | runs | ns per run |");
     let _ = writeln!(md, "|---|---|---|---|");

@@ -5,7 +5,8 @@
 //!
 //!   devnull [--rounds N] [--iterations N]   P3: what the probes add to `write()` on /dev/null
 //!                                           and to socket I/O of an unwatched process
-//!   programs [--iterations N]               P3: each program's run time (kernel statistics)
+//!   programs [--iterations N] [--transport unix|tcp] [--agent-args "--capture-bytes 0"]
+//!                                           P3: each program's run time (kernel statistics)
 //!   events [--rates 0,1000,10000] [--seconds N]
 //!                                           P4: agent CPU and RSS at fixed SSE event rates
 //!   render [--pages N] [--gets N]           P4: `/metrics` render time with ~2,000 series
@@ -146,11 +147,11 @@ fn flag_text<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
 }
 
 fn start_agent(agent: &Path, watch: u32) -> Result<Child> {
-    start_agent_on(agent, watch).map(|(child, _)| child)
+    start_agent_on(agent, watch, &[]).map(|(child, _)| child)
 }
 
 /// Starts the agent watching `watch`; returns it with the port it serves on.
-fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
+fn start_agent_on(agent: &Path, watch: u32, extra: &[String]) -> Result<(Child, u16)> {
     let port = cmd::free_port()?;
     let mut child = cmd::as_root(agent)
         .args([
@@ -162,6 +163,7 @@ fn start_agent_on(agent: &Path, watch: u32) -> Result<(Child, u16)> {
             "warn",
             "--no-discovery",
         ])
+        .args(extra)
         .stdout(Stdio::null())
         .spawn()
         .map_err(|e| format!("starting the agent: {e}"))?;
