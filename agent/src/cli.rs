@@ -179,10 +179,12 @@ pub(crate) struct RunArgs {
     /// Longest a scrape may take.
     #[arg(long, default_value = "3s", value_parser = parse_duration)]
     pub scrape_timeout: Duration,
-    /// Payload bytes copied from each socket transfer (request heads, SSE events, vLLM's engine
-    /// IPC), at most 4096. Only bytes actually moved are copied; they never leave the agent.
+    /// Payload bytes copied from the start of each socket transfer (request heads, SSE events,
+    /// vLLM's engine IPC), 1 to 4096; of a longer transfer its last 64 bytes too (where a
+    /// stream's end is). Only bytes actually moved are copied; they never leave the agent.
+    /// Not 0: following requests needs their bytes, and the last ones are copied regardless.
     #[arg(long, default_value_t = inferwatch_common::sock::DEFAULT_CAPTURE as u32,
-          value_parser = clap::value_parser!(u32).range(0..=inferwatch_common::sock::MAX_CAPTURE as i64))]
+          value_parser = clap::value_parser!(u32).range(1..=inferwatch_common::sock::MAX_CAPTURE as i64))]
     pub capture_bytes: u32,
     /// How socket I/O is watched: the socket tracepoints where the kernel has them (Linux 6.3+)
     /// else fexit on the protocols' sendmsg/recvmsg (`auto`), or one of the two. There is no
@@ -290,6 +292,8 @@ mod tests {
         assert!(Cli::try_parse_from(["inferwatch", "--pid", "abc"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4097"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "4096"]).is_ok());
+        assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "0"]).is_err());
+        assert!(Cli::try_parse_from(["inferwatch", "--capture-bytes", "1"]).is_ok());
         assert!(Cli::try_parse_from(["inferwatch", "--scrape-interval", "0s"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--drain-interval", "0.5ms"]).is_err());
         assert!(Cli::try_parse_from(["inferwatch", "--drain-interval", "2s"]).is_err());

@@ -72,12 +72,16 @@ fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
 }
 
 /// `--capture-bytes`: each transfer's first N bytes and, past them, its last 64 (a chunked
-/// stream's terminator); with 0, nothing at all, the calls still counted exactly.
+/// stream's terminator), counted in `inferwatch_agent_payload_bytes_total`; 0 is refused.
 #[test]
-fn the_capture_limit_bounds_what_is_copied_and_zero_copies_nothing() {
+fn the_capture_limit_bounds_what_is_copied() {
     require_root();
+    let refused = Command::new(agent_binary()).args(["--capture-bytes", "0"]).output().unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("--capture-bytes") && said.contains("1..=4096"), "{said}");
     let (writes, size) = (300u32, 200usize);
-    for (capture, per_write) in [(0usize, 0usize), (16, 16 + 64), (150, 150 + 50)] {
+    for (capture, per_write) in [(1usize, 1 + 64), (16, 16 + 64), (150, 150 + 50), (4096, 200)] {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let target = listener.local_addr().unwrap();
         let drained = drain_connections(listener, 1);

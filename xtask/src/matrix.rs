@@ -99,9 +99,10 @@ fn runs(kernel: &Kernel) -> usize {
     1 + extra(kernel).count()
 }
 
-/// The guest's command: kernelcheck with the agent's own choices, then with each forced one.
+/// The guest's command: kernelcheck with the agent's own choices (which must be the expected
+/// ones), then with each forced one.
 fn command(kernel: &Kernel) -> String {
-    std::iter::once(CHECK.to_string())
+    std::iter::once(format!("{CHECK} --expect {}", kernel.socket_attach))
         .chain(extra(kernel).map(|hook| format!("{CHECK} --socket-hook {hook}")))
         .collect::<Vec<_>>()
         .join(" && ")

@@ -64,6 +64,9 @@ pub struct Kernel {
     pub series: &'static str,
     /// Extra kernel arguments of its boots.
     pub cmdline: &'static str,
+    /// How the agent attaches the socket programs here on its own (`inferwatch_probe_info`'s
+    /// `attach`): a program this kernel's verifier refused would fall back silently otherwise.
+    pub socket_attach: &'static str,
 }
 
 /// Debian 11's and 12's kernels, 12's backported one, and 12's and its backported one on arm64
@@ -71,13 +74,49 @@ pub struct Kernel {
 /// hold bullseye and bookworm (with their security and backports suites) and nothing newer,
 /// so each series is found in exactly one release.
 pub const MATRIX: &[Kernel] = &[
-    Kernel { name: "debian11-5.10-amd64", arch: Arch::X86_64, series: "5.10.", cmdline: "" },
-    Kernel { name: "debian11-5.10-arm64", arch: Arch::Aarch64, series: "5.10.", cmdline: "" },
+    Kernel {
+        name: "debian11-5.10-amd64",
+        arch: Arch::X86_64,
+        series: "5.10.",
+        cmdline: "",
+        socket_attach: "fexit",
+    },
+    Kernel {
+        name: "debian11-5.10-arm64",
+        arch: Arch::Aarch64,
+        series: "5.10.",
+        cmdline: "",
+        socket_attach: "kprobe",
+    },
     // Kernel code preemptible (fexit programs are, there): the fexit path's record-slot claim.
-    Kernel { name: "debian12-6.1-amd64", arch: Arch::X86_64, series: "6.1.", cmdline: "preempt=full" },
-    Kernel { name: "debian12-bpo-6.12-amd64", arch: Arch::X86_64, series: "6.12.", cmdline: "" },
-    Kernel { name: "debian12-6.1-arm64", arch: Arch::Aarch64, series: "6.1.", cmdline: "" },
-    Kernel { name: "debian12-bpo-6.12-arm64", arch: Arch::Aarch64, series: "6.12.", cmdline: "" },
+    Kernel {
+        name: "debian12-6.1-amd64",
+        arch: Arch::X86_64,
+        series: "6.1.",
+        cmdline: "preempt=full",
+        socket_attach: "fexit",
+    },
+    Kernel {
+        name: "debian12-bpo-6.12-amd64",
+        arch: Arch::X86_64,
+        series: "6.12.",
+        cmdline: "",
+        socket_attach: "tp_btf",
+    },
+    Kernel {
+        name: "debian12-6.1-arm64",
+        arch: Arch::Aarch64,
+        series: "6.1.",
+        cmdline: "",
+        socket_attach: "kprobe",
+    },
+    Kernel {
+        name: "debian12-bpo-6.12-arm64",
+        arch: Arch::Aarch64,
+        series: "6.12.",
+        cmdline: "",
+        socket_attach: "tp_btf",
+    },
 ];
 
 /// The private apt's suites: (archive, suite) on Debian's mirror.

@@ -51,11 +51,6 @@ pub struct Copied {
 #[inline(always)]
 pub fn payload(regs: SyscallRegs, moved: usize, out: &mut Out) -> Copied {
     let limit = loaded(&CAPTURE_BYTES) as usize;
-    // `--capture-bytes 0` copies nothing, not even the last bytes (a constant to the verifier,
-    // which drops what follows when it is 0).
-    if limit == 0 {
-        return Copied::default();
-    }
     let want = min(min(moved, limit), MAX_CAPTURE);
     let (iov, count) = match regs.nr {
         READ | WRITE | SENDTO | RECVFROM => return copy_buffer(out, regs.arg1, moved, want),

@@ -2,7 +2,7 @@
 //! virtual machines of `cargo xtask test`'s kernel matrix (Debian's 5.10, 6.1 and 6.12 kernels,
 //! x86-64 and arm64), as root, with everything it needs beside it.
 //!
-//! `kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook auto|tracepoint|fexit|kprobe]`
+//! `kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook auto|tracepoint|fexit|kprobe | --expect ATTACH]`
 //!
 //! 1. Exact counts: a watched process's 200 `write`s and 100 `sendto`s on a TCP socket are
 //!    counted exactly, an unwatched one's not at all; and a watched process's on a Unix stream
@@ -45,12 +45,15 @@ const PATIENCE: Duration = Duration::from_secs(120);
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [agent_bin, sockload, sseserver, rest @ ..] = args.as_slice() else {
-        eprintln!("usage: kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook HOOK]");
+        eprintln!("usage: kernelcheck AGENT SOCKLOAD SSESERVER [--socket-hook HOOK | --expect ATTACH]");
         std::process::exit(2);
     };
-    let hook = match rest {
-        [flag, hook] if flag == "--socket-hook" => hook.as_str(),
-        [] => "auto",
+    // `--expect ATTACH`: how the agent must attach the socket programs on its own here (a
+    // program the kernel's verifier refuses would otherwise pass through a fallback unseen).
+    let (hook, expected) = match rest {
+        [flag, hook] if flag == "--socket-hook" => (hook.as_str(), None),
+        [flag, attach] if flag == "--expect" => ("auto", Some(attach.as_str())),
+        [] => ("auto", None),
         _ => panic!("unexpected arguments {rest:?}"),
     };
     require_root();
@@ -131,6 +134,14 @@ fn main() {
         Some(line.split("attach=\"").nth(1)?.split('"').next()?.to_string())
     };
 
+    if let Some(expected) = expected {
+        assert_eq!(
+            attached("socket_io").as_deref(),
+            Some(expected),
+            "the agent's own choice of socket hooks on this kernel (its warnings above say why)"
+        );
+        println!("KERNELCHECK ok: the socket programs attached as {expected}, the agent's own choice");
+    }
     counts_exactly(&agent, sockload, &mut watched, Some(&mut unwatched), writes, sendtos);
     println!(
         "KERNELCHECK ok: {writes} writes and {sendtos} sendtos on TCP counted exactly, the unwatched process not at all"
