@@ -64,9 +64,14 @@ pub(crate) fn load(
         Err(Error::NoSocketHook(why))
             if socket_hook == SocketHook::Auto && first.socket == SocketHook::Fexit =>
         {
-            tracing::warn!(
-                "fexit cannot attach here ({why}; arm64 kernels before 6.4 have no BPF trampolines for kernel functions): using kprobes"
-            );
+            // The likely cause on arm64; elsewhere the reason alone (a verifier's refusal is ours
+            // to fix, and says so in its log).
+            let hint = if cfg!(target_arch = "aarch64") {
+                "; arm64 kernels before 6.4 have no BPF trampolines for kernel functions"
+            } else {
+                ""
+            };
+            tracing::warn!("fexit cannot attach here ({why}{hint}): using kprobes");
             let plan = super::plan::plan(&facts, SocketHook::Kprobe).map_err(Error::Plan)?;
             let loaded = load_plan(&plan, &btf, options)?;
             (plan, loaded)
