@@ -16,13 +16,7 @@ use super::{
     route_series::{TracedHistograms, traced_latency_histogram},
     store::Locked,
 };
-use crate::{
-    collect::procfs,
-    kernel::{
-        LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_MALFORMED, LOST_RING_BUFFER_FULL, LOST_SLOT_BUSY,
-    },
-    model::family::Family as Snapshot,
-};
+use crate::{collect::procfs, kernel::LOST_LABELS, model::family::Family as Snapshot};
 
 /// Latency buckets: vLLM's own (1 ms to 7680 s), so both sides can be compared bucket by bucket.
 pub const LATENCY_BUCKETS: [f64; 23] = [
@@ -212,13 +206,7 @@ impl Metrics {
             payload_bytes.clone(),
         );
         let events_lost = Family::<LostLabels, Counter>::default();
-        for reason in [
-            LOST_RING_BUFFER_FULL,
-            LOST_AGENT_QUEUE_FULL,
-            LOST_MALFORMED,
-            LOST_KRETPROBE_MISSED,
-            LOST_SLOT_BUSY,
-        ] {
+        for reason in LOST_LABELS {
             // Present from the start at 0, so `rate()` and alerts work before the first loss.
             let _ = events_lost.get_or_create(&LostLabels { reason });
         }

@@ -10,6 +10,8 @@ pub(crate) mod probes;
 pub(crate) mod ring;
 pub(crate) mod syscalls;
 
+use inferwatch_common::sock::{LOST_REASONS, LostReason};
+
 use crate::model::sock::RecordBatch;
 
 /// What the kernel readers hand the aggregator.
@@ -46,6 +48,16 @@ pub(crate) const LOST_KRETPROBE_MISSED: &str = "kretprobe_missed";
 /// An fexit program found its CPU's record slot held by a task it preempted (kernels with
 /// `preempt=full`): see `LostReason::SlotBusy`.
 pub(crate) const LOST_SLOT_BUSY: &str = "preempted";
+/// The kernel programs' loss counters (the `LOST` map's slots) with their labels: one entry per
+/// `LostReason`, which the length makes the compiler check.
+pub(crate) const KERNEL_LOSSES: [(LostReason, &str); LOST_REASONS as usize] = [
+    (LostReason::RingFull, LOST_RING_BUFFER_FULL),
+    (LostReason::ReturnMissed, LOST_KRETPROBE_MISSED),
+    (LostReason::SlotBusy, LOST_SLOT_BUSY),
+];
+/// Every loss label: the kernel's, then the agent's own.
+pub(crate) const LOST_LABELS: [&str; LOST_REASONS as usize + 2] =
+    [LOST_RING_BUFFER_FULL, LOST_KRETPROBE_MISSED, LOST_SLOT_BUSY, LOST_AGENT_QUEUE_FULL, LOST_MALFORMED];
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Error {

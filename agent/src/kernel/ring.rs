@@ -12,19 +12,13 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray, RingBuf};
 use bytes::BytesMut;
-use inferwatch_common::{
-    sched::{ROLE_COUNT, SLOTS, SchedStats},
-    sock::LostReason,
-};
+use inferwatch_common::sched::{ROLE_COUNT, SLOTS, SchedStats};
 use tokio::{
     io::{Interest, unix::AsyncFd},
     sync::mpsc,
 };
 
-use super::{
-    Error, KernelReport, LOST_AGENT_QUEUE_FULL, LOST_KRETPROBE_MISSED, LOST_RING_BUFFER_FULL, LOST_SLOT_BUSY,
-    probes::Programs,
-};
+use super::{Error, KERNEL_LOSSES, KernelReport, LOST_AGENT_QUEUE_FULL, probes::Programs};
 use crate::model::{health::Heartbeat, sock::RecordBatch};
 
 /// Where the readers send what they read: the aggregator's input, whatever its type.
@@ -192,11 +186,7 @@ pub(crate) async fn report_losses<M: Sink>(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        for (index, reason) in [
-            (LostReason::RingFull, LOST_RING_BUFFER_FULL),
-            (LostReason::ReturnMissed, LOST_KRETPROBE_MISSED),
-            (LostReason::SlotBusy, LOST_SLOT_BUSY),
-        ] {
+        for (index, reason) in KERNEL_LOSSES {
             match lost.get(&(index as u32), 0) {
                 Ok(per_cpu) => {
                     let total = per_cpu.iter().sum();
