@@ -342,6 +342,8 @@ pub struct SockLoad {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// Its command name as the agent labels it: the binary's file name, cut to 15 bytes.
+    comm: String,
 }
 
 impl SockLoad {
@@ -363,11 +365,22 @@ impl SockLoad {
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
         assert_eq!(line, "connected\n");
-        SockLoad { child, stdin, stdout }
+        let comm =
+            std::path::Path::new(binary).file_name().unwrap().to_string_lossy().chars().take(15).collect();
+        SockLoad { child, stdin, stdout, comm }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Its `inferwatch_process_socket_ops_total` series for `syscall`.
+    pub fn ops_series(&self, syscall: &str) -> String {
+        format!(
+            "inferwatch_process_socket_ops_total{{pid=\"{}\",comm=\"{}\",syscall=\"{syscall}\"}}",
+            self.pid(),
+            self.comm
+        )
     }
 
     /// Makes the calls and waits until they are all done.

@@ -333,8 +333,7 @@ fn a_reused_pid_is_not_the_process_that_was_watched() {
     let pid = first.pid();
     let agent = Agent::start(&[pid]);
     first.go();
-    let writes =
-        format!("inferwatch_process_socket_ops_total{{pid=\"{pid}\",comm=\"sockload\",syscall=\"write\"}}");
+    let writes = first.ops_series("write");
     agent.wait_for_metrics(Duration::from_secs(10), |t| series_value(t, &writes) == Some(100.0));
     drop(first);
     // A new process with the same pid, made before the agent's next scan could notice.

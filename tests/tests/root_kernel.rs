@@ -12,10 +12,6 @@ use inferwatch_tests::{
 const SOCKLOAD: &str = env!("CARGO_BIN_EXE_sockload");
 const OPS: &str = "inferwatch_process_socket_ops_total";
 
-fn ops_series(pid: u32, syscall: &str) -> String {
-    format!("{OPS}{{pid=\"{pid}\",comm=\"sockload\",syscall=\"{syscall}\"}}")
-}
-
 #[test]
 fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
     require_root();
@@ -32,7 +28,7 @@ fn watched_process_socket_writes_are_counted_exactly_and_others_not_at_all() {
 
     watched.go();
     unwatched.go();
-    let (w, s) = (ops_series(watched.pid(), "write"), ops_series(watched.pid(), "sendto"));
+    let (w, s) = (watched.ops_series("write"), watched.ops_series("sendto"));
     agent.wait_for_metrics(Duration::from_secs(15), |t| {
         series_value(t, &w) == Some(writes as f64) && series_value(t, &s) == Some(sendtos as f64)
     });
@@ -88,7 +84,7 @@ fn the_capture_limit_bounds_what_is_copied() {
         let mut watched = SockLoad::spawn(SOCKLOAD, target, writes, 0, size);
         let agent = Agent::start_with(&[watched.pid()], &["--capture-bytes", &capture.to_string()]);
         watched.go();
-        let w = ops_series(watched.pid(), "write");
+        let w = watched.ops_series("write");
         agent.wait_for_metrics(Duration::from_secs(15), |t| series_value(t, &w) == Some(writes as f64));
         std::thread::sleep(Duration::from_millis(300));
         let text = agent.metrics();

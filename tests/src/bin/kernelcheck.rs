@@ -142,13 +142,13 @@ fn main() {
         );
         println!("KERNELCHECK ok: the socket programs attached as {expected}, the agent's own choice");
     }
-    counts_exactly(&agent, sockload, &mut watched, Some(&mut unwatched), writes, sendtos);
+    counts_exactly(&agent, &mut watched, Some(&mut unwatched), writes, sendtos);
     println!(
         "KERNELCHECK ok: {writes} writes and {sendtos} sendtos on TCP counted exactly, the unwatched process not at all"
     );
     drop((watched, unwatched));
     assert_eq!(drained.join().unwrap(), (writes + sendtos + 100) as u64 * 64, "the sink got every byte");
-    counts_exactly(&agent, sockload, &mut unix_watched, None, unix_writes, unix_sendtos);
+    counts_exactly(&agent, &mut unix_watched, None, unix_writes, unix_sendtos);
     println!(
         "KERNELCHECK ok: {unix_writes} writes and {unix_sendtos} sendtos on a Unix socket counted exactly"
     );
@@ -161,7 +161,7 @@ fn main() {
     let _ = std::fs::remove_file(&unix_path);
     match v6 {
         Some((drained, mut load)) => {
-            counts_exactly(&agent, sockload, &mut load, None, 30, 20);
+            counts_exactly(&agent, &mut load, None, 30, 20);
             println!("KERNELCHECK ok: 30 writes and 20 sendtos on IPv6 TCP counted exactly");
             drop(load);
             assert_eq!(drained.join().unwrap(), 50 * 64, "the IPv6 sink got every byte");
@@ -172,7 +172,7 @@ fn main() {
     let full_preemption =
         std::fs::read_to_string("/proc/cmdline").unwrap_or_default().contains("preempt=full");
     if full_preemption && attached("socket_io").as_deref() == Some("fexit") {
-        preempted_programs_lose_nothing_silently(&agent, sockload, &mut crowd, crowd_writes);
+        preempted_programs_lose_nothing_silently(&agent, &mut crowd, crowd_writes);
     } else {
         for load in &mut crowd {
             load.go();
@@ -188,7 +188,7 @@ fn main() {
         let raised = attached("kretprobe_instances").as_deref() == Some("tracefs");
         // tracefs is mounted here: only the forced run (`--kretprobe-instances 0`) may fall back.
         assert_eq!(raised, hook != "kprobe", "kretprobes made through tracefs unless told not to");
-        starved_kretprobes(&agent, sockload, &mut starved, starved_writes, raised);
+        starved_kretprobes(&agent, &mut starved, starved_writes, raised);
     } else {
         println!("KERNELCHECK note: socket I/O is not hooked with kprobes here: no kretprobe to miss");
         starved.go();
@@ -234,17 +234,8 @@ fn main() {
     println!("KERNELCHECK PASS");
 }
 
-/// The socket-operation series of a process running `binary` (its comm: the file name's first
-/// 15 bytes) for `syscall`.
-fn ops_series(binary: &str, pid: u32, syscall: &str) -> String {
-    let comm: String =
-        std::path::Path::new(binary).file_name().unwrap().to_string_lossy().chars().take(15).collect();
-    format!("inferwatch_process_socket_ops_total{{pid=\"{pid}\",comm=\"{comm}\",syscall=\"{syscall}\"}}")
-}
-
 fn counts_exactly(
     agent: &Agent,
-    sockload: &str,
     watched: &mut SockLoad,
     mut unwatched: Option<&mut SockLoad>,
     writes: u32,
@@ -254,8 +245,7 @@ fn counts_exactly(
     if let Some(u) = unwatched.as_deref_mut() {
         u.go();
     }
-    let series = |syscall: &str| ops_series(sockload, watched.pid(), syscall);
-    let (w, s) = (series("write"), series("sendto"));
+    let (w, s) = (watched.ops_series("write"), watched.ops_series("sendto"));
     agent.wait_for_metrics(PATIENCE, |t| {
         series_value(t, &w) == Some(writes as f64) && series_value(t, &s) == Some(sendtos as f64)
     });
@@ -326,7 +316,7 @@ fn times_a_stream(agent: &Agent, server: &Server, arrivals: bool) {
 /// default kretprobe instances, then the watched `starved` process's sends. With the agent's
 /// instances (`raised`), each is seen. With the kernel's, they return unseen and each must be
 /// counted lost when its next call finds it open (the last one has no next call).
-fn starved_kretprobes(agent: &Agent, sockload: &str, starved: &mut SockLoad, writes: u32, raised: bool) {
+fn starved_kretprobes(agent: &Agent, starved: &mut SockLoad, writes: u32, raised: bool) {
     // The kernel's instances per kretprobe: the possible CPUs, or max(10, 2 × them) on
     // preemptible kernels; more blockers than either.
     let possible = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
@@ -335,7 +325,7 @@ fn starved_kretprobes(agent: &Agent, sockload: &str, starved: &mut SockLoad, wri
     let (holders, tids) = block_in_sendmsg(blockers);
     starved.go();
     let lost = "inferwatch_agent_events_lost_total{reason=\"kretprobe_missed\"}";
-    let ops = ops_series(sockload, starved.pid(), "write");
+    let ops = starved.ops_series("write");
     let value = |t: &str, s: &str| series_value(t, s).unwrap_or(0.0);
     let text = if raised {
         agent.wait_for_metrics(PATIENCE, |t| value(t, &ops) >= writes as f64)
@@ -432,12 +422,7 @@ fn block_in_sendmsg(n: usize) -> (Vec<TcpStream>, Vec<thread::JoinHandle<()>>) {
 /// `inferwatch_bpf_program_misses_total`, whoever's calls), and a program finding the CPU's
 /// record slot held by another it preempted drops its record (`lost{reason="preempted"}`). Each
 /// write must be seen or counted one of these ways; none mixed into another's record or gone.
-fn preempted_programs_lose_nothing_silently(
-    agent: &Agent,
-    sockload: &str,
-    crowd: &mut [SockLoad; 2],
-    writes: u32,
-) {
+fn preempted_programs_lose_nothing_silently(agent: &Agent, crowd: &mut [SockLoad; 2], writes: u32) {
     const PROGRAMS: [&str; 2] = ["inet_sendmsg_exit", "unix_stream_sendmsg_exit"];
     let misses = |t: &str| {
         PROGRAMS
@@ -467,8 +452,8 @@ fn preempted_programs_lose_nothing_silently(
     for load in crowd.iter_mut() {
         load.finish();
     }
-    let ops = |pid: u32| ops_series(sockload, pid, "write");
-    let seen = |t: &str| crowd.iter().map(|l| series_value(t, &ops(l.pid())).unwrap_or(0.0)).sum::<f64>();
+    let seen =
+        |t: &str| crowd.iter().map(|l| series_value(t, &l.ops_series("write")).unwrap_or(0.0)).sum::<f64>();
     let dropped = |t: &str| series_value(t, lost).unwrap_or(0.0) - dropped_before;
     let skipped = |t: &str| misses(t) - missed_before;
     let total = |t: &str| seen(t) + dropped(t) + skipped(t);
@@ -480,7 +465,7 @@ fn preempted_programs_lose_nothing_silently(
     // A record overwritten by another process's would show as that process's: neither may
     // exceed its own writes.
     for load in crowd.iter() {
-        let own = series_value(&text, &ops(load.pid())).unwrap_or(0.0);
+        let own = series_value(&text, &load.ops_series("write")).unwrap_or(0.0);
         assert!(own <= writes as f64, "{own} writes seen of process {}, which made {writes}", load.pid());
     }
     let accounted = seen(&text) + dropped(&text);
