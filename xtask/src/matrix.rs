@@ -96,8 +96,8 @@ pub fn run_matrix(native_programs: &std::path::Path, only: Option<&str>) -> Resu
 
 /// Whether this machine's kernel has the `sock_send_length` tracepoint (Linux 6.3+), by its BTF.
 fn native_has_socket_tracepoints() -> bool {
-    std::fs::read("/sys/kernel/btf/vmlinux")
-        .is_ok_and(|btf| btf.windows(26).any(|w| w == b"btf_trace_sock_send_length"))
+    const NAME: &[u8] = b"btf_trace_sock_send_length";
+    std::fs::read("/sys/kernel/btf/vmlinux").is_ok_and(|btf| btf.windows(NAME.len()).any(|w| w == NAME))
 }
 
 fn extra(kernel: &Kernel) -> impl Iterator<Item = &'static str> + '_ {

@@ -62,8 +62,8 @@ socket_exit!(unix_dgram_recvmsg_exit, "unix_dgram_recvmsg", 4, SockEventKind::Re
 /// kretprobe sees the result. Keyed by task: the call may sleep and return on another CPU. A
 /// return the kernel missed (more tasks of the node inside the function at once than its
 /// kretprobe instances: the agent asks for 4,096, the kernel's default is far fewer) leaves its
-/// entry behind: the task's next call
-/// finds it and counts the loss. An LRU, so that entries no later call finds make room.
+/// entry behind: the task's next call finds it and counts the loss. An LRU, so that entries no
+/// later call finds make room.
 #[map]
 static ENTRY_SOCKS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(MAX_ENTRY_SOCKS, 0);
 

@@ -87,8 +87,8 @@ pub fn programs(args: &[String]) -> Result<String> {
         "tcp" => "tcp",
         other => return Err(format!("--transport {other}: unix or tcp")),
     };
-    // Extra agent flags (`--agent-args "--capture-bytes 0"`: the same records without payload,
-    // so that the user copy's share of a watched operation is measured, not estimated).
+    // Extra agent flags (`--agent-args "--capture-bytes 256"`), to price a setting against the
+    // default's run.
     let agent_args: Vec<String> = super::flag_text(args, "--agent-args")
         .map(|a| a.split_whitespace().map(String::from).collect())
         .unwrap_or_default();

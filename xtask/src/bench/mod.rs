@@ -5,7 +5,7 @@
 //!
 //!   devnull [--rounds N] [--iterations N]   P3: what the probes add to `write()` on /dev/null
 //!                                           and to socket I/O of an unwatched process
-//!   programs [--iterations N] [--transport unix|tcp] [--agent-args "--capture-bytes 0"]
+//!   programs [--iterations N] [--transport unix|tcp] [--agent-args "--capture-bytes 256"]
 //!                                           P3: each program's run time (kernel statistics)
 //!   events [--rates 0,1000,10000] [--seconds N]
 //!                                           P4: agent CPU and RSS at fixed SSE event rates
